@@ -1,0 +1,241 @@
+"""The canonical conversation row, and its validation.
+
+A row is OpenAI chat messages plus the tools the assistant may call:
+
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", ...}], "tools": [...]}
+
+Assistant messages carry `content`, `reasoning_content` and `tool_calls`
+(`[{"id", "type": "function", "function": {"name", "arguments"}}]`); tool messages carry
+`content` and the `tool_call_id` they answer. `validate_conversation` checks one row and returns
+it normalised (tool arguments as dicts, tools in the OpenAI `{"type": "function", ...}` shape),
+or raises `RowError` with the reason; the caller adds the file and row number.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowError(ValueError):
+    """One row is invalid; the message says why and where inside the row."""
+
+
+def _text(value: Any, where: str) -> str | None:
+    """Message content as text: a string, null, or OpenAI text parts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RowError(f"{where}[{i}]: only text parts ({{'type': 'text', 'text': ...}}) are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RowError(f"{where}: must be a string, null or a list of text parts, got {type(value).__name__}")
+
+
+def normalize_tools(tools: Any, where: str = "tools") -> list[dict]:
+    """Tools as `[{"type": "function", "function": {"name", "description"?, "parameters"?}}]`."""
+    if tools is None:
+        return []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"{where}: a string but not valid JSON ({exc.msg})") from None
+    if not isinstance(tools, list):
+        raise RowError(f"{where}: must be a list of tool definitions, got {type(tools).__name__}")
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    out, seen = [], set()
+    for i, tool in enumerate(tools):
+        here = f"{where}[{i}]"
+        if not isinstance(tool, dict):
+            raise RowError(f"{here}: must be an object")
+        fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict):
+            raise RowError(f"{here}: only tools of type 'function' are supported")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise RowError(f"{here}: missing function name")
+        if name in seen:
+            raise RowError(f"{here}: tool {name!r} is declared twice")
+        seen.add(name)
+        clean: dict[str, Any] = {"name": name}
+        if fn.get("description") is not None:
+            if not isinstance(fn["description"], str):
+                raise RowError(f"{here}: description of {name!r} must be a string")
+            clean["description"] = fn["description"]
+        params = fn.get("parameters")
+        if params is not None:
+            if isinstance(params, str):
+                try:
+                    params = json.loads(params)
+                except json.JSONDecodeError as exc:
+                    raise RowError(f"{here}: parameters of {name!r} are not valid JSON ({exc.msg})") from None
+            if not isinstance(params, dict):
+                raise RowError(f"{here}: parameters of {name!r} must be a JSON schema object")
+            try:
+                Draft202012Validator.check_schema(params)
+            except SchemaError as exc:
+                raise RowError(f"{here}: parameters of {name!r} are not a valid JSON schema: {exc.message}") from None
+            clean["parameters"] = params
+        out.append({"type": "function", "function": clean})
+    return out
+
+
+def _arguments(value: Any, where: str) -> dict:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"{where}: arguments are not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise RowError(f"{where}: arguments must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_arguments(args: dict, schema: dict | None, where: str) -> None:
+    if not schema:
+        return
+    from jsonschema import Draft202012Validator
+
+    error = next(iter(sorted(Draft202012Validator(schema).iter_errors(args), key=str)), None)
+    if error is not None:
+        at = "/".join(map(str, error.absolute_path)) or "(top)"
+        raise RowError(f"{where}: arguments do not match the tool's parameters schema at {at}: {error.message}")
+
+
+def _check_no_markup(text: str | None, markup: list[str], where: str) -> None:
+    if not text:
+        return
+    for token in markup:
+        if token in text:
+            raise RowError(
+                f"{where}: contains the literal format token {token!r}; put reasoning in "
+                "'reasoning_content' and calls in 'tool_calls' instead of writing the markup"
+            )
+
+
+def validate_conversation(row: Any, markup: list[str], dataset_tools: list[dict] | None = None) -> dict:
+    """Check one conversation row and return it normalised. Raises RowError."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowError("'messages' must be a non-empty list")
+    tools = normalize_tools(row.get("tools")) if row.get("tools") is not None else list(dataset_tools or [])
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+
+    out: list[dict] = []
+    pending: list[dict] = []  # tool calls of the last assistant turn not yet answered
+    prev = None
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise RowError(f"{where}: must be an object")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+        content = _text(msg.get("content"), f"{where}.content")
+        _check_no_markup(content, markup, f"{where}.content")
+        if pending and role != "tool":
+            ids = ", ".join(c["id"] or c["function"]["name"] for c in pending)
+            raise RowError(f"{where}: the tool calls of the previous assistant turn ({ids}) have no tool result")
+
+        if role == "system":
+            if i != 0:
+                raise RowError(f"{where}: a system message is only allowed first")
+            out.append({"role": "system", "content": content or ""})
+        elif role == "user":
+            if prev == "user":
+                raise RowError(f"{where}: two user messages in a row; merge them into one")
+            if content is None:
+                raise RowError(f"{where}: a user message needs content")
+            out.append({"role": "user", "content": content})
+        elif role == "assistant":
+            if prev not in ("user", "tool"):
+                raise RowError(f"{where}: an assistant message must follow a user or tool message, not {prev or 'nothing'}")
+            out.append(_assistant(msg, content, markup, schemas, where))
+            pending = list(out[-1].get("tool_calls", []))
+        else:  # tool
+            if prev not in ("assistant", "tool") or (prev == "assistant" and not pending):
+                raise RowError(f"{where}: a tool result must follow an assistant message with tool_calls")
+            pending = _answer(pending, msg, where)
+            out.append({"role": "tool", "content": content or "", **_tool_ids(msg)})
+        prev = role
+
+    if prev != "assistant":
+        raise RowError(f"the conversation ends with a {prev} message; the last message must be the assistant's")
+    return {"messages": out, "tools": tools}
+
+
+def _assistant(msg: dict, content: str | None, markup: list[str], schemas: dict, where: str) -> dict:
+    reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise RowError(f"{where}.reasoning_content: must be a string")
+    _check_no_markup(reasoning, markup, f"{where}.reasoning_content")
+    calls_in = msg.get("tool_calls") or []
+    if not isinstance(calls_in, list):
+        raise RowError(f"{where}.tool_calls: must be a list")
+    calls = []
+    for j, call in enumerate(calls_in):
+        here = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise RowError(f"{here}: must be an object")
+        fn = call.get("function", call)
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            raise RowError(f"{here}: missing function name")
+        if schemas and name not in schemas:
+            raise RowError(f"{here}: calls {name!r}, which is not among the row's tools ({', '.join(schemas)})")
+        args = _arguments(fn.get("arguments"), here)
+        _check_arguments(args, schemas.get(name), here)
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise RowError(f"{here}.id: must be a string")
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+    if not content and not reasoning and not calls:
+        raise RowError(f"{where}: empty assistant turn (no content, no reasoning_content and no tool_calls)")
+    out: dict[str, Any] = {"role": "assistant", "content": content or ""}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _tool_ids(msg: dict) -> dict:
+    ids = {}
+    if msg.get("tool_call_id") is not None:
+        ids["tool_call_id"] = msg["tool_call_id"]
+    if msg.get("name") is not None:
+        ids["name"] = msg["name"]
+    return ids
+
+
+def _answer(pending: list[dict], msg: dict, where: str) -> list[dict]:
+    """Match a tool result to one pending call: by id, else by name, else in order."""
+    if not pending:
+        raise RowError(f"{where}: more tool results than tool calls in the previous assistant turn")
+    call_id, name = msg.get("tool_call_id"), msg.get("name")
+    if call_id is not None:
+        for k, call in enumerate(pending):
+            if call["id"] == call_id:
+                return pending[:k] + pending[k + 1 :]
+        ids = ", ".join(str(c["id"]) for c in pending)
+        raise RowError(f"{where}: tool_call_id {call_id!r} matches no pending tool call (pending: {ids})")
+    if any(c["id"] is not None for c in pending):
+        raise RowError(f"{where}: tool result without tool_call_id, but the calls have ids; add tool_call_id")
+    if name is not None:
+        for k, call in enumerate(pending):
+            if call["function"]["name"] == name:
+                return pending[:k] + pending[k + 1 :]
+        raise RowError(f"{where}: tool result for {name!r} matches no pending tool call")
+    return pending[1:]

@@ -1,0 +1,38 @@
+"""The exported model directory: the contract between the trainer and the server.
+
+    config.json, model.safetensors      weights (LoRA merged), as save_pretrained writes them
+    tokenizer.json, tokenizer_config.json   the tokenizer, chat template included
+    chat_template.jinja                 the exact template used in training
+    keel-format/spec.yaml + template    the format spec (delimiters, stop tokens, vLLM parsers)
+    keel-export.yaml                    what training knew: seq_len, base model, technique
+
+The trainer writes it (trainer/export.py); the server reads only this directory, never a recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from data.errors import KeelError
+from data.formats import Format
+
+EXPORT_INFO_FILE = "keel-export.yaml"
+FORMAT_DIR = "keel-format"
+
+
+def read_export_info(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / EXPORT_INFO_FILE
+    if not path.is_file():
+        return {}
+    info = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(info, dict):
+        raise KeelError(f"{path}: expected a mapping")
+    return info
+
+
+def load_model_format(model_dir: str | Path) -> Format | None:
+    """The format a Keel export was trained with, or None for a model Keel did not export."""
+    fmt_dir = Path(model_dir) / FORMAT_DIR
+    return Format.from_dir(fmt_dir) if fmt_dir.is_dir() else None

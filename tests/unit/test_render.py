@@ -1,0 +1,143 @@
+"""Rendering and loss masks, checked against an independent construction of what the
+assistant writes, and the prepared-data cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from data.conversation import validate_conversation
+from data.errors import KeelError
+from data.formats import Delimiters, Format, load_format
+from data.prepare import COMPLETE_MARKER, prepare_file, read_jsonl
+from data.render import IGNORE_INDEX, check_tokenizer, render_conversation, render_text
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data" / "examples" / "tool-calling.jsonl"
+FMT = load_format("hermes-qwen3")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def conversations(limit=None):
+    rows = [row for _, row in read_jsonl(DATA)][:limit]
+    return [validate_conversation(r, FMT.markup_strings()) for r in rows]
+
+
+def expected_turn(msg: dict) -> str:
+    """What the assistant writes for one turn, built without the template."""
+    calls = "".join(
+        "<tool_call>" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                   ensure_ascii=False) + "</tool_call>"
+        for c in msg.get("tool_calls", [])
+    )
+    return f"<think>{msg.get('reasoning_content') or ''}</think>{msg['content']}{calls}<|im_end|>"
+
+
+def trained_spans(tokenizer, ex) -> list[str]:
+    spans, cur = [], []
+    for tok, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE_INDEX:
+            assert lab == tok
+            cur.append(tok)
+        elif cur:
+            spans.append(tokenizer.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tokenizer.decode(cur))
+    return spans
+
+
+def test_mask_covers_exactly_what_the_assistant_writes(tokenizer):
+    """Over the whole quickstart set: trained text == the assistant turns after the last user
+    message, end-of-turn token included; system, user and tool text never trained."""
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for conv in conversations():
+        msgs = conv["messages"]
+        user_idx = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        examples = render_conversation(conv, tokenizer=tokenizer, fmt=FMT)
+        assert len(examples) == len(user_idx)  # one example per stretch between user messages
+        for k, ex in enumerate(examples):
+            end = user_idx[k + 1] if k + 1 < len(user_idx) else len(msgs)
+            want = [expected_turn(m) for m in msgs[user_idx[k]:end] if m["role"] == "assistant"]
+            assert trained_spans(tokenizer, ex) == want
+            trained_ends = [t for t, lab in zip(ex.input_ids, ex.labels) if lab == end_id]
+            assert len(trained_ends) == len(want)  # every trained turn ends with a trained <|im_end|>
+
+
+def test_history_reasoning_is_dropped_before_the_last_user_message(tokenizer):
+    conv = next(c for c in conversations() if sum(m["role"] == "user" for m in c["messages"]) > 1)
+    last_example = render_conversation(conv, tokenizer=tokenizer, fmt=FMT)[-1]
+    text = tokenizer.decode(last_example.input_ids)
+    first_reasoning = next(m["reasoning_content"] for m in conv["messages"] if m["role"] == "assistant")
+    assert first_reasoning not in text.split("<|im_start|>user")[-1]  # not after the last user turn either
+    history = text.rsplit("<|im_start|>user", 1)[0]
+    assert "<think>" not in history
+
+
+def test_rendering_matches_transformers_apply_chat_template(tokenizer):
+    """The server renders with tokenizer.apply_chat_template; training must produce the same text."""
+    for conv in conversations(40):
+        for gen in (False, True):
+            msgs = conv["messages"][:-1] if gen else conv["messages"]
+            ours = render_text({"messages": msgs, "tools": conv["tools"]}, fmt=FMT, add_generation_prompt=gen)
+            theirs = tokenizer.apply_chat_template(msgs, tools=conv["tools"], chat_template=FMT.chat_template,
+                                                   tokenize=False, add_generation_prompt=gen)
+            assert ours == theirs
+
+
+def test_format_tokens_are_single_tokens(tokenizer):
+    check_tokenizer(tokenizer, FMT, "tiny")
+    spec = FMT.spec.model_copy(update={"think": Delimiters(open="<reason>", close="</reason>")})
+    other = Format(spec, FMT.chat_template, FMT.directory)
+    with pytest.raises(KeelError, match="'<reason>', '</reason>' as single tokens"):
+        check_tokenizer(tokenizer, other, "tiny")
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_prepare_reports_bad_rows_with_file_and_line(tmp_path, tiny_model):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:12]]
+    rows[2] = '{"messages": [{"role": "user", "content": "truncated'
+    k = next(i for i in range(3, len(rows)) if any(m.get("tool_calls") for m in rows[i]["messages"]))
+    for m in rows[k]["messages"]:
+        for c in m.get("tool_calls", []):
+            c["function"]["arguments"] = "{not json"
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(KeelError) as err:
+        prepare_file(data, tokenizer_dir=tiny_model, fmt=FMT, seq_len=1024, cache_root=tmp_path / "cache")
+    msg = str(err.value)
+    assert "2 of 12 rows are invalid" in msg
+    assert f"{data}:3: not valid JSON" in msg
+    assert f"{data}:{k + 1}: messages[" in msg and "arguments are not valid JSON" in msg
+    assert not any((tmp_path / "cache").glob(f"*/{COMPLETE_MARKER}"))  # nothing half-written
+
+
+def test_prepare_caches_and_reuses(tmp_path, tiny_model):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:30]]
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    kwargs = dict(tokenizer_dir=tiny_model, fmt=FMT, cache_root=tmp_path / "cache")
+    first = prepare_file(data, seq_len=1024, **kwargs)
+    again = prepare_file(data, seq_len=1024, **kwargs)
+    assert not first.reused and again.reused and again.path == first.path
+    assert first.stats.rows == 30 and first.stats.examples >= 30 and first.stats.truncated == 0
+    ds = again.load()
+    assert len(ds) == first.stats.examples and set(ds.column_names) == {"input_ids", "labels"}
+    short = prepare_file(data, seq_len=460, **kwargs)
+    assert short.path != first.path and short.stats.truncated > 0
+    assert max(len(x) for x in short.load()["input_ids"]) <= 460
+
+
+def test_empty_dataset_is_an_error(tmp_path, tiny_model):
+    data = write_rows(tmp_path / "empty.jsonl", [])
+    with pytest.raises(KeelError, match="holds no trainable conversation"):
+        prepare_file(data, tokenizer_dir=tiny_model, fmt=FMT, seq_len=512, cache_root=tmp_path / "c")
