@@ -1,0 +1,146 @@
+"""Recipe schema, overrides and the errors a user sees for a bad recipe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data.errors import KeelError
+from trainer.recipe import apply_overrides, load_recipe, missing_paths, path_kind
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+
+
+def write_recipe(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    mutate(raw)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def keel(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_quickstart_recipe_validates():
+    recipe = load_recipe(QUICKSTART)
+    assert recipe.technique == "sft"
+    assert recipe.model.format == "hermes-qwen3"
+    assert recipe.training.max_steps > 0
+
+
+def test_typo_names_the_path_and_suggests_the_key(tmp_path):
+    path = write_recipe(tmp_path, lambda r: r["training"].update(learnig_rate=1e-3))
+    with pytest.raises(KeelError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "training.learnig_rate" in msg
+    assert "did you mean 'learning_rate'" in msg
+    assert str(path) in msg
+
+
+def test_unknown_section_suggests_closest(tmp_path):
+    path = write_recipe(tmp_path, lambda r: r.update(trainig={"seed": 1}))
+    msg = str(pytest.raises(KeelError, load_recipe, path).value)
+    assert "trainig" in msg and "did you mean 'training'" in msg
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    def mutate(r):
+        r["training"]["micro_batch_size"] = "eight"
+        r["peft"]["kind"] = "dora"
+        r["output"] = {}
+    msg = str(pytest.raises(KeelError, load_recipe, write_recipe(tmp_path, mutate)).value)
+    assert "3 problems" in msg
+    assert "training.micro_batch_size" in msg and "'eight'" in msg
+    assert "peft.kind" in msg and "'none'" in msg and "'lora'" in msg
+    assert "output.dir" in msg and "required" in msg
+
+
+def test_cross_field_rules(tmp_path):
+    msg = str(pytest.raises(KeelError, load_recipe, write_recipe(tmp_path, lambda r: r["training"].update(epochs=2))).value)
+    assert "exactly one of training.max_steps and training.epochs" in msg
+    msg = str(pytest.raises(KeelError, load_recipe, write_recipe(tmp_path, lambda r: r["model"].update(format="chatml-x"))).value)
+    assert "model.format" in msg and "hermes-qwen3" in msg
+
+
+def test_overrides_are_typed_and_validated():
+    recipe = load_recipe(QUICKSTART, ["training.max_steps=7", "peft.kind=lora", "peft.target_modules=[q_proj,v_proj]",
+                                      "tracking.mlflow.tracking_uri=http://127.0.0.1:5000"])
+    assert recipe.training.max_steps == 7
+    assert recipe.peft.target_modules == ["q_proj", "v_proj"]
+    assert recipe.tracking.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    with pytest.raises(KeelError, match="training.max_stepz.*did you mean 'max_steps'"):
+        load_recipe(QUICKSTART, ["training.max_stepz=7"])
+    with pytest.raises(KeelError, match="expected KEY=VALUE"):
+        load_recipe(QUICKSTART, ["training.max_steps"])
+    with pytest.raises(KeelError, match="is a value, not a section"):
+        apply_overrides({"technique": "sft"}, ["technique.kind=x"], "r.yaml")
+
+
+def test_recipe_file_problems(tmp_path):
+    with pytest.raises(KeelError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(KeelError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(KeelError, match="must be a YAML mapping"):
+        load_recipe(bad)
+
+
+def test_path_kinds(tmp_path):
+    assert path_kind("s3://bucket/model") == "uri"
+    assert path_kind("meta-llama/Llama-3.2-1B") == "hub"
+    assert path_kind("./runs/x") == "local"
+    assert path_kind("runs/quickstart/base") == "local"
+    assert path_kind(str(tmp_path)) == "local"
+
+
+def test_missing_paths_name_the_key(tmp_path):
+    recipe = load_recipe(QUICKSTART, [f"model.path={tmp_path / 'nomodel'}", f"data.train={tmp_path / 'none.jsonl'}"])
+    problems = "\n".join(missing_paths(recipe))
+    assert "model.path" in problems and "data.train" in problems
+    hub = load_recipe(QUICKSTART, ["model.path=Qwen/Qwen3-0.6B", "data.train=s3://bucket/train.jsonl"])
+    assert missing_paths(hub) == []
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = keel("validate", str(QUICKSTART))
+    assert ok.returncode == 0 and "ok:" in ok.stdout
+    bad = write_recipe(tmp_path, lambda r: r["training"].update(learnig_rate=1e-3))
+    res = keel("validate", str(QUICKSTART), str(bad))
+    assert res.returncode == 2
+    assert "did you mean 'learning_rate'" in res.stderr
+    assert "Traceback" not in res.stderr
+    missing = write_recipe(tmp_path, lambda r: r["model"].update(path=str(tmp_path / "no-model")))
+    assert keel("validate", str(missing)).returncode == 0  # paths are not checked by default
+    res = keel("validate", "--check-paths", str(missing))
+    assert res.returncode == 2 and "model.path" in res.stderr and "does not exist" in res.stderr
+
+
+def test_train_with_bad_recipe_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    bad = write_recipe(tmp_path, lambda r: r["training"].update(micro_batch_size=0))
+    res = keel("train", str(bad), f"output.dir={out}")
+    assert res.returncode == 2
+    assert "training.micro_batch_size" in res.stderr and "greater than 0" in res.stderr
+    assert "torch.distributed.run" not in res.stdout  # failed before any process started
+    assert not out.exists()
+
+
+def test_train_with_missing_files_fails_before_launch(tmp_path):
+    out = tmp_path / "run"
+    res = keel("train", str(QUICKSTART), f"model.path={tmp_path / 'missing-model'}",
+               f"data.train={tmp_path / 'missing.jsonl'}", f"output.dir={out}")
+    assert res.returncode == 2
+    assert "model.path" in res.stderr and "data.train" in res.stderr
+    assert "keel tiny-model" in res.stderr  # the fix
+    assert not out.exists()

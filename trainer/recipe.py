@@ -1,0 +1,273 @@
+"""The recipe: one typed, frozen schema for a training run.
+
+YAML file -> dotted `key=value` overrides -> one validation -> `Recipe`. Unknown keys are
+errors (with the closest valid name), and every problem is reported at once with its YAML
+path, why, and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data.errors import KeelError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Local directory, hub id (org/name) or s3:// URI of the base model.")
+    format: str = Field(description="Conversation format, a directory name under data/formats/.")
+
+
+class DataSection(Section):
+    train: str = Field(description="Training data: a JSONL file of conversations.")
+    eval: str | None = Field(default=None, description="Optional held-out data in the same shape.")
+    cache_dir: str | None = Field(
+        default=None, description="Where prepared (tokenized) data is cached; default ~/.cache/keel/prepared."
+    )
+
+
+class PeftSection(Section):
+    kind: Literal["none", "lora"] = "none"
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingSection(Section):
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch_size: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=2048, gt=0)
+    seed: int = 42
+    log_every_steps: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError(
+                "set exactly one of training.max_steps and training.epochs "
+                f"(got max_steps={self.max_steps}, epochs={self.epochs})"
+            )
+        return self
+
+
+class DistributedSection(Section):
+    strategy: Literal["ddp"] = "ddp"
+
+
+class CheckpointSection(Section):
+    every_steps: int | None = Field(default=None, gt=0, description="Save every N optimizer steps; none: only at the end.")
+    keep_last: int = Field(default=2, gt=0)
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else MLflow's local store in the working directory."
+    )
+    experiment: str = "keel"
+    run_name: str | None = None
+
+
+class TrackingSection(Section):
+    mlflow: MlflowSection = MlflowSection()
+
+
+class OutputSection(Section):
+    dir: str = Field(description="Run directory: checkpoints and the exported model (in <dir>/model).")
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    technique: Literal["sft"] = "sft"
+    peft: PeftSection = PeftSection()
+    training: TrainingSection
+    distributed: DistributedSection = DistributedSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        from data.formats import available_formats
+
+        if self.model.format not in available_formats():
+            raise ValueError(
+                f"model.format {self.model.format!r} is not a known format; use one of: "
+                + ", ".join(available_formats())
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """Apply dotted `key=value` overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise KeelError(f"override {item!r}: expected KEY=VALUE, for example training.max_steps=100")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise KeelError(f"override {item!r}: {key!r} is not a dotted key like training.seq_len")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise KeelError(
+                    f"override {item!r}: {'.'.join(parts[:depth + 1])} in {source} is a value, not a section"
+                )
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    """The schema class at a YAML path, for suggesting valid keys."""
+    cls: Any = Recipe
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return None
+    return cls
+
+
+def _fix_hint(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _section_class(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        if close:
+            return f"unknown key; did you mean '{close[0]}'?"
+        return "unknown key; valid keys here: " + ", ".join(valid)
+    if kind == "missing":
+        cls = _section_class(loc[:-1])
+        field = cls.model_fields.get(loc[-1]) if cls else None
+        desc = f" ({field.description})" if field is not None and field.description else ""
+        return f"required key is missing; add it{desc}"
+    if kind == "literal_error":
+        return f"{err['msg']} (got {err.get('input')!r})"
+    return f"{err['msg']} (got {err.get('input')!r})"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''}):"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = _fix_hint(err)
+        if err["type"] == "value_error":
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeelError(f"{source}: recipe file not found") from None
+    except UnicodeDecodeError:
+        raise KeelError(f"{source}: recipe is not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise KeelError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KeelError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [], source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise KeelError(format_validation_error(exc, source)) from None
+
+
+# --------------------------------------------------------------------------- paths
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def path_kind(value: str) -> Literal["local", "hub", "uri"]:
+    """How a model or data location is read.
+
+    `scheme://...` is a URI (s3://, gs://, ...); a path that exists, or that starts with
+    `/`, `./`, `../` or `~`, is local; `org/name` otherwise is a hub id.
+    """
+    if "://" in value:
+        return "uri"
+    if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists():
+        return "local"
+    return "hub" if _HUB_ID.match(value) else "local"
+
+
+def missing_paths(recipe: Recipe) -> list[str]:
+    """Problems with local paths the recipe names (hub ids and URIs are checked at run time)."""
+    problems = []
+    checks = [("model.path", recipe.model.path, "a model directory (keel tiny-model OUT_DIR makes one)"),
+              ("data.train", recipe.data.train, "a JSONL file of conversations")]
+    if recipe.data.eval:
+        checks.append(("data.eval", recipe.data.eval, "a JSONL file of conversations"))
+    for key, value, what in checks:
+        if path_kind(value) != "local":
+            continue
+        p = Path(value).expanduser()
+        if not p.exists():
+            problems.append(f"  - {key}: {value!r} does not exist (resolved to {p.resolve()}); expected {what}")
+        elif key == "model.path" and not (p / "config.json").is_file():
+            problems.append(f"  - {key}: {value!r} has no config.json; expected {what}")
+    return problems
+
+
+def check_paths(recipe: Recipe, source: str) -> None:
+    problems = missing_paths(recipe)
+    if problems:
+        raise KeelError(f"{source}: {len(problems)} missing path{'s' if len(problems) > 1 else ''}:\n" + "\n".join(problems))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
