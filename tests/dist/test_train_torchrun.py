@@ -1,0 +1,71 @@
+"""The quickstart recipe trained by `keel train` under torchrun with 2 processes (gloo), logging
+to a real `mlflow server` process: the run, the export and what MLflow holds."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from data.formats import load_format
+from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR, load_model_format, read_export_info
+
+pytestmark = pytest.mark.dist
+FMT = load_format("hermes-qwen3")
+
+
+def test_two_process_run_succeeds(trained_run):
+    assert trained_run.returncode == 0, trained_run.output[-6000:]
+    out = trained_run.output
+    assert "--nproc-per-node=2" in out
+    steps = [int(m) for m in re.findall(r"\[keel\] step (\d+)/150 ", out)]
+    assert steps and max(steps) == 150  # every optimizer step of the recipe ran
+    assert "[keel] exported" in out
+
+
+def test_export_is_a_complete_serving_dir(trained_run):
+    model_dir = trained_run.model_dir
+    assert (model_dir / "model.safetensors").is_file()
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert any("layers.0.self_attn.q_proj" in k for k in f.keys())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (model_dir / name).is_file(), name
+    # the exact chat template used in training, and the format spec, travel with the model
+    assert (model_dir / "chat_template.jinja").read_text() == FMT.chat_template
+    exported = load_model_format(model_dir)
+    assert exported.spec == FMT.spec and exported.chat_template == FMT.chat_template
+    info = read_export_info(model_dir)
+    assert info["seq_len"] == 1024 and info["world_size"] == 2 and info["format"] == "hermes-qwen3"
+    assert (model_dir / FORMAT_DIR / "spec.yaml").is_file()
+    # written under a temporary name and renamed: no leftovers
+    assert not list(trained_run.run_dir.glob(".model*"))
+
+
+def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained_run.tracking_uri)
+    exp = client.get_experiment_by_name(trained_run.experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["training.learning_rate"] == "0.003"
+    assert params["model.format"] == "hermes-qwen3"
+    assert params["world_size"] == "2"
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert len(loss) >= 100  # one point per optimizer step
+    first, last = loss[0].value, loss[-1].value
+    assert last < first / 5, (first, last)  # it learned
+    for metric in ("learning_rate", "grad_norm", "tokens_per_s"):
+        assert client.get_metric_history(run.info.run_id, metric), metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "format", "loss_curve.png"} <= artifacts
+    template = client.download_artifacts(run.info.run_id, "format/chat_template.jinja")
+    assert open(template).read() == FMT.chat_template
+    recipe = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "recipe.yaml")))
+    assert recipe["model"]["format"] == "hermes-qwen3" and recipe["training"]["micro_batch_size"] == 8

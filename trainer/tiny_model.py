@@ -1,0 +1,123 @@
+"""`keel tiny-model OUT_DIR`: a tiny base model built locally, nothing downloaded.
+
+A random-init Llama- or Qwen3-style causal LM and a byte-level BPE tokenizer trained on text
+the repository ships (data/corpus/ and the quickstart conversations), with the format's
+delimiters (<think>, <tool_call>, ...) as single tokens. It is saved with `save_pretrained`,
+exactly like a real base model, so every later step takes the same code path a real model
+takes. head_dim is 64, which vLLM's CPU attention supports (16 is not supported).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from data.errors import KeelError
+from data.formats import load_format
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+ARCHS = ("llama", "qwen3")
+
+
+def _corpus_lines(fmt) -> list[str]:
+    from data.conversation import validate_conversation
+    from data.prepare import read_jsonl
+    from data.render import render_text
+
+    lines = []
+    for path in sorted((DATA_DIR / "corpus").glob("*.txt")):
+        lines += path.read_text(encoding="utf-8").splitlines()
+    for path in sorted((DATA_DIR / "examples").glob("*.jsonl")):
+        for _, row in read_jsonl(path):
+            if isinstance(row, dict):
+                lines.append(render_text(validate_conversation(row, []), fmt=fmt))
+    return lines
+
+
+def build_tokenizer(fmt, vocab_size: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Offsets untrimmed: the loss mask maps characters to tokens through them.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(fmt.spec.control_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(fmt), trainer=trainer)
+    # Delimiters are ordinary (non-special) added tokens, as in Qwen3: one token each, and
+    # kept in decoded text so vLLM's reasoning and tool parsers see them.
+    delimiters = [t for t in fmt.single_tokens() if t not in fmt.spec.control_tokens]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in delimiters])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=fmt.spec.end_of_turn,
+        pad_token=fmt.spec.pad_token,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, *, hidden: int, layers: int):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64 + 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        rope_theta=10000.0,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common)
+    raise KeelError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+
+
+def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str = "hermes-qwen3",
+                     vocab_size: int = 4096, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHS:
+        raise KeelError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+    if hidden % 64:
+        raise KeelError(f"--hidden {hidden}: must be a multiple of 64 (head_dim is 64)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise KeelError(f"{out}: already exists and is not empty; choose a new directory or delete it")
+    fmt = load_format(fmt_name)
+    tokenizer = build_tokenizer(fmt, vocab_size)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in fmt.spec.stop_tokens]
+    pad_id = tokenizer.convert_tokens_to_ids(fmt.spec.pad_token)
+    config = build_config(arch, len(tokenizer), eos_ids[0], pad_id, hidden=hidden, layers=layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny {arch} model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+          f"head_dim 64, format {fmt.name} -> {out}")
+    return out

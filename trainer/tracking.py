@@ -1,0 +1,137 @@
+"""MLflow tracking and progress lines, as one transformers callback.
+
+Only global rank 0 talks to MLflow. Without a tracking URI in the recipe or
+$MLFLOW_TRACKING_URI, MLflow's own default store in the working directory is used (no server
+needed; `mlflow ui` there shows every run). The run id is kept in the run directory so a
+resumed run continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+RUN_ID_FILE = "mlflow_run_id"
+MAX_PARAM_BATCH = 100  # MLflow accepts at most 100 params per call
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunTracker(TrainerCallback):
+    """Logs the resolved recipe, format and metrics to MLflow; prints progress lines."""
+
+    def __init__(self, *, mlflow_section, params: dict, artifacts: dict[str, str], run_dir: Path,
+                 is_main: bool, log_every: int):
+        self.cfg = mlflow_section
+        self.params = params
+        self.artifacts = artifacts  # artifact path -> text
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.log_every = log_every
+        self.run_id: str | None = None
+        self.history: list[tuple[int, float]] = []
+        self._t_start = self._t_last = 0.0
+        self._tokens_last = 0.0
+
+    # -- MLflow run lifecycle -------------------------------------------------
+
+    def start(self) -> None:
+        if not self.is_main:
+            return
+        import mlflow
+
+        if self.cfg.tracking_uri:
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        mlflow.set_experiment(self.cfg.experiment)
+        id_file = self.run_dir / RUN_ID_FILE
+        previous = id_file.read_text().strip() if id_file.is_file() else None
+        run = mlflow.start_run(run_id=previous, run_name=None if previous else self.cfg.run_name)
+        self.run_id = run.info.run_id
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run_id + "\n")
+        if previous is None:
+            items = [(k, "" if v is None else str(v)[:6000]) for k, v in self.params.items()]
+            for i in range(0, len(items), MAX_PARAM_BATCH):
+                mlflow.log_params(dict(items[i:i + MAX_PARAM_BATCH]))
+        for path, text in self.artifacts.items():
+            mlflow.log_text(text, path)
+        print(f"[keel] MLflow run {self.run_id} in experiment {self.cfg.experiment!r} at {mlflow.get_tracking_uri()}",
+              flush=True)
+
+    def log_stats(self, prefix: str, stats: dict) -> None:
+        if self.is_main and self.run_id:
+            import mlflow
+
+            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in stats.items()}, step=0)
+
+    def finish(self, status: str = "FINISHED", tags: dict | None = None) -> None:
+        if not (self.is_main and self.run_id):
+            return
+        import mlflow
+
+        if tags:
+            mlflow.set_tags(tags)
+        if self.history:
+            mlflow.log_figure(self._loss_figure(), "loss_curve.png")
+        mlflow.end_run(status=status)
+
+    def _loss_figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps, losses = zip(*self.history)
+        ax.plot(steps, losses)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+
+    # -- trainer callbacks ----------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t_start = self._t_last = time.time()
+        self._tokens_last = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs:
+            return
+        now = time.time()
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if "num_tokens" in metrics:
+            dt = max(now - self._t_last, 1e-9)
+            metrics["tokens_per_s"] = (metrics["num_tokens"] - self._tokens_last) / dt
+            self._tokens_last = metrics["num_tokens"]
+        self._t_last = now
+        if "loss" in metrics:
+            self.history.append((state.global_step, metrics["loss"]))
+        if self.run_id:
+            import mlflow
+
+            mlflow.log_metrics(metrics, step=state.global_step)
+        if "loss" in metrics and (state.global_step % self.log_every == 0 or state.global_step == state.max_steps):
+            done = state.global_step / max(state.max_steps, 1)
+            elapsed = now - self._t_start
+            eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+            print(
+                f"[keel] step {state.global_step}/{state.max_steps} loss {metrics['loss']:.4f} "
+                f"lr {metrics.get('learning_rate', 0):.2e} grad_norm {metrics.get('grad_norm', float('nan')):.3f} "
+                f"tokens/s {metrics.get('tokens_per_s', float('nan')):.0f} "
+                f"elapsed {_fmt_duration(elapsed)} eta {_fmt_duration(eta) if math.isfinite(eta) else '?'}",
+                flush=True,
+            )
+
+
+def env_tracking_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI")
