@@ -1,0 +1,168 @@
+"""Session fixtures: one tiny model, one MLflow server, one 2-process training run, one vLLM
+server. Each is built the first time a test asks for it and shared by every later test.
+
+Nothing here downloads: the model and tokenizer are built locally by the same code path
+`keel tiny-model` uses, and the data ships with the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART_RECIPE = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+QUICKSTART_DATA = REPO / "data" / "examples" / "tool-calling.jsonl"
+API_KEY = "test-key-for-keel"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keel_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("keel-session")
+
+
+@pytest.fixture(scope="session")
+def keel_env(session_dir) -> dict[str, str]:
+    """Environment for `keel` subprocesses: a private data cache, no ambient MLflow URI."""
+    env = dict(os.environ)
+    env["KEEL_CACHE"] = str(session_dir / "cache")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(session_dir) -> Path:
+    from trainer.tiny_model import build_tiny_model
+
+    return build_tiny_model(session_dir / "tiny-base")
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n"
+                               + log.read_text(errors="replace")[-4000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n" + log.read_text(errors="replace")[-4000:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_dir):
+    """A real `mlflow server` process on loopback."""
+    port = free_port()
+    root = session_dir / "mlflow-server"
+    root.mkdir()
+    log = root / "server.log"
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=root,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc, log, timeout_s=120)
+        yield url
+    finally:
+        stop(proc)
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    returncode: int
+    output: str
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def trained_run(session_dir, tiny_model, mlflow_server, keel_env) -> TrainedRun:
+    """The quickstart recipe trained with `keel train` on 2 processes, logging to the server."""
+    run_dir = session_dir / "quickstart-run"
+    experiment = "keel-tests"
+    proc = subprocess.run(
+        keel_cmd("train", str(QUICKSTART_RECIPE), "--nproc-per-node", "2",
+                 f"model.path={tiny_model}", f"output.dir={run_dir}",
+                 f"tracking.mlflow.tracking_uri={mlflow_server}", f"tracking.mlflow.experiment={experiment}"),
+        cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
+    )
+    (session_dir / "train.log").write_text(proc.stdout)
+    return TrainedRun(run_dir, proc.returncode, proc.stdout, mlflow_server, experiment)
+
+
+@pytest.fixture(scope="session")
+def served_model(session_dir, trained_run, keel_env):
+    """`keel serve` on the trained model: a real vLLM OpenAI server (CPU build), API key on."""
+    assert trained_run.returncode == 0, trained_run.output[-4000:]
+    port = free_port()
+    log = session_dir / "vllm-server.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            keel_cmd("serve", str(trained_run.model_dir), "--host", "127.0.0.1", "--port", str(port),
+                     "--api-key", API_KEY),
+            cwd=REPO, env=keel_env, stdout=logf, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc, log, timeout_s=600)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
+def openai_client(served_model):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served_model + "/v1", api_key=API_KEY)
