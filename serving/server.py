@@ -50,6 +50,10 @@ def vllm_command(model_dir: str | Path, *, host: str, port: int, fmt_name: str |
             cmd += ["--reasoning-parser", fmt.spec.vllm.reasoning_parser]
     if info.get("seq_len") and "--max-model-len" not in extra:
         cmd += ["--max-model-len", str(info["seq_len"])]
+    # Serve in the dtype training computed in, so the model behaves as trained (vLLM's CPU
+    # backend downcasts float32 to bfloat16 by default).
+    if info.get("dtype") and "--dtype" not in extra:
+        cmd += ["--dtype", str(info["dtype"])]
     return cmd + list(extra)
 
 

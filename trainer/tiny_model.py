@@ -89,7 +89,7 @@ def build_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, *, hidden
 
 
 def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str = "hermes-qwen3",
-                     vocab_size: int = 4096, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
+                     vocab_size: int = 4096, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 

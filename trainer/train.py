@@ -126,6 +126,7 @@ def build_sft_config(training, checkpoint, *, run_dir: Path, has_eval: bool):
 def train(recipe: Recipe, source: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trainer.export import export_model
     from trainer.tracking import RunTracker
@@ -166,6 +167,9 @@ def train(recipe: Recipe, source: str) -> Path:
             peft_config=build_peft_config(recipe.peft),
             callbacks=[tracker],
         )
+        # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
+        # also print every log dict.
+        trainer.remove_callback(PrinterCallback)
         last = get_last_checkpoint(str(run_dir / CHECKPOINT_DIR)) if (run_dir / CHECKPOINT_DIR).is_dir() else None
         if last and is_main:
             print(f"[keel] resuming from checkpoint {last}", flush=True)
@@ -176,6 +180,9 @@ def train(recipe: Recipe, source: str) -> Path:
             export_model(trainer.model, tokenizer, fmt=fmt, out_dir=out, info={
                 "base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
                 "peft": recipe.peft.kind, "seq_len": recipe.training.seq_len, "world_size": world,
+                # the dtype training computed in; the server uses it too (vLLM's CPU backend
+                # would otherwise downcast float32 weights to bfloat16)
+                "dtype": "bfloat16" if trainer.args.bf16 else "float32",
                 "mlflow_run_id": tracker.run_id,
             })
             print(f"[keel] exported {out} in {time.time() - t0:.0f}s total", flush=True)

@@ -4,12 +4,15 @@ to a real `mlflow server` process: the run, the export and what MLflow holds."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 from safetensors import safe_open
 
 from data.formats import load_format
+
+QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR, load_model_format, read_export_info
 
 pytestmark = pytest.mark.dist
@@ -20,8 +23,9 @@ def test_two_process_run_succeeds(trained_run):
     assert trained_run.returncode == 0, trained_run.output[-6000:]
     out = trained_run.output
     assert "--nproc-per-node=2" in out
-    steps = [int(m) for m in re.findall(r"\[keel\] step (\d+)/150 ", out)]
-    assert steps and max(steps) == 150  # every optimizer step of the recipe ran
+    max_steps = yaml.safe_load(QUICKSTART_RECIPE.read_text())["training"]["max_steps"]
+    steps = [int(m) for m in re.findall(rf"\[keel\] step (\d+)/{max_steps} ", out)]
+    assert steps and max(steps) == max_steps  # every optimizer step of the recipe ran
     assert "[keel] exported" in out
 
 
@@ -54,7 +58,8 @@ def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["training.learning_rate"] == "0.003"
+    quickstart = yaml.safe_load(QUICKSTART_RECIPE.read_text())
+    assert float(params["training.learning_rate"]) == quickstart["training"]["learning_rate"]
     assert params["model.format"] == "hermes-qwen3"
     assert params["world_size"] == "2"
     loss = client.get_metric_history(run.info.run_id, "loss")
@@ -68,4 +73,5 @@ def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
     template = client.download_artifacts(run.info.run_id, "format/chat_template.jinja")
     assert open(template).read() == FMT.chat_template
     recipe = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "recipe.yaml")))
-    assert recipe["model"]["format"] == "hermes-qwen3" and recipe["training"]["micro_batch_size"] == 8
+    assert recipe["model"]["format"] == "hermes-qwen3"
+    assert recipe["training"] == {**recipe["training"], **quickstart["training"]}  # resolved = file + defaults

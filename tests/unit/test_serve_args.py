@@ -25,7 +25,7 @@ def model_dir(tmp_path) -> Path:
     shutil.copy(FMT.directory / "spec.yaml", d / FORMAT_DIR / "spec.yaml")
     (d / FORMAT_DIR / "chat_template.jinja").write_text(FMT.chat_template)
     (d / "chat_template.jinja").write_text(FMT.chat_template)
-    (d / EXPORT_INFO_FILE).write_text(yaml.safe_dump({"seq_len": 2048}))
+    (d / EXPORT_INFO_FILE).write_text(yaml.safe_dump({"seq_len": 2048, "dtype": "float32"}))
     return d
 
 
@@ -37,6 +37,7 @@ def test_command_comes_from_the_model_dir(model_dir):
     assert "--enable-auto-tool-choice --tool-call-parser hermes" in joined
     assert "--reasoning-parser qwen3" in joined
     assert "--max-model-len 2048" in joined and "--port 8123" in joined
+    assert "--dtype float32" in joined  # as trained, not vLLM's CPU default of bfloat16
 
 
 def test_extra_args_pass_through_and_override(model_dir):
