@@ -8,6 +8,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from data.errors import KeelError
 
@@ -111,13 +112,25 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default=None)
     p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="torchrun restarts the workers after a failure; each restart resumes from the latest "
+                        "complete checkpoint (default 3)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
+    from trainer.build import check_device_support
+    from trainer.checkpoints import check_run_dir, clear_run_dir
     from trainer.recipe import check_paths, load_recipe
 
     # Everything a user can get wrong is checked here, before any process starts.
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
+    decision = check_run_dir(recipe, overwrite=a.overwrite)
+    check_device_support(peft=recipe.peft, training=recipe.training)
+    if decision == "overwrite" and a.node_rank == 0:
+        # Cleared here, once: workers restarted after a failure must resume, not start over.
+        print(f"[keel] --overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
+        clear_run_dir(Path(recipe.output.dir))
     nproc = a.nproc_per_node or _gpu_count() or 1
     # Prepare the data once, before the process group exists (ranks then only read the cache).
     cmd_prepare([a.recipe, *a.overrides])

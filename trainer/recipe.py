@@ -36,11 +36,22 @@ class DataSection(Section):
 
 
 class PeftSection(Section):
-    kind: Literal["none", "lora"] = "none"
+    kind: Literal["none", "lora", "qlora"] = Field(
+        default="none", description="none: full fine-tuning; lora; qlora: LoRA on a 4-bit base (needs a CUDA GPU)."
+    )
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DpoSection(Section):
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "apo_zero", "apo_down"] = "sigmoid"
+    reference: Literal["auto", "copy", "base_adapters_disabled"] = Field(
+        default="auto",
+        description="auto: the base model with adapters disabled under LoRA/QLoRA, a frozen copy otherwise.",
+    )
 
 
 class TrainingSection(Section):
@@ -56,23 +67,40 @@ class TrainingSection(Section):
     seq_len: int = Field(default=2048, gt=0)
     seed: int = 42
     log_every_steps: int = Field(default=1, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
 
     @model_validator(mode="after")
     def _one_length(self):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError(
-                "set exactly one of training.max_steps and training.epochs "
+                "training.max_steps: set exactly one of training.max_steps and training.epochs "
                 f"(got max_steps={self.max_steps}, epochs={self.epochs})"
             )
         return self
 
 
 class DistributedSection(Section):
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"] = "ddp"
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        default="none", description="DeepSpeed CPU offload: optimizer (zero2, zero3) or also parameters (zero3)."
+    )
+    timeout_s: int = Field(default=1800, gt=0, description="Bound on any collective; a stuck rank fails the job after this.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload == "optimizer" and self.strategy not in ("zero2", "zero3"):
+            raise ValueError(f"distributed.offload: optimizer needs strategy zero2 or zero3 (got {self.strategy})")
+        if self.offload == "optimizer_and_params" and self.strategy != "zero3":
+            raise ValueError(f"distributed.offload: optimizer_and_params needs strategy zero3 (got {self.strategy})")
+        return self
 
 
 class CheckpointSection(Section):
-    every_steps: int | None = Field(default=None, gt=0, description="Save every N optimizer steps; none: only at the end.")
+    every_steps: int | None = Field(default=None, gt=0, description="Save every N optimizer steps.")
+    every_minutes: float | None = Field(default=None, gt=0, description="Also save when this much time passed.")
     keep_last: int = Field(default=2, gt=0)
 
 
@@ -90,13 +118,18 @@ class TrackingSection(Section):
 
 class OutputSection(Section):
     dir: str = Field(description="Run directory: checkpoints and the exported model (in <dir>/model).")
+    merge_lora: bool = Field(default=True, description="Merge LoRA into the base at export; false keeps the adapter.")
+    register_as: str | None = Field(
+        default=None, description="Register the export in the MLflow model registry under this name."
+    )
 
 
 class Recipe(Section):
     model: ModelSection
     data: DataSection
-    technique: Literal["sft"] = "sft"
+    technique: Literal["cpt", "sft", "dpo"] = "sft"
     peft: PeftSection = PeftSection()
+    dpo: DpoSection | None = None
     training: TrainingSection
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -107,12 +140,27 @@ class Recipe(Section):
     def _cross_field(self):
         from data.formats import available_formats
 
+        problems = []
         if self.model.format not in available_formats():
-            raise ValueError(
-                f"model.format {self.model.format!r} is not a known format; use one of: "
-                + ", ".join(available_formats())
-            )
+            problems.append(f"model.format: {self.model.format!r} is not a known format; use one of: "
+                            + ", ".join(available_formats()))
+        if self.dpo is not None and self.technique != "dpo":
+            problems.append(f"dpo: set, but technique is {self.technique!r}; remove it or set technique: dpo")
+        if self.peft.kind == "qlora" and self.distributed.strategy in ("zero3", "fsdp2"):
+            problems.append(f"peft.kind: qlora with distributed.strategy {self.distributed.strategy} is not supported "
+                            "(4-bit weights cannot be sharded here); use ddp, zero1 or zero2")
+        if self.dpo is not None and self.dpo.reference == "base_adapters_disabled" and self.peft.kind == "none":
+            problems.append("dpo.reference: base_adapters_disabled needs peft.kind lora or qlora")
+        if self.peft.kind == "none" and not self.output.merge_lora:
+            problems.append("output.merge_lora: false only applies with peft.kind lora or qlora")
+        if problems:
+            # One line per problem, each starting with its key path (see format_validation_error).
+            raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def dpo_settings(self) -> DpoSection:
+        return self.dpo or DpoSection()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -186,14 +234,16 @@ def _fix_hint(err: dict) -> str:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''}):"]
+    problems = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = _fix_hint(err)
         if err["type"] == "value_error":
-            msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {path}: {msg}")
-    return "\n".join(lines)
+            # cross-field rules: one problem per line, each already starting with its key path
+            problems += err["msg"].removeprefix("Value error, ").splitlines()
+        else:
+            path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{path}: {_fix_hint(err)}")
+    lines = [f"{source}: invalid recipe ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+    return "\n".join(lines + [f"  - {p}" for p in problems])
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -9,13 +9,13 @@ resumed run continues the same MLflow run.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 RUN_ID_FILE = "mlflow_run_id"
+METRICS_FILE = "metrics.jsonl"  # the same metrics, kept locally by rank 0 (one JSON object per step)
 MAX_PARAM_BATCH = 100  # MLflow accepts at most 100 params per call
 
 
@@ -28,7 +28,7 @@ class RunTracker(TrainerCallback):
     """Logs the resolved recipe, format and metrics to MLflow; prints progress lines."""
 
     def __init__(self, *, mlflow_section, params: dict, artifacts: dict[str, str], run_dir: Path,
-                 is_main: bool, log_every: int):
+                 is_main: bool, log_every: int, resume_step: int = 0):
         self.cfg = mlflow_section
         self.params = params
         self.artifacts = artifacts  # artifact path -> text
@@ -36,15 +36,18 @@ class RunTracker(TrainerCallback):
         self.is_main = is_main
         self.log_every = log_every
         self.run_id: str | None = None
+        self.resume_step = resume_step
         self.history: list[tuple[int, float]] = []
         self._t_start = self._t_last = 0.0
         self._tokens_last = 0.0
+        self._metrics_file = run_dir / METRICS_FILE
 
     # -- MLflow run lifecycle -------------------------------------------------
 
     def start(self) -> None:
         if not self.is_main:
             return
+        self._keep_local_metrics_up_to(self.resume_step)
         import mlflow
 
         if self.cfg.tracking_uri:
@@ -64,6 +67,32 @@ class RunTracker(TrainerCallback):
             mlflow.log_text(text, path)
         print(f"[keel] MLflow run {self.run_id} in experiment {self.cfg.experiment!r} at {mlflow.get_tracking_uri()}",
               flush=True)
+
+    def _keep_local_metrics_up_to(self, step: int) -> None:
+        """On resume, steps after the checkpoint are trained again: drop their old records."""
+        import json
+
+        if not self._metrics_file.is_file():
+            return
+        kept = [line for line in self._metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self._metrics_file.write_text("".join(line + "\n" for line in kept))
+        self.history = [(r["step"], r["loss"]) for r in map(json.loads, kept) if "loss" in r]
+
+    def register_model(self, model_dir: Path, name: str | None) -> None:
+        """Register the export in MLflow's model registry, by reference to where it lives."""
+        if not (self.is_main and self.run_id and name):
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name)
+        version = client.create_model_version(name, source=str(Path(model_dir).resolve()), run_id=self.run_id)
+        print(f"[keel] registered {model_dir} as models:/{name}/{version.version}", flush=True)
 
     def log_stats(self, prefix: str, stats: dict) -> None:
         if self.is_main and self.run_id:
@@ -116,6 +145,11 @@ class RunTracker(TrainerCallback):
         self._t_last = now
         if "loss" in metrics:
             self.history.append((state.global_step, metrics["loss"]))
+        if "loss" in metrics or "eval_loss" in metrics:
+            import json
+
+            with self._metrics_file.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
         if self.run_id:
             import mlflow
 
@@ -132,6 +166,3 @@ class RunTracker(TrainerCallback):
                 flush=True,
             )
 
-
-def env_tracking_uri() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_URI")

@@ -1,7 +1,10 @@
-"""The training process: what `torchrun -m trainer RECIPE [key=value ...]` runs on every rank.
+"""The training process: what `torchrun -m trainer RECIPE [key=value ...] [--overwrite]` runs
+on every rank.
 
-recipe -> prepared data (from the cache, or prepared by local rank 0 while the others wait on
-a file marker) -> model (+ LoRA) -> TRL SFTTrainer -> export of a serving-ready model dir.
+recipe -> run identity (resume, refuse, or start) -> prepared data (from the cache, or built
+by local rank 0 while the others wait on a file marker) -> model (+ LoRA/QLoRA) -> TRL trainer
+under the recipe's distribution strategy, resuming from the latest complete checkpoint ->
+export of a serving-ready, verified model dir.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def log(msg: str) -> None:
+    print(f"[keel] {msg}", flush=True)
+
+
 def prepared_split(recipe: Recipe, split: str, local_rank: int):
     """Prepared data for a split. Local rank 0 builds a missing cache; the others wait for it."""
     from data.prepare import prepare_file, wait_for_prepared
@@ -37,98 +44,27 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int):
     return wait_for_prepared(data_file, **kwargs)
 
 
-def build_peft_config(peft):
-    """LoRA config from the recipe's peft section (None for full fine-tuning)."""
-    if peft.kind == "none":
-        return None
-    from peft import LoraConfig
+def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
+    """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
+    from trainer.checkpoints import check_run_dir, clear_run_dir, write_run_file
 
-    return LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
-                      target_modules=peft.target_modules, task_type="CAUSAL_LM")
-
-
-def make_trainer_class():
-    """TRL's SFTTrainer, with the model's own loss where TRL's fused LM head would run without Triton.
-
-    TRL 1.16 always computes the loss through a chunked, fused LM head. Without Triton (on CPU)
-    it falls back to a per-tile torch loop over every position that made a training step of the
-    tiny model about 6x slower than the model's own cross-entropy (measured here: 5+ s vs 0.8 s
-    for 16 x 450 tokens). Where Triton runs (GPU), TRL's path is kept: it saves logits memory.
-    """
-    import torch
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class KeelSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if torch.cuda.is_available():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs["use_cache"] = False
-            labels = inputs["labels"]
-            # Trainer.compute_loss: the model's loss over num_items_in_batch (the trained tokens of
-            # every rank and accumulation step), scaled back for DDP's gradient averaging.
-            loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if model.training else "eval"
-            if mode == "train":
-                seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
-                trained = (labels[..., 1:] != -100).sum()
-                counts = self.accelerator.gather_for_metrics(torch.stack([seen, trained]).view(1, 2)).sum(0)
-                self._total_train_tokens += int(counts[0])
-                self._total_trained_tokens = getattr(self, "_total_trained_tokens", 0) + int(counts[1])
-                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-                self._metrics[mode]["num_trained_tokens"] = [self._total_trained_tokens]
-            return loss
-
-    return KeelSFTTrainer
+    decision = check_run_dir(recipe, overwrite=overwrite)
+    if is_main:
+        if decision == "overwrite":
+            log(f"--overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
+            clear_run_dir(Path(recipe.output.dir))
+        write_run_file(recipe, "running")
+    return decision
 
 
-def build_sft_config(training, checkpoint, *, run_dir: Path, has_eval: bool):
-    import torch
-    from trl import SFTConfig
-
-    on_gpu = torch.cuda.is_available()
-    return SFTConfig(
-        output_dir=str(run_dir / CHECKPOINT_DIR),
-        max_steps=training.max_steps or -1,
-        num_train_epochs=training.epochs or 1.0,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        per_device_train_batch_size=training.micro_batch_size,
-        per_device_eval_batch_size=training.micro_batch_size,
-        gradient_accumulation_steps=training.grad_accum,
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_steps=1,
-        save_strategy="steps" if checkpoint.every_steps else "no",
-        save_steps=checkpoint.every_steps or 500,
-        save_total_limit=checkpoint.keep_last,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=max(1, (training.max_steps or 100) // 5) if has_eval else None,
-        report_to="none",
-        # Data is prepared (rendered, tokenized, truncated, labels built) by Keel; TRL only
-        # batches it. Padded batches: on CPU, SDPA with a per-example (padding-free) mask ran
-        # 2x slower than padded batches here; the speed issue revisits batching.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        padding_free=False,
-        max_length=None,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        ddp_backend=None if on_gpu else "gloo",
-        ddp_find_unused_parameters=False,
-        disable_tqdm=not sys.stderr.isatty(),
-        remove_unused_columns=False,
-    )
-
-
-def train(recipe: Recipe, source: str) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
+    from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
-    from trainer.export import export_model
+
+    from trainer.build import build_model, build_peft_config, compute_precision, training_args
+    from trainer.checkpoints import CheckpointCompletion, latest_complete_checkpoint, set_aside_incomplete
+    from trainer.export import export_trained
+    from trainer.sft import build_sft_trainer
     from trainer.tracking import RunTracker
 
     rank, local_rank, world = dist_env()
@@ -136,57 +72,69 @@ def train(recipe: Recipe, source: str) -> Path:
     run_dir = Path(recipe.output.dir)
     fmt = load_format(recipe.model.format)
     t0 = time.time()
+    start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
 
     train_data = prepared_split(recipe, "train", local_rank)
     eval_data = prepared_split(recipe, "eval", local_rank) if recipe.data.eval else None
     if is_main:
         s = train_data.stats
-        print(f"[keel] data: {'reused' if train_data.reused else 'prepared'} {train_data.path} "
-              f"({s.rows} rows -> {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained, "
-              f"{s.truncated} truncated)", flush=True)
+        log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({s.rows} rows -> "
+            f"{s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained, {s.truncated} truncated)")
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+    model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
+    peft_config = build_peft_config(recipe.peft)
+    ckpt_root = run_dir / CHECKPOINT_DIR
+    if is_main:
+        for path in set_aside_incomplete(ckpt_root):
+            log(f"warning: checkpoint without completion marker set aside, not loaded: {path}")
+    resume_from = latest_complete_checkpoint(ckpt_root)
+    resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+
     tracker = RunTracker(
         mlflow_section=recipe.tracking.mlflow,
         params={**flatten(recipe.to_dict()), "world_size": world},
         artifacts={"recipe.yaml": recipe.to_yaml(), f"format/{fmt.spec.chat_template}": fmt.chat_template,
                    "format/spec.yaml": (fmt.directory / "spec.yaml").read_text()},
-        run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
+        run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps, resume_step=resume_step,
     )
     tracker.start()
     tracker.log_stats("data.train", vars(train_data.stats))
     status = "FAILED"
     try:
-        trainer = make_trainer_class()(
-            model=model,
-            args=build_sft_config(recipe.training, recipe.checkpoint, run_dir=run_dir, has_eval=eval_data is not None),
-            train_dataset=train_data.load(),
-            eval_dataset=eval_data.load() if eval_data else None,
-            processing_class=tokenizer,
-            peft_config=build_peft_config(recipe.peft),
-            callbacks=[tracker],
-        )
+        args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
+                             model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
+        callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes)]
+        trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
+                                    train_dataset=train_data.load(),
+                                    eval_dataset=eval_data.load() if eval_data else None, callbacks=callbacks)
         # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
         # also print every log dict.
         trainer.remove_callback(PrinterCallback)
-        last = get_last_checkpoint(str(run_dir / CHECKPOINT_DIR)) if (run_dir / CHECKPOINT_DIR).is_dir() else None
-        if last and is_main:
-            print(f"[keel] resuming from checkpoint {last}", flush=True)
-        trainer.train(resume_from_checkpoint=last)
-        trainer.accelerator.wait_for_everyone()
+        if resume_from is not None and is_main:
+            log(f"resumed from checkpoint step {resume_step} ({resume_from})")
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
         out = run_dir / MODEL_DIR
-        if is_main:
-            export_model(trainer.model, tokenizer, fmt=fmt, out_dir=out, info={
-                "base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
-                "peft": recipe.peft.kind, "seq_len": recipe.training.seq_len, "world_size": world,
-                # the dtype training computed in; the server uses it too (vLLM's CPU backend
-                # would otherwise downcast float32 weights to bfloat16)
-                "dtype": "bfloat16" if trainer.args.bf16 else "float32",
-                "mlflow_run_id": tracker.run_id,
-            })
-            print(f"[keel] exported {out} in {time.time() - t0:.0f}s total", flush=True)
+        precision = compute_precision(recipe.training)
+        export_trained(
+            trainer, tokenizer, fmt=fmt, out_dir=out, recipe_model_path=recipe.model.path, peft_config=peft_config,
+            merge_lora=recipe.output.merge_lora, precision=precision, quantized=recipe.peft.kind == "qlora",
+            info={"base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
+                  "peft": recipe.peft.kind, "adapter": recipe.peft.kind != "none" and not recipe.output.merge_lora,
+                  "seq_len": recipe.training.seq_len, "world_size": world,
+                  # the dtype training computed in; the server uses it too (vLLM's CPU backend
+                  # would otherwise downcast float32 weights to bfloat16)
+                  "dtype": "bfloat16" if precision == "bf16" else "float32",
+                  "mlflow_run_id": tracker.run_id},
+        )
         trainer.accelerator.wait_for_everyone()
+        if is_main:
+            from trainer.checkpoints import write_run_file
+
+            write_run_file(recipe, "finished")
+            log(f"exported {out} in {time.time() - t0:.0f}s total")
+            tracker.register_model(out, recipe.output.register_as)
         status = "FINISHED"
         return out
     finally:
@@ -197,13 +145,17 @@ def train(recipe: Recipe, source: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: torchrun [torchrun options] -m trainer RECIPE [key=value ...]")
+        print("usage: torchrun [torchrun options] -m trainer RECIPE [key=value ...] [--overwrite]")
         return 0 if argv else 2
+    # --overwrite applies to the first start only: workers that torchrun restarts after a
+    # failure must resume from the checkpoint, not wipe it.
+    overwrite = "--overwrite" in argv and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    argv = [a for a in argv if a != "--overwrite"]
     source, overrides = argv[0], argv[1:]
     try:
         recipe = load_recipe(source, overrides)
         check_paths(recipe, source)
-        train(recipe, source)
+        train(recipe, overwrite=overwrite)
     except KeelError as exc:
         rank = dist_env()[0]
         print(f"keel: error (rank {rank}): {exc}", file=sys.stderr, flush=True)

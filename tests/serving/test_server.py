@@ -32,11 +32,18 @@ def test_context_length_comes_from_training(served_model, api_key):
     assert body["data"][0]["max_model_len"] == 1024  # the recipe's training.seq_len, from keel-export.yaml
 
 
-def test_plain_chat_without_tools_stops_at_end_of_turn(openai_client):
+def test_answer_without_a_tool_call_stops_at_end_of_turn(openai_client):
+    """Small talk (in the training data with the same tools) ends with the trained end-of-turn
+    token: finish_reason "stop", plain content, no tool call, no markup left in the text."""
+    from data.synthetic import TOOLS
+
     model = openai_client.models.list().data[0].id
     resp = openai_client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi! Who are you?"}], temperature=0, max_tokens=120)
+        model=model, messages=[{"role": "user", "content": "Hi! Who are you?"}], tools=TOOLS,
+        temperature=0, max_tokens=150)
     choice = resp.choices[0]
-    assert choice.finish_reason == "stop"  # the trained end-of-turn token stops generation
-    assert "<|im_end|>" not in (choice.message.content or "")
-    assert not choice.message.tool_calls
+    assert choice.finish_reason == "stop", choice
+    assert choice.message.content and not choice.message.tool_calls
+    assert choice.message.reasoning
+    for markup in ("<|im_end|>", "<think>", "</think>", "<tool_call>"):
+        assert markup not in choice.message.content

@@ -1,0 +1,95 @@
+"""Checkpoint completeness and run identity: resume, refuse, or start again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data.errors import KeelError
+from trainer.checkpoints import (
+    COMPLETE_MARKER,
+    RUN_FILE,
+    check_run_dir,
+    clear_run_dir,
+    latest_complete_checkpoint,
+    set_aside_incomplete,
+    write_run_file,
+)
+from trainer.recipe import load_recipe
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+
+
+def recipe(tmp_path, *overrides):
+    return load_recipe(QUICKSTART, [f"output.dir={tmp_path / 'run'}", *overrides])
+
+
+def make_ckpt(root: Path, step: int, complete: bool) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (path / COMPLETE_MARKER).write_text("ok")
+    return path
+
+
+def test_latest_complete_checkpoint_skips_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert latest_complete_checkpoint(root) is None
+    make_ckpt(root, 100, True)
+    best = make_ckpt(root, 200, True)
+    make_ckpt(root, 300, False)  # a crash mid-save
+    assert latest_complete_checkpoint(root) == best
+    moved = set_aside_incomplete(root)
+    assert [p.name.startswith("incomplete-checkpoint-300") for p in moved] == [True]
+    assert not (root / "checkpoint-300").exists() and latest_complete_checkpoint(root) == best
+
+
+def test_new_run_then_resume(tmp_path):
+    r = recipe(tmp_path)
+    assert check_run_dir(r, overwrite=False) == "new"
+    write_run_file(r, "running")
+    assert check_run_dir(r, overwrite=False) == "resume"
+    # changes that do not alter the math are allowed on resume
+    r2 = recipe(tmp_path, "tracking.mlflow.experiment=other", "training.log_every_steps=5", "checkpoint.keep_last=3")
+    assert check_run_dir(r2, overwrite=False) == "resume"
+
+
+def test_resume_with_changed_math_is_refused_and_lists_differences(tmp_path):
+    write_run_file(recipe(tmp_path), "running")
+    changed = recipe(tmp_path, "training.learning_rate=0.1", "training.micro_batch_size=4")
+    with pytest.raises(KeelError) as err:
+        check_run_dir(changed, overwrite=False)
+    msg = str(err.value)
+    assert "training.learning_rate: was 0.002, now 0.1" in msg
+    assert "training.micro_batch_size: was 2, now 4" in msg
+    assert "--overwrite" in msg
+    assert check_run_dir(changed, overwrite=True) == "overwrite"
+
+
+def test_finished_run_is_refused_unless_overwrite(tmp_path):
+    r = recipe(tmp_path)
+    write_run_file(r, "finished")
+    with pytest.raises(KeelError, match="holds a finished run"):
+        check_run_dir(r, overwrite=False)
+    assert check_run_dir(r, overwrite=True) == "overwrite"
+
+
+def test_foreign_directory_is_not_overwritten_silently(tmp_path):
+    r = recipe(tmp_path)
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    with pytest.raises(KeelError, match="was not made by this recipe"):
+        check_run_dir(r, overwrite=False)
+
+
+def test_clear_removes_only_keels_files(tmp_path):
+    r = recipe(tmp_path)
+    write_run_file(r, "finished")
+    run = tmp_path / "run"
+    make_ckpt(run / "checkpoints", 10, True)
+    (run / "model").mkdir()
+    (run / "notes.txt").write_text("mine")
+    clear_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert not (run / RUN_FILE).exists()

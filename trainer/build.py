@@ -1,0 +1,109 @@
+"""Builders, one per recipe section: model (+ quantization), adapters, training arguments.
+
+Each takes only the sections it needs, keyword-only, so what a builder depends on is visible
+in its signature.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from data.errors import KeelError
+
+
+def compute_precision(training) -> str:
+    """'bf16' or 'fp32': what the run computes in."""
+    import torch
+
+    if training.precision != "auto":
+        return training.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_device_support(*, peft, training) -> None:
+    """Fail before any work when the recipe needs hardware this machine lacks."""
+    import torch
+
+    if peft.kind == "qlora" and not torch.cuda.is_available():
+        raise KeelError(
+            "peft.kind: qlora loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+            "this machine has none. Use peft.kind=lora here, or run on a GPU machine."
+        )
+    if training.precision == "bf16" and not torch.cuda.is_available():
+        print("[keel] warning: training.precision=bf16 on CPU runs under autocast and is usually slower than fp32",
+              file=sys.stderr, flush=True)
+
+
+def build_model(*, model_section, peft, training):
+    """The base model, in the dtype it trains in; 4-bit for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_device_support(peft=peft, training=training)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if peft.kind == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_section.path, **kwargs)
+    if peft.kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    return model
+
+
+def build_peft_config(peft):
+    """LoRA config from the recipe's peft section (None for full fine-tuning)."""
+    if peft.kind == "none":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+                      target_modules=peft.target_modules, task_type="CAUSAL_LM")
+
+
+def training_args(*, training, checkpoint, distributed, model, output_dir: str, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments fields shared by every technique."""
+    import torch
+
+    from trainer.parallel import strategy_args
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = compute_precision(training) == "bf16"
+    return dict(
+        output_dir=output_dir,
+        max_steps=training.max_steps or -1,
+        num_train_epochs=training.epochs or 1.0,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        per_device_train_batch_size=training.micro_batch_size,
+        per_device_eval_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        gradient_checkpointing=training.gradient_checkpointing,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=1,
+        # Checkpoints are saved on Keel's schedule (CheckpointCompletion adds the time budget).
+        save_strategy="steps" if checkpoint.every_steps or checkpoint.every_minutes else "no",
+        save_steps=checkpoint.every_steps or 10**9,
+        save_total_limit=checkpoint.keep_last,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=max(1, (training.max_steps or 100) // 5) if has_eval else None,
+        report_to="none",
+        use_cpu=not on_gpu,
+        bf16=bf16,
+        ddp_backend=None if on_gpu else "gloo",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty(),
+        remove_unused_columns=False,
+        **strategy_args(distributed, model=model),
+    )
