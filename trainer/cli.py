@@ -20,6 +20,8 @@ commands:
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
   launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
+  deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
+  pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
   quickstart                tiny model -> train on 2 processes -> serve -> ask for a tool call
 
 `keel COMMAND --help` shows each command's options."""
@@ -204,6 +206,55 @@ def cmd_launch(argv: list[str]) -> int:
     return _emit(docs, apply=a.apply, hint="keel launch ...")
 
 
+def cmd_deploy(argv: list[str]) -> int:
+    vllm_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, vllm_args = argv[:cut], argv[cut + 1:]
+    p = _parser("deploy", "Render a Deployment + Service (+ HorizontalPodAutoscaler) serving MODEL_URI with the "
+                "serving image's `serve` (vLLM's OpenAI server). Prints YAML; --apply submits it with kubectl. "
+                "Arguments after `--` go to vLLM.")
+    p.add_argument("model_uri", help="pvc://CLAIM/path/to/model, s3://bucket/path/to/model or models:/NAME/VERSION")
+    p.add_argument("--image", required=True, help="the serving image (docker/serve.Dockerfile)")
+    p.add_argument("--name", help="Deployment/Service name (default: from the model URI)")
+    p.add_argument("--namespace")
+    p.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas; adds a HorizontalPodAutoscaler")
+    p.add_argument("--scale-on", choices=["cpu", "vllm"], default="cpu",
+                   help="autoscaling signal: cpu (works everywhere) or vllm (requests waiting/running per pod; "
+                   "needs a metrics adapter, see README)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per replica (tensor parallel across them); 0: CPU")
+    p.add_argument("--cpu", default="4", help="CPU request per replica (default 4)")
+    p.add_argument("--memory", default="32Gi", help="memory request and limit per replica (default 32Gi)")
+    p.add_argument("--shm-size", default="8Gi", help="size of /dev/shm (default 8Gi)")
+    p.add_argument("--api-key-secret", metavar="SECRET[:KEY]",
+                   help="Secret holding the API key clients must send (default: NAME-api-key, key api-key)")
+    p.add_argument("--no-api-key", action="store_true", help="serve without an API key")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="a Secret whose keys become environment variables of the model pull (AWS_*, "
+                   "MLFLOW_TRACKING_*); repeatable")
+    p.add_argument("--startup-timeout", type=int, default=1800, metavar="SECONDS",
+                   help="how long a replica may take to load the model before it is restarted (default 1800)")
+    p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
+    a = p.parse_args(argv)
+    from serving.deploy import deploy_manifests
+
+    docs = deploy_manifests(
+        model_uri=a.model_uri, image=a.image, name=a.name, namespace=a.namespace, replicas=a.replicas, gpus=a.gpus,
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, scale_on=a.scale_on,
+        api_key_secret=a.api_key_secret, no_api_key=a.no_api_key, secrets=a.secret,
+        mlflow_uri=_mlflow_uri_for_pods(), cpu=a.cpu, memory=a.memory, shm_size=a.shm_size,
+        startup_timeout_s=a.startup_timeout, vllm_args=vllm_args)
+    return _emit(docs, apply=a.apply, hint="keel deploy ...")
+
+
+def cmd_pull(argv: list[str]) -> int:
+    from serving.pull import main
+
+    return main(argv)
+
+
 def cmd_quickstart(argv: list[str]) -> int:
     from trainer.quickstart import main
 
@@ -217,6 +268,8 @@ COMMANDS = {
     "train": cmd_train,
     "serve": cmd_serve,
     "launch": cmd_launch,
+    "deploy": cmd_deploy,
+    "pull": cmd_pull,
     "quickstart": cmd_quickstart,
 }
 
