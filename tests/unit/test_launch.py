@@ -248,3 +248,15 @@ def test_apply_without_kubectl_is_a_clear_error(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 2 and out.out == ""
     assert "--apply runs `kubectl apply -f -`, but kubectl is not on PATH" in out.err
+
+
+@pytest.mark.parametrize("uri, passed", [("http://mlflow.mlflow:5000", True), ("sqlite:///mlflow.db", False)])
+def test_mlflow_server_from_the_environment_reaches_the_pods(monkeypatch, capsys, uri, passed):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert keel(["launch", str(RECIPE), "--image", "i:1", "--nodes", "1", "--gpus-per-node", "0"]) == 0
+    out = capsys.readouterr()
+    job = by_kind(list(yaml.safe_load_all(out.out)))["PyTorchJob"]
+    env = {e["name"]: e["value"] for e in trainer_container(pod_specs(job)["Master"])["env"]}
+    assert env.get("MLFLOW_TRACKING_URI") == (uri if passed else None)
+    # a store on this machine means nothing in a pod: said, not silently dropped
+    assert ("names storage on this machine" in out.err) == (not passed)
