@@ -92,7 +92,7 @@ def _env(*, mount: str, single_node: bool, max_restarts: int, mlflow_uri: str | 
     return env
 
 
-def pod_template(*, name: str, role: str, image: str, args: list[str], gpus: int, efa: int, volume: SharedVolume,
+def pod_template(*, name: str, image: str, args: list[str], gpus: int, efa: int, volume: SharedVolume,
                  shm_size: str, env: list[dict], secrets: list[str], priority_class: str | None) -> dict:
     mounts = [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
               {"name": "shared", "mountPath": volume.mount}]
@@ -113,8 +113,9 @@ def pod_template(*, name: str, role: str, image: str, args: list[str], gpus: int
     if limits:
         trainer["resources"] = {"limits": limits}
     # Data is validated and prepared before torchrun starts: a bad row fails this pod at once
-    # with `file:line: reason` instead of leaving the other nodes waiting at rendezvous. Every
-    # pod runs it; the first to finish publishes the cache, the others reuse it.
+    # with `file:line: reason` instead of leaving the other nodes waiting at rendezvous. Each
+    # pod builds or reuses the cache on the shared volume; pods preparing at the same time
+    # publish identical caches by atomic rename (data/prepare.py).
     prepare = {"name": "prepare-data", **common, "command": ["keel", "prepare"], "args": args,
                "volumeMounts": mounts}
     shared = ({"persistentVolumeClaim": {"claimName": volume.claim}} if volume.claim else {"emptyDir": {}})
@@ -132,7 +133,8 @@ def pod_template(*, name: str, role: str, image: str, args: list[str], gpus: int
     }
     if priority_class:
         spec["priorityClassName"] = priority_class
-    return {"metadata": {"labels": {**labels(name, "training"), "keel.dev/replica-type": role}}, "spec": spec}
+    # the operator adds its own replica-type and replica-index labels to each pod
+    return {"metadata": {"labels": labels(name, "training")}, "spec": spec}
 
 
 def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str], nodes: int, gpus_per_node: int,
@@ -142,17 +144,17 @@ def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str],
     """The PyTorchJob: one Master, nodes-1 Workers, elastic rendezvous when there are Workers."""
     env = _env(mount=volume.mount, single_node=nodes == 1, max_restarts=max_restarts, mlflow_uri=mlflow_uri, efa=efa)
 
-    def template(role: str) -> dict:
-        return pod_template(name=name, role=role, image=image, args=args, gpus=gpus_per_node, efa=efa,
+    def template() -> dict:
+        return pod_template(name=name, image=image, args=args, gpus=gpus_per_node, efa=efa,
                             volume=volume, shm_size=shm_size, env=env, secrets=list(secrets),
                             priority_class=priority_class)
 
     # restartPolicy ExitCode: exit codes 128+ (SIGKILL from the OOM killer, preemption's
     # SIGTERM) restart the pod, which resumes from the checkpoint; 1-127 (a bad recipe, a
     # Python error that torchrun's own restarts did not cure) fail the job instead of looping.
-    replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template("master")}}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template()}}
     if nodes > 1:
-        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template("worker")}
+        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template()}
     spec: dict = {
         "nprocPerNode": str(gpus_per_node or 1),
         "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": max_restarts},
