@@ -20,6 +20,9 @@ commands:
   prepare RECIPE [k=v ...]  validate, render and tokenize the recipe's data into the cache
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
+  launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
+  deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
+  pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
   quickstart                tiny model -> train on 2 processes -> serve -> ask for a tool call
 
 `keel COMMAND --help` shows each command's options."""
@@ -155,6 +158,116 @@ def cmd_serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _mlflow_uri_for_pods() -> str | None:
+    """$MLFLOW_TRACKING_URI when pods can reach it too (a server, not a file on this machine)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not uri.startswith(("http://", "https://", "databricks")):
+        print(f"[keel] not passing MLFLOW_TRACKING_URI={uri} to the pods: it names storage on this machine",
+              file=sys.stderr)
+        return None
+    return uri
+
+
+def _emit(docs: list[dict], *, apply: bool, hint: str) -> int:
+    from trainer.k8s_objects import dump_yaml, kubectl_apply
+
+    text = dump_yaml(docs)
+    if apply:
+        return kubectl_apply(text, flag_hint=hint)
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_launch(argv: list[str]) -> int:
+    p = _parser("launch", "Render a Kubeflow PyTorchJob (kubeflow.org/v1) that trains RECIPE on a cluster: one Master "
+                "and N-1 Workers running the training image, the recipe as a ConfigMap, data prepared before "
+                "training, checkpoints on a shared volume. Prints YAML; --apply submits it with kubectl.")
+    p.add_argument("--image", required=True, help="the training image (docker/train.Dockerfile)")
+    p.add_argument("--nodes", type=int, required=True, help="pods (nodes) in the job: 1 Master + N-1 Workers")
+    p.add_argument("--gpus-per-node", type=int, required=True,
+                   help="GPUs per pod, one training process each; 0: CPU pods with one process")
+    p.add_argument("--name", help="job name (default: from the recipe file name)")
+    p.add_argument("--namespace")
+    p.add_argument("--volume", metavar="CLAIM:MOUNT",
+                   help="shared ReadWriteMany PersistentVolumeClaim (FSx for Lustre, EFS, NFS) for data, cache, "
+                   "checkpoints and the exported model; the pods' working directory (default: an emptyDir, "
+                   "lost with the pod)")
+    p.add_argument("--volume-size", metavar="SIZE", help="also create the --volume claim with this size (e.g. 1Ti)")
+    p.add_argument("--storage-class", help="storage class for --volume-size")
+    p.add_argument("--queue", help="Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name)")
+    p.add_argument("--priority-class", help="PriorityClass of the pods")
+    p.add_argument("--efa", type=int, default=0, metavar="N", help="EFA devices per pod (vpc.amazonaws.com/efa)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts of the worker group (torchrun) and of failed pods; each resumes from the newest "
+                   "checkpoint (default 3)")
+    p.add_argument("--shm-size", default="16Gi", help="size of /dev/shm (memory-backed; default 16Gi)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="a Secret whose keys become environment variables (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*); "
+                   "repeatable")
+    p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
+    a = _recipe_and_overrides(p, argv)
+    from trainer.pytorchjob import launch_manifests
+
+    docs = launch_manifests(
+        recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+        name=a.name, namespace=a.namespace, volume=a.volume, volume_size=a.volume_size,
+        storage_class=a.storage_class, queue=a.queue, priority_class=a.priority_class, efa=a.efa,
+        max_restarts=a.max_restarts, shm_size=a.shm_size, mlflow_uri=_mlflow_uri_for_pods(), secrets=a.secret)
+    if a.volume is None:
+        print("[keel] no --volume: checkpoints and the exported model live in an emptyDir and are lost with the "
+              "pod" + ("; the nodes cannot resume together" if a.nodes > 1 else ""), file=sys.stderr)
+    return _emit(docs, apply=a.apply, hint="keel launch ...")
+
+
+def cmd_deploy(argv: list[str]) -> int:
+    vllm_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, vllm_args = argv[:cut], argv[cut + 1:]
+    p = _parser("deploy", "Render a Deployment + Service (+ HorizontalPodAutoscaler) serving MODEL_URI with the "
+                "serving image's `serve` (vLLM's OpenAI server). Prints YAML; --apply submits it with kubectl. "
+                "Arguments after `--` go to vLLM.")
+    p.add_argument("model_uri", help="pvc://CLAIM/path/to/model, s3://bucket/path/to/model or models:/NAME/VERSION")
+    p.add_argument("--image", required=True, help="the serving image (docker/serve.Dockerfile)")
+    p.add_argument("--name", help="Deployment/Service name (default: from the model URI)")
+    p.add_argument("--namespace")
+    p.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas; adds a HorizontalPodAutoscaler")
+    p.add_argument("--scale-on", choices=["cpu", "vllm"], default="cpu",
+                   help="autoscaling signal: cpu (works everywhere) or vllm (requests waiting/running per pod; "
+                   "needs a metrics adapter, see README)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per replica (tensor parallel across them); 0: CPU")
+    p.add_argument("--cpu", default="4", help="CPU request per replica (default 4)")
+    p.add_argument("--memory", default="32Gi", help="memory request and limit per replica (default 32Gi)")
+    p.add_argument("--shm-size", default="8Gi", help="size of /dev/shm (default 8Gi)")
+    p.add_argument("--api-key-secret", metavar="SECRET[:KEY]",
+                   help="Secret holding the API key clients must send (default: NAME-api-key, key api-key)")
+    p.add_argument("--no-api-key", action="store_true", help="serve without an API key")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="a Secret whose keys become environment variables of the model pull (AWS_*, "
+                   "MLFLOW_TRACKING_*); repeatable")
+    p.add_argument("--startup-timeout", type=int, default=1800, metavar="SECONDS",
+                   help="how long a replica may take to load the model before it is restarted (default 1800)")
+    p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
+    a = p.parse_args(argv)
+    from serving.deploy import deploy_manifests
+
+    docs = deploy_manifests(
+        model_uri=a.model_uri, image=a.image, name=a.name, namespace=a.namespace, replicas=a.replicas, gpus=a.gpus,
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, scale_on=a.scale_on,
+        api_key_secret=a.api_key_secret, no_api_key=a.no_api_key, secrets=a.secret,
+        mlflow_uri=_mlflow_uri_for_pods(), cpu=a.cpu, memory=a.memory, shm_size=a.shm_size,
+        startup_timeout_s=a.startup_timeout, vllm_args=vllm_args)
+    return _emit(docs, apply=a.apply, hint="keel deploy ...")
+
+
+def cmd_pull(argv: list[str]) -> int:
+    from serving.pull import main
+
+    return main(argv)
+
+
 def cmd_quickstart(argv: list[str]) -> int:
     from trainer.quickstart import main
 
@@ -167,6 +280,9 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "serve": cmd_serve,
+    "launch": cmd_launch,
+    "deploy": cmd_deploy,
+    "pull": cmd_pull,
     "quickstart": cmd_quickstart,
 }
 
