@@ -106,7 +106,7 @@ def assistant_spans(messages: list[dict], tools, fmt: Format, special: dict, ind
     return text, out
 
 
-def _examples(messages: list[dict], fmt: Format) -> list[tuple[int, list[int]]]:
+def split_examples(messages: list[dict], fmt: Format) -> list[tuple[int, list[int]]]:
     """(end, trained assistant indices) of each example of a conversation."""
     spec = fmt.spec
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -145,7 +145,7 @@ def render_conversation(conversation: dict, *, tokenizer, fmt: Format) -> list[R
     messages, tools = conversation["messages"], conversation.get("tools") or None
     special = _special_tokens(tokenizer)
     examples = []
-    for end, trained in _examples(messages, fmt):
+    for end, trained in split_examples(messages, fmt):
         text, spans = assistant_spans(messages[:end], tools, fmt, special, trained)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
