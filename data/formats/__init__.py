@@ -21,6 +21,7 @@ FORMATS_DIR = Path(__file__).resolve().parent
 SPEC_FILE = "spec.yaml"
 NATIVE = "native"
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.S)
 
 
 class Delimiters(BaseModel):
@@ -116,7 +117,7 @@ class Format:
 
     @property
     def has_generation_markers(self) -> bool:
-        return bool(GENERATION_MARKER.search(self.chat_template))
+        return bool(GENERATION_MARKER.search(JINJA_COMMENT.sub("", self.chat_template)))
 
     def row_rules(self) -> RowRules:
         """What rows this format can express, for validation."""

@@ -12,6 +12,7 @@ renders every one with every format and parses it back with vLLM's parsers.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def conversation(k: int) -> dict:
             messages.append({"role": "tool", "tool_call_id": f"d{k}", "content": "{}"})
         messages.append(assistant(k + 4))
     return {"messages": messages, "tools": TOOLS}
+
+
+def expressible(row: dict, supports) -> dict:
+    """The row as a format with these `supports` can hold it: reasoning and text next to calls
+    removed where the format has no place for them (validation refuses such rows; that refusal
+    is tested in tests/unit/test_conversation.py)."""
+    row = copy.deepcopy(row)
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            if not supports.reasoning:
+                m.pop("reasoning_content", None)
+            if m.get("tool_calls") and not supports.content_with_tool_calls:
+                m["content"] = ""
+    return row
 
 
 def main(n: int = 60) -> None:

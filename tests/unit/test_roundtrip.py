@@ -12,7 +12,6 @@ The reasoning, content, tool names and arguments that come back must be the row'
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,8 +23,9 @@ from data.conversation import validate_conversation
 from data.formats import available_formats, resolve_format
 from data.prepare import prepare_file, read_jsonl
 from data.render import IGNORE_INDEX, split_examples
+from tests.data.make_roundtrip import OUT as CORPUS
+from tests.data.make_roundtrip import expressible
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "roundtrip.jsonl"
 # (case id, format, tiny model built for, native_syntax)
 CASES = [
     ("hermes-qwen3", "hermes-qwen3", "hermes-qwen3", None),
@@ -35,19 +35,6 @@ CASES = [
     # a model whose own template writes Hermes calls and <think> reasoning
     ("native-hermes", "native", "hermes-qwen3", "hermes-qwen3"),
 ]
-
-
-def expressible(row: dict, supports) -> dict:
-    """The row as the format can hold it (what it cannot hold is refused by validation; that
-    refusal is tested in test_conversation.py)."""
-    row = copy.deepcopy(row)
-    for m in row["messages"]:
-        if m["role"] == "assistant":
-            if not supports.reasoning:
-                m.pop("reasoning_content", None)
-            if m.get("tool_calls") and not supports.content_with_tool_calls:
-                m["content"] = ""
-    return row
 
 
 def expected_turn(msg: dict) -> dict:
