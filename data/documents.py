@@ -8,6 +8,7 @@ no OCR, so a scanned PDF without a text layer comes out empty and is reported as
 from __future__ import annotations
 
 import io
+import zipfile
 
 from data.conversation import RowError
 
@@ -33,7 +34,7 @@ def _docx_text(data: bytes) -> str:
 
     try:
         document = docx.Document(io.BytesIO(data))
-    except (PackageNotFoundError, KeyError, ValueError) as exc:
+    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise RowError(f"not a readable .docx file ({exc})") from None
     blocks = [p.text for p in document.paragraphs]
     for table in document.tables:
@@ -48,7 +49,7 @@ def _pptx_text(data: bytes) -> str:
 
     try:
         deck = Presentation(io.BytesIO(data))
-    except (PackageNotFoundError, KeyError, ValueError) as exc:
+    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise RowError(f"not a readable .pptx file ({exc})") from None
     slides = []
     for slide in deck.slides:
