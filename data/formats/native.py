@@ -135,6 +135,8 @@ def load_native_format(model_path: str | Path, *, syntax: str | None = None):
     spec = base.spec.model_copy(update={
         "name": NATIVE, "native_syntax": base.name, "chat_template": "chat_template.jinja",
         "description": f"the base model's own chat template ({model_dir}), with the syntax of {base.name}",
-        "supports": supports, "history_reasoning": probe.history_reasoning,
+        "supports": supports,
+        # without reasoning there is nothing to keep or drop: the syntax format's value stands
+        "history_reasoning": probe.history_reasoning if supports.reasoning else base.spec.history_reasoning,
     })
     return Format(spec, template, model_dir)

@@ -155,6 +155,8 @@ def test_native_takes_the_models_own_template_and_its_syntax(tiny_model_for):
     assert fmt.spec.vllm.tool_parser == "llama3_json"
     s = fmt.spec.supports
     assert (s.tools, s.parallel_tool_calls, s.reasoning, s.content_with_tool_calls) == (True, True, False, False)
+    hermes = resolve_format("native", model_path=tiny_model_for("hermes-qwen3"), native_syntax="hermes-qwen3")
+    assert hermes.spec.supports.reasoning and hermes.spec.history_reasoning == "drop"  # probed: Qwen3 rule
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

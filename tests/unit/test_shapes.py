@@ -4,6 +4,7 @@ validation and the cache."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -162,3 +163,16 @@ def test_shape_set_in_options_overrides_detection(tiny_model, tmp_path):
     prepared = prepare_file(data, tokenizer_dir=tiny_model, fmt=FMT, seq_len=512, cache_root=tmp_path / "c",
                             options=PrepOptions(shape="alpaca"))
     assert prepared.kind == "conversation" and prepared.stats.examples == 2  # history stretch + answer
+
+
+def test_preference_pairs_are_refused_for_sft_training(tiny_model, tmp_path):
+    from trainer.recipe import load_recipe
+    from trainer.train import prepared_split
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."}) + "\n")
+    quickstart = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+    recipe = load_recipe(quickstart, [f"model.path={tiny_model}", f"data.train={data}",
+                                      f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(KeelError, match="holds preference pairs .* which technique 'sft' cannot train on"):
+        prepared_split(recipe, "train", local_rank=0)
