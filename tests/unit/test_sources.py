@@ -54,11 +54,12 @@ def write_all_kinds(rows: list[dict], d: Path) -> dict[str, str]:
     mem = fsspec.filesystem("memory")
     mem.pipe("/keel-test/rows.jsonl", lines.encode())
     mem.pipe("/keel-test/rows.parquet", (d / "rows.parquet").read_bytes())
+    Dataset.from_list(text_rows).save_to_disk("memory://keel-test/saved")
     return {"jsonl": str(d / "rows.jsonl"), "json list": str(d / "list.json"), "json data": str(d / "wrapped.json"),
             "json lines": str(d / "lines.json"), "gzip": str(d / "rows.jsonl.gz"), "parquet": str(d / "rows.parquet"),
             "csv": str(d / "rows.csv"), "saved dataset": str(d / "saved"),
             "file url": (d / "rows.jsonl").as_uri(), "memory jsonl": "memory://keel-test/rows.jsonl",
-            "memory parquet": "memory://keel-test/rows.parquet"}
+            "memory parquet": "memory://keel-test/rows.parquet", "memory saved dataset": "memory://keel-test/saved"}
 
 
 def test_every_source_kind_prepares_to_the_same_token_ids(rows, tmp_path, tiny_model):
@@ -79,7 +80,7 @@ def test_every_source_kind_prepares_to_the_same_token_ids(rows, tmp_path, tiny_m
 def test_tools_and_arguments_as_json_strings_round_trip_exactly(rows, tmp_path):
     """Parquet and saved datasets hand back exactly the JSON text that went in."""
     sources = write_all_kinds(rows, tmp_path / "src")
-    for name in ("parquet", "saved dataset", "csv", "memory parquet"):
+    for name in ("parquet", "saved dataset", "csv", "memory parquet", "memory saved dataset"):
         got = [row for _, row in open_source(sources[name]).rows()]
         assert got == [as_json_text(r) for r in rows], name
 
