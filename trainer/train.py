@@ -43,6 +43,9 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
         prepared = prepare_file(data_file, split=split, **kwargs)
     else:
         prepared = wait_for_prepared(data_file, **kwargs)
+    if local_rank == 0 and prepared.kind == "document" and (recipe.data.train_on or recipe.data.history_reasoning):
+        print(f"[keel] warning: data.{split} holds documents: data.train_on and data.history_reasoning have no "
+              "effect on them (every token of a document is trained)", file=sys.stderr, flush=True)
     if prepared.kind == "preference" and recipe.technique == "sft":
         raise KeelError(f"data.{split}: {data_file} holds preference pairs (prompt/chosen/rejected), which "
                         "technique 'sft' cannot train on; Keel's trainer has no DPO yet")
