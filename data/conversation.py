@@ -14,6 +14,7 @@ or raises `RowError` with the reason; the caller adds the file and row number.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -21,6 +22,27 @@ ROLES = ("system", "user", "assistant", "tool")
 
 class RowError(ValueError):
     """One row is invalid; the message says why and where inside the row."""
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a format can express; rows that need more are invalid (Format.row_rules builds it)."""
+
+    markup: tuple[str, ...] = ()  # must not appear literally in message text
+    format_name: str = ""
+    reasoning: bool = True
+    tools: bool = True
+    parallel_tool_calls: bool = True
+    content_with_tool_calls: bool = True
+    bare_json_calls: bool = False  # calls are bare JSON objects: text must not look like one
+
+
+def _rules(rules: RowRules | list[str] | tuple[str, ...]) -> RowRules:
+    return rules if isinstance(rules, RowRules) else RowRules(markup=tuple(rules))
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _text(value: Any, where: str) -> str | None:
@@ -93,9 +115,11 @@ def _arguments(value: Any, where: str) -> dict:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, parse_constant=_no_constants)
         except json.JSONDecodeError as exc:
             raise RowError(f"{where}: arguments are not valid JSON ({exc.msg} at char {exc.pos})") from None
+        except ValueError as exc:  # NaN / Infinity: Python's json reads them, JSON parsers do not
+            raise RowError(f"{where}: arguments are not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise RowError(f"{where}: arguments must be a JSON object, got {type(value).__name__}")
     return value
@@ -123,14 +147,41 @@ def _check_no_markup(text: str | None, markup: list[str], where: str) -> None:
             )
 
 
-def validate_conversation(row: Any, markup: list[str], dataset_tools: list[dict] | None = None) -> dict:
-    """Check one conversation row and return it normalised. Raises RowError."""
+def _check_not_call_like(text: str, format_name: str, where: str) -> None:
+    """With bare JSON calls, vLLM's parser reads text that starts with `{` (streaming) or holds a
+    JSON object with a name and arguments (non-streaming) as a tool call."""
+    if text.lstrip().startswith("{"):
+        raise RowError(f"{where}: starts with '{{', which format {format_name!r} reads as a tool call; "
+                       "begin the text with something else")
+    decoder = json.JSONDecoder()
+    for i, ch in enumerate(text):
+        if ch != "{":
+            continue
+        try:
+            obj, _ = decoder.raw_decode(text, i)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "name" in obj and ("arguments" in obj or "parameters" in obj):
+            raise RowError(f"{where}: holds a JSON object with 'name' and 'arguments', which format "
+                           f"{format_name!r} reads as a tool call; put calls in 'tool_calls'")
+
+
+def validate_conversation(row: Any, rules: RowRules | list[str], dataset_tools: list[dict] | None = None) -> dict:
+    """Check one conversation row and return it normalised. Raises RowError.
+
+    `rules` is what the format can express (a plain list is just the markup to refuse).
+    """
+    rules = _rules(rules)
+    markup = list(rules.markup)
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RowError("'messages' must be a non-empty list")
     tools = normalize_tools(row.get("tools")) if row.get("tools") is not None else list(dataset_tools or [])
+    if tools and not rules.tools:
+        raise RowError(f"tools: format {rules.format_name!r} cannot render tool definitions; remove them or "
+                       "pick a format with tool calls")
     schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
 
     out: list[dict] = []
@@ -162,7 +213,7 @@ def validate_conversation(row: Any, markup: list[str], dataset_tools: list[dict]
         elif role == "assistant":
             if prev not in ("user", "tool"):
                 raise RowError(f"{where}: an assistant message must follow a user or tool message, not {prev or 'nothing'}")
-            out.append(_assistant(msg, content, markup, schemas, where))
+            out.append(_assistant(msg, content, rules, schemas, where))
             pending = list(out[-1].get("tool_calls", []))
         else:  # tool
             if prev not in ("assistant", "tool") or (prev == "assistant" and not pending):
@@ -176,11 +227,16 @@ def validate_conversation(row: Any, markup: list[str], dataset_tools: list[dict]
     return {"messages": out, "tools": tools}
 
 
-def _assistant(msg: dict, content: str | None, markup: list[str], schemas: dict, where: str) -> dict:
+def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, where: str) -> dict:
     reasoning = msg.get("reasoning_content", msg.get("reasoning"))
     if reasoning is not None and not isinstance(reasoning, str):
         raise RowError(f"{where}.reasoning_content: must be a string")
-    _check_no_markup(reasoning, markup, f"{where}.reasoning_content")
+    _check_no_markup(reasoning, list(rules.markup), f"{where}.reasoning_content")
+    if reasoning and not rules.reasoning:
+        raise RowError(f"{where}.reasoning_content: format {rules.format_name!r} has no place for reasoning; "
+                       "remove it from the data or pick a format with reasoning (e.g. hermes-qwen3)")
+    if content and rules.bare_json_calls:
+        _check_not_call_like(content, rules.format_name, f"{where}.content")
     calls_in = msg.get("tool_calls") or []
     if not isinstance(calls_in, list):
         raise RowError(f"{where}.tool_calls: must be a list")
@@ -203,6 +259,11 @@ def _assistant(msg: dict, content: str | None, markup: list[str], schemas: dict,
         calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
     if not content and not reasoning and not calls:
         raise RowError(f"{where}: empty assistant turn (no content, no reasoning_content and no tool_calls)")
+    if len(calls) > 1 and not rules.parallel_tool_calls:
+        raise RowError(f"{where}.tool_calls: format {rules.format_name!r} takes one tool call per turn, got {len(calls)}")
+    if calls and content and not rules.content_with_tool_calls:
+        raise RowError(f"{where}: format {rules.format_name!r} cannot hold content next to tool calls (its vLLM "
+                       "parser returns only the calls); move the text to a turn of its own or drop it")
     out: dict[str, Any] = {"role": "assistant", "content": content or ""}
     if reasoning is not None:
         out["reasoning_content"] = reasoning
@@ -239,3 +300,57 @@ def _answer(pending: list[dict], msg: dict, where: str) -> list[dict]:
                 return pending[:k] + pending[k + 1 :]
         raise RowError(f"{where}: tool result for {name!r} matches no pending tool call")
     return pending[1:]
+
+
+def _one_answer(value: Any, side: str) -> dict:
+    """A preference side: one assistant message (or a list holding exactly one)."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise RowError(f"{side}: must be one assistant message, got a list of {len(value)}")
+        value = value[0]
+    if not isinstance(value, dict) or value.get("role", "assistant") != "assistant":
+        raise RowError(f"{side}: must be an assistant message ({{'role': 'assistant', ...}})")
+    return {**value, "role": "assistant"}
+
+
+def validate_preference(row: Any, rules: RowRules | list[str]) -> dict:
+    """A preference pair: prompt messages plus a chosen and a rejected assistant turn.
+
+    Each of prompt + chosen and prompt + rejected must be a valid conversation by the same
+    rules as SFT rows (so reasoning and tool calls in either answer are checked too).
+    Returns {"prompt": [...], "chosen": {...}, "rejected": {...}, "tools": [...]}, normalised.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        raise RowError("'prompt' must be a non-empty list of messages")
+    last_role = prompt[-1].get("role") if isinstance(prompt[-1], dict) else None
+    if last_role not in ("user", "tool"):
+        raise RowError(f"prompt: must end with a user or tool message, not {last_role!r}")
+    out = {}
+    for side in ("chosen", "rejected"):
+        answer = _one_answer(row.get(side), side)
+        try:
+            conv = validate_conversation({"messages": [*prompt, answer], "tools": row.get("tools")}, rules)
+        except RowError as exc:
+            raise RowError(f"prompt + {side}: {exc}") from None
+        out[side] = conv["messages"][-1]
+        out["prompt"], out["tools"] = conv["messages"][:-1], conv["tools"]
+    if out["chosen"] == out["rejected"]:
+        raise RowError("chosen and rejected are the same answer; a preference pair needs two different ones")
+    return {"prompt": out["prompt"], "chosen": out["chosen"], "rejected": out["rejected"], "tools": out["tools"]}
+
+
+def validate_document(row: Any, control_tokens: tuple[str, ...] | list[str]) -> str:
+    """A document for continued pretraining: non-empty text without the tokenizer's control tokens."""
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise RowError("a document needs 'text' as a string")
+    if not text.strip():
+        raise RowError("'text' is empty")
+    for token in control_tokens:
+        if token in text:
+            raise RowError(f"text: contains the literal control token {token!r}, which the tokenizer reads as "
+                           "that token (an end of text in the middle of a document); remove or rewrite it")
+    return text

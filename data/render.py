@@ -1,10 +1,21 @@
-"""Render a validated conversation into token ids and a loss mask, with the format's template.
+"""Render validated rows into token ids and a loss mask, with the format's template.
 
 The chat template is the one definition of the prompt format. Its `{% generation %}` blocks
 mark what the assistant writes (reasoning, content, tool calls and the end-of-turn token);
 those characters are trained, everything else (system, user, tool results, turn headers) is
 not. The text is rendered by transformers' own Jinja renderer, the one vLLM calls at serving
-time, and tokenized whole, as the server tokenizes a prompt.
+time (with the tokenizer's special tokens as template variables, as apply_chat_template
+passes them), and tokenized whole, as the server tokenizes a prompt.
+
+A template without generation markers (a model's own, see data/formats/native.py) gets its
+mask another way: each assistant turn is what rendering the conversation up to that turn
+adds to the prompt rendered for it with add_generation_prompt, up to the end-of-turn token.
+That needs the template to be prefix-stable there; where it is not, the row is refused.
+
+Which turns are trained (the format's train_on and history_reasoning, set from the recipe):
+    train_on all, history kept      one example per conversation, every assistant turn
+    train_on all, history dropped   one example per stretch between user messages, its turns
+    train_on last                   one example per conversation, its last assistant turn
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from data.conversation import RowError
 from data.errors import KeelError
 from data.formats import Format
 
@@ -29,6 +41,15 @@ class RenderedExample:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+@dataclass(frozen=True)
+class RenderedPair:
+    """A preference pair as TRL's DPO trainer takes it pre-tokenized."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
 def check_tokenizer(tokenizer, fmt: Format, where: str) -> None:
     """Each delimiter and control token of the format must be one token of the tokenizer."""
     missing = [
@@ -43,63 +64,132 @@ def check_tokenizer(tokenizer, fmt: Format, where: str) -> None:
         )
 
 
-def _example_ends(messages: list[dict], history_reasoning: str) -> list[int]:
-    """Where each training example ends (exclusive message index).
+def _special_tokens(tokenizer) -> dict:
+    return dict(getattr(tokenizer, "special_tokens_map", None) or {})
 
-    With history reasoning dropped, the template renders an assistant turn differently once a
-    later user message exists. Training every turn inside the full conversation would teach
-    the model to answer without reasoning, so each stretch of assistant turns between two
-    user messages becomes its own example, rendered the way the server will see it then.
-    """
-    if history_reasoning == "keep":
-        return [len(messages)]
-    user_idx = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    ends = user_idx[1:] + [len(messages)]
-    return [e for e in ends if any(m["role"] == "assistant" for m in messages[:e])]
+
+def _render(messages: list[dict], tools, fmt: Format, special: dict, *, add_generation_prompt=False,
+            with_spans=False):
+    rendered, spans = render_jinja_template(
+        conversations=[messages], tools=tools or None, chat_template=fmt.chat_template,
+        return_assistant_tokens_mask=with_spans, add_generation_prompt=add_generation_prompt, **special,
+    )
+    return rendered[0], (spans[0] if with_spans else None)
+
+
+def assistant_spans(messages: list[dict], tools, fmt: Format, special: dict, indices: list[int]):
+    """The rendered text and the character span of each assistant message in `indices`."""
+    if fmt.has_generation_markers:
+        text, spans = _render(messages, tools, fmt, special, with_spans=True)
+        order = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(spans) != len(order):
+            raise KeelError(
+                f"format {fmt.name!r}: the chat template marked {len(spans)} generation blocks for "
+                f"{len(order)} assistant turns; each assistant turn needs one {{% generation %}} block"
+            )
+        return text, [spans[order.index(i)] for i in indices]
+    text, _ = _render(messages, tools, fmt, special)
+    out = []
+    for i in indices:
+        before, _ = _render(messages[:i], tools, fmt, special, add_generation_prompt=True)
+        upto, _ = _render(messages[: i + 1], tools, fmt, special)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise RowError(
+                f"messages[{i}]: the chat template has no {{% generation %}} markers and does not render the "
+                "prompt for this turn as a prefix of the conversation, so the loss mask cannot be found; "
+                "use a template with generation markers"
+            )
+        end = upto.find(fmt.spec.end_of_turn, len(before))
+        if end < 0:
+            raise RowError(f"messages[{i}]: the rendered turn does not end with {fmt.spec.end_of_turn!r}")
+        out.append((len(before), end + len(fmt.spec.end_of_turn)))
+    return text, out
+
+
+def split_examples(messages: list[dict], fmt: Format) -> list[tuple[int, list[int]]]:
+    """(end, trained assistant indices) of each example of a conversation."""
+    spec = fmt.spec
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if spec.train_on == "last":
+        return [(len(messages), assistants[-1:])]
+    if spec.history_reasoning == "keep" or not spec.supports.reasoning:
+        return [(len(messages), assistants)]
+    # History reasoning dropped: the template renders an assistant turn differently once a later
+    # user message exists. Training every turn inside the full conversation would teach the
+    # model to answer without reasoning, so each stretch of assistant turns between two user
+    # messages becomes its own example, rendered the way the server will see it then.
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    out = []
+    for start, end in zip(users, users[1:] + [len(messages)]):
+        trained = [i for i in assistants if start < i < end]
+        if trained:
+            out.append((end, trained))
+    return out
+
+
+def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int) -> int:
+    """Tokens of the prompt the server builds for this turn; they must begin the training ids."""
+    prompt_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        around = text[max(0, start - 12): start + 12]
+        raise RowError(
+            f"messages[{index}]: the prompt the server renders for this turn ends inside a token of the "
+            f"training text (around {around!r}), so the model would learn to continue from tokens it never "
+            "sees at serving; this happens when the turn begins with whitespace; strip it"
+        )
+    return len(prompt_ids)
 
 
 def render_conversation(conversation: dict, *, tokenizer, fmt: Format) -> list[RenderedExample]:
-    """Token ids and labels of a validated conversation: one example per stretch of trained turns."""
+    """Token ids and labels of a validated conversation, one example per stretch of trained turns."""
     messages, tools = conversation["messages"], conversation.get("tools") or None
+    special = _special_tokens(tokenizer)
     examples = []
-    for end in _example_ends(messages, fmt.spec.history_reasoning):
-        part = messages[:end]
-        # Trained: the assistant turns after the last user message (all of them when the
-        # format keeps history reasoning, as then one example holds the whole conversation).
-        first = 0
-        if fmt.spec.history_reasoning == "drop":
-            first = max((i for i, m in enumerate(part) if m["role"] == "user"), default=-1) + 1
-        n_trained = sum(1 for m in part[first:] if m["role"] == "assistant")
-        rendered, spans = render_jinja_template(
-            conversations=[part],
-            tools=tools,
-            chat_template=fmt.chat_template,
-            return_assistant_tokens_mask=True,
-        )
-        text, spans = rendered[0], spans[0]
-        n_assistant = sum(1 for m in part if m["role"] == "assistant")
-        if len(spans) != n_assistant:
-            raise KeelError(
-                f"format {fmt.name!r}: the chat template marked {len(spans)} generation blocks for "
-                f"{n_assistant} assistant turns; each assistant turn needs one {{% generation %}} block"
-            )
-        trained_spans = spans[len(spans) - n_trained :] if n_trained else []
+    for end, trained in split_examples(messages, fmt):
+        text, spans = assistant_spans(messages[:end], tools, fmt, special, trained)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [IGNORE_INDEX] * len(enc["input_ids"])
-        for k, (tok, (start, _end)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-            if any(s <= start < e for s, e in trained_spans):
+        ids = list(enc["input_ids"])
+        for index, (start, _) in zip(trained, spans):
+            _check_boundary(tokenizer, text, ids, start, index)
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (tok, (start, _end)) in enumerate(zip(ids, enc["offset_mapping"])):
+            if any(s <= start < e for s, e in spans):
                 labels[k] = tok
-        examples.append(RenderedExample(list(enc["input_ids"]), labels))
+        examples.append(RenderedExample(ids, labels))
     return examples
 
 
-def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool = False) -> str:
+def _answer_ids(tokenizer, fmt: Format, special: dict, prompt: list[dict], answer: dict, tools):
+    messages = [*prompt, answer]
+    text, [(start, end)] = assistant_spans(messages, tools, fmt, special, [len(prompt)])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    n = _check_boundary(tokenizer, text, ids, start, len(prompt))
+    answer_ids = [t for t, (s, _e) in zip(ids[n:], enc["offset_mapping"][n:]) if s < end]
+    return ids[:n], answer_ids
+
+
+def render_preference(pair: dict, *, tokenizer, fmt: Format) -> RenderedPair:
+    """Prompt, chosen and rejected token ids of a validated preference pair."""
+    special = _special_tokens(tokenizer)
+    prompt_ids, chosen = _answer_ids(tokenizer, fmt, special, pair["prompt"], pair["chosen"], pair["tools"])
+    prompt_again, rejected = _answer_ids(tokenizer, fmt, special, pair["prompt"], pair["rejected"], pair["tools"])
+    if prompt_again != prompt_ids:
+        raise RowError("the prompt renders differently before the chosen and the rejected answer")
+    return RenderedPair(prompt_ids, chosen, rejected)
+
+
+def render_document(text: str, *, tokenizer) -> list[int]:
+    """A document's token ids for continued pretraining: as the tokenizer encodes plain text
+    (with BOS if it adds one), then EOS, so documents stay apart."""
+    if tokenizer.eos_token_id is None:
+        raise KeelError("the tokenizer has no eos_token; continued pretraining ends each document with it")
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool = False,
+                special_tokens: dict | None = None) -> str:
     """The rendered prompt text, as the server would build it."""
-    rendered, _ = render_jinja_template(
-        conversations=[conversation["messages"]],
-        tools=conversation.get("tools") or None,
-        chat_template=fmt.chat_template,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-    )
-    return rendered[0]
+    text, _ = _render(conversation["messages"], conversation.get("tools"), fmt, special_tokens or {},
+                      add_generation_prompt=add_generation_prompt)
+    return text

@@ -59,6 +59,22 @@ def tiny_model(session_dir) -> Path:
     return build_tiny_model(session_dir / "tiny-base")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_for(session_dir, tiny_model):
+    """tiny_model_for(format_name): a tiny model whose tokenizer holds that format's tokens and
+    carries its template as its own chat template; each built once per session."""
+    from trainer.tiny_model import build_tiny_model
+
+    built = {"hermes-qwen3": tiny_model}
+
+    def get(fmt_name: str) -> Path:
+        if fmt_name not in built:
+            built[fmt_name] = build_tiny_model(session_dir / f"tiny-{fmt_name}", fmt_name=fmt_name)
+        return built[fmt_name]
+
+    return get
+
+
 def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:

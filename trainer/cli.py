@@ -78,19 +78,18 @@ def _recipe_and_overrides(p: argparse.ArgumentParser, argv: list[str]):
 
 def cmd_prepare(argv: list[str]) -> int:
     a = _recipe_and_overrides(_parser("prepare", "Validate, render and tokenize a recipe's data into the cache."), argv)
-    from data.formats import load_format
-    from data.prepare import prepare_file
     from trainer.recipe import check_paths, load_recipe
+    from trainer.train import prepared_split, recipe_format
 
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
-    splits = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
-    for split, path in splits:
-        prep = prepare_file(path, split=split, tokenizer_dir=recipe.model.path, fmt=load_format(recipe.model.format),
-                            seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir)
+    fmt = recipe_format(recipe)
+    for split in ["train"] + (["eval"] if recipe.data.eval else []):
+        prep = prepared_split(recipe, split, local_rank=0, fmt=fmt)
         s = prep.stats
         print(f"{split}: {'reused' if prep.reused else 'built'} cache {prep.path}: {s.rows} rows, {s.examples} examples, "
-              f"{s.tokens} tokens ({s.trained_tokens} trained), {s.truncated} truncated")
+              f"{s.tokens} tokens ({s.trained_tokens} trained), {s.truncated} truncated, {s.rejected} rejected"
+              + (f" (listed in {prep.rejected_file})" if prep.rejected_file else ""))
     return 0
 
 

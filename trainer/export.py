@@ -77,7 +77,8 @@ def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: dict)
     (tmp / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     fmt_dir = tmp / FORMAT_DIR
     fmt_dir.mkdir()
-    shutil.copy2(fmt.directory / SPEC_FILE, fmt_dir / SPEC_FILE)
+    # The spec as training used it, rendering options included (not the shipped file).
+    (fmt_dir / SPEC_FILE).write_text(fmt.spec_yaml(), encoding="utf-8")
     (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     (tmp / EXPORT_INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
     if out_dir.exists():

@@ -24,15 +24,31 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     path: str = Field(description="Local directory, hub id (org/name) or s3:// URI of the base model.")
-    format: str = Field(description="Conversation format, a directory name under data/formats/.")
+    format: str = Field(description="Conversation format: a directory name under data/formats/, or native "
+                                    "(the base model's own chat template).")
+    native_syntax: str | None = Field(
+        default=None, description="With format native: the shipped format whose tool-call and reasoning syntax "
+                                  "the model's template writes; default: picked from the model type.")
 
 
 class DataSection(Section):
-    train: str = Field(description="Training data: a JSONL file of conversations.")
+    train: str = Field(description="Training data: a file (.jsonl, .json, .parquet, .csv, documents), a saved "
+                                   "dataset or a directory of documents; a local path or an fsspec URL.")
     eval: str | None = Field(default=None, description="Optional held-out data in the same shape.")
     cache_dir: str | None = Field(
         default=None, description="Where prepared (tokenized) data is cached; default ~/.cache/keel/prepared."
     )
+    shape: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text"] = Field(
+        default="auto", description="How rows are laid out; auto: from the first row's keys.")
+    on_invalid: Literal["error", "skip"] = Field(
+        default="error", description="error: stop and list invalid rows; skip: leave them out and list them in "
+                                     "rejected.jsonl next to the prepared data.")
+    train_on: Literal["all", "last"] | None = Field(
+        default=None, description="Assistant turns trained: all, or only the last of each conversation; "
+                                  "default: the format's.")
+    history_reasoning: Literal["drop", "keep"] | None = Field(
+        default=None, description="Reasoning of assistant turns before the last user message: drop or keep, "
+                                  "in training and in the exported template; default: the format's.")
 
 
 class PeftSection(Section):
@@ -144,6 +160,13 @@ class Recipe(Section):
         if self.model.format not in available_formats():
             problems.append(f"model.format: {self.model.format!r} is not a known format; use one of: "
                             + ", ".join(available_formats()))
+        if self.model.native_syntax is not None:
+            if self.model.format != "native":
+                problems.append(f"model.native_syntax: only for model.format native (the format is "
+                                f"{self.model.format!r}); remove it")
+            elif self.model.native_syntax not in available_formats() or self.model.native_syntax == "native":
+                problems.append(f"model.native_syntax: {self.model.native_syntax!r} is not a shipped format; use one "
+                                "of: " + ", ".join(f for f in available_formats() if f != "native"))
         if self.dpo is not None and self.technique != "dpo":
             problems.append(f"dpo: set, but technique is {self.technique!r}; remove it or set technique: dpo")
         if self.peft.kind == "qlora" and self.distributed.strategy in ("zero3", "fsdp2"):
@@ -291,10 +314,11 @@ def path_kind(value: str) -> Literal["local", "hub", "uri"]:
 def missing_paths(recipe: Recipe) -> list[str]:
     """Problems with local paths the recipe names (hub ids and URIs are checked at run time)."""
     problems = []
+    data_kinds = "a data file, a saved dataset or a directory of documents"
     checks = [("model.path", recipe.model.path, "a model directory (keel tiny-model OUT_DIR makes one)"),
-              ("data.train", recipe.data.train, "a JSONL file of conversations")]
+              ("data.train", recipe.data.train, data_kinds)]
     if recipe.data.eval:
-        checks.append(("data.eval", recipe.data.eval, "a JSONL file of conversations"))
+        checks.append(("data.eval", recipe.data.eval, data_kinds))
     for key, value, what in checks:
         if path_kind(value) != "local":
             continue

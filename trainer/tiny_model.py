@@ -35,11 +35,17 @@ def _corpus_lines(fmt) -> list[str]:
 
 
 def build_tokenizer(fmt, vocab_size: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Runs of newlines are pieces of their own (as in Llama 3's and Qwen's pre-tokenizers): a
+    # prompt ending in "\n\n" then tokenizes the same alone as before the assistant's text,
+    # which the prefix check in data/render.py requires.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     # Offsets untrimmed: the loss mask maps characters to tokens through them.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -55,12 +61,16 @@ def build_tokenizer(fmt, vocab_size: int):
     # kept in decoded text so vLLM's reasoning and tool parsers see them.
     delimiters = [t for t in fmt.single_tokens() if t not in fmt.spec.control_tokens]
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in delimiters])
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=fmt.spec.end_of_turn,
         pad_token=fmt.spec.pad_token,
         clean_up_tokenization_spaces=False,
     )
+    # The model carries its format's template as its own, as real chat models do (and as
+    # `model.format: native` reads it).
+    fast.chat_template = fmt.chat_template
+    return fast
 
 
 def build_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, *, hidden: int, layers: int):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from data.errors import KeelError
-from data.formats import load_format
+from data.formats import Format, resolve_format
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
@@ -32,16 +32,31 @@ def log(msg: str) -> None:
     print(f"[keel] {msg}", flush=True)
 
 
-def prepared_split(recipe: Recipe, split: str, local_rank: int):
+def recipe_format(recipe: Recipe) -> Format:
+    """The recipe's format with its rendering options (data.train_on, data.history_reasoning)."""
+    return resolve_format(recipe.model.format, model_path=recipe.model.path, native_syntax=recipe.model.native_syntax,
+                          history_reasoning=recipe.data.history_reasoning, train_on=recipe.data.train_on)
+
+
+def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | None = None):
     """Prepared data for a split. Local rank 0 builds a missing cache; the others wait for it."""
-    from data.prepare import prepare_file, wait_for_prepared
+    from data.prepare import PrepOptions, prepare_file, wait_for_prepared
 
     data_file = recipe.data.train if split == "train" else recipe.data.eval
-    kwargs = dict(tokenizer_dir=recipe.model.path, fmt=load_format(recipe.model.format),
-                  seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir)
+    kwargs = dict(tokenizer_dir=recipe.model.path, fmt=fmt or recipe_format(recipe),
+                  seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir,
+                  options=PrepOptions(shape=recipe.data.shape, on_invalid=recipe.data.on_invalid))
     if local_rank == 0:
-        return prepare_file(data_file, split=split, **kwargs)
-    return wait_for_prepared(data_file, **kwargs)
+        prepared = prepare_file(data_file, split=split, **kwargs)
+    else:
+        prepared = wait_for_prepared(data_file, **kwargs)
+    if local_rank == 0 and prepared.kind == "document" and (recipe.data.train_on or recipe.data.history_reasoning):
+        print(f"[keel] warning: data.{split} holds documents: data.train_on and data.history_reasoning have no "
+              "effect on them (every token of a document is trained)", file=sys.stderr, flush=True)
+    if prepared.kind == "preference" and recipe.technique == "sft":
+        raise KeelError(f"data.{split}: {data_file} holds preference pairs (prompt/chosen/rejected), which "
+                        "technique 'sft' cannot train on; Keel's trainer has no DPO yet")
+    return prepared
 
 
 def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
@@ -70,16 +85,17 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     rank, local_rank, world = dist_env()
     is_main = rank == 0
     run_dir = Path(recipe.output.dir)
-    fmt = load_format(recipe.model.format)
+    fmt = recipe_format(recipe)
     t0 = time.time()
     start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
 
-    train_data = prepared_split(recipe, "train", local_rank)
-    eval_data = prepared_split(recipe, "eval", local_rank) if recipe.data.eval else None
+    train_data = prepared_split(recipe, "train", local_rank, fmt)
+    eval_data = prepared_split(recipe, "eval", local_rank, fmt) if recipe.data.eval else None
     if is_main:
         s = train_data.stats
         log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({s.rows} rows -> "
-            f"{s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained, {s.truncated} truncated)")
+            f"{s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained, {s.truncated} truncated, "
+            f"{s.rejected} rejected" + (f": see {train_data.rejected_file}" if train_data.rejected_file else "") + ")")
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
@@ -95,7 +111,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
         mlflow_section=recipe.tracking.mlflow,
         params={**flatten(recipe.to_dict()), "world_size": world},
         artifacts={"recipe.yaml": recipe.to_yaml(), f"format/{fmt.spec.chat_template}": fmt.chat_template,
-                   "format/spec.yaml": (fmt.directory / "spec.yaml").read_text()},
+                   "format/spec.yaml": fmt.spec_yaml()},
         run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps, resume_step=resume_step,
     )
     tracker.start()

@@ -7,16 +7,21 @@ export writes into the model dir.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from data.conversation import RowRules
 from data.errors import KeelError
 
 FORMATS_DIR = Path(__file__).resolve().parent
 SPEC_FILE = "spec.yaml"
+NATIVE = "native"
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.S)
 
 
 class Delimiters(BaseModel):
@@ -31,6 +36,20 @@ class VllmParsers(BaseModel):
     tool_parser: str | None = None
 
 
+class Supports(BaseModel):
+    """What a format can render so that its vLLM parsers give it back unchanged.
+
+    Rows that need more are rejected at validation with the reason (a row the server could
+    not parse back would teach the model output the server garbles).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reasoning: bool
+    tools: bool
+    parallel_tool_calls: bool
+    content_with_tool_calls: bool
+
+
 class FormatSpec(BaseModel):
     """What spec.yaml holds."""
 
@@ -40,12 +59,29 @@ class FormatSpec(BaseModel):
     chat_template: str
     think: Delimiters | None = None
     tool_call: Delimiters | None = None
+    # "tagged": each call inside the tool_call delimiters. "bare": a turn with calls is only the
+    # calls' JSON objects (Llama 3.1 style), so plain content must not look like a call.
+    tool_call_json: Literal["tagged", "bare"] = "tagged"
     end_of_turn: str
     stop_tokens: tuple[str, ...]
     control_tokens: tuple[str, ...] = ()
     pad_token: str
+    supports: Supports
+    # Rendering options (data.history_reasoning, data.train_on in a recipe). The exported spec
+    # holds the values training used; the exported template renders history accordingly.
     history_reasoning: Literal["drop", "keep"] = "drop"
+    train_on: Literal["all", "last"] = "all"
+    # For `native`: the shipped format whose syntax the model's own template writes.
+    native_syntax: str | None = None
     vllm: VllmParsers = VllmParsers()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.tool_call_json == "tagged" and self.supports.tools and self.tool_call is None:
+            raise ValueError("tool_call_json 'tagged' needs tool_call delimiters")
+        if self.supports.reasoning and self.think is None:
+            raise ValueError("supports.reasoning needs think delimiters")
+        return self
 
 
 class Format:
@@ -79,6 +115,47 @@ class Format:
                 out += [delims.open, delims.close]
         return out
 
+    @property
+    def has_generation_markers(self) -> bool:
+        return bool(GENERATION_MARKER.search(JINJA_COMMENT.sub("", self.chat_template)))
+
+    def row_rules(self) -> RowRules:
+        """What rows this format can express, for validation."""
+        s = self.spec.supports
+        return RowRules(markup=tuple(self.markup_strings() + list(self.spec.control_tokens)),
+                        format_name=self.name, reasoning=s.reasoning, tools=s.tools,
+                        parallel_tool_calls=s.parallel_tool_calls,
+                        content_with_tool_calls=s.content_with_tool_calls,
+                        bare_json_calls=s.tools and self.spec.tool_call_json == "bare")
+
+    def with_options(self, *, history_reasoning: str | None = None, train_on: str | None = None) -> "Format":
+        """This format with the recipe's rendering options (None: the format's default).
+
+        A history_reasoning other than the template's default is set at the top of the template
+        text, so the exported template renders history as training did, whatever the server.
+        """
+        update: dict = {}
+        template = self.chat_template
+        if history_reasoning is not None and history_reasoning != self.spec.history_reasoning:
+            if not self.spec.supports.reasoning:
+                raise KeelError(f"data.history_reasoning: format {self.name!r} renders no reasoning, so there is "
+                                "no history reasoning to keep or drop; remove the key")
+            if self.spec.native_syntax is not None or "history_reasoning" not in template:
+                raise KeelError(f"data.history_reasoning: the chat template of format {self.name!r} always "
+                                f"renders history reasoning as {self.spec.history_reasoning!r} and has no option "
+                                "to change it; remove the key or use a Keel format")
+            template = f"{{%- set history_reasoning = {history_reasoning!r} -%}}\n" + template
+            update["history_reasoning"] = history_reasoning
+        if train_on is not None:
+            update["train_on"] = train_on
+        return Format(self.spec.model_copy(update=update), template, self.directory)
+
+    def spec_yaml(self) -> str:
+        """The spec as training used it (options included), for the exported model dir."""
+        header = ("# Written by Keel at export: the format this model was trained with, rendering options\n"
+                  "# included. `keel serve` reads it; the chat template beside it is the one training used.\n")
+        return header + yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Format":
         directory = Path(directory)
@@ -105,13 +182,32 @@ class Format:
 
 
 def available_formats() -> list[str]:
-    return sorted(p.parent.name for p in FORMATS_DIR.glob(f"*/{SPEC_FILE}"))
+    """Shipped formats, plus `native` (the base model's own chat template)."""
+    return sorted(p.parent.name for p in FORMATS_DIR.glob(f"*/{SPEC_FILE}")) + [NATIVE]
 
 
 def load_format(name: str) -> Format:
     """The format shipped under data/formats/<name>/."""
+    if name == NATIVE:
+        raise KeelError("format 'native' comes from a model directory; use resolve_format(..., model_path=...)")
     if name not in available_formats():
         raise KeelError(
             f"unknown format {name!r}; available: {', '.join(available_formats())}"
         )
     return Format.from_dir(FORMATS_DIR / name)
+
+
+def resolve_format(name: str, *, model_path: str | Path | None = None, native_syntax: str | None = None,
+                   history_reasoning: str | None = None, train_on: str | None = None) -> Format:
+    """The format a recipe asks for, with its rendering options applied."""
+    if name == NATIVE:
+        from data.formats.native import load_native_format
+
+        if model_path is None:
+            raise KeelError("format 'native' needs the model directory whose chat template it uses")
+        fmt = load_native_format(model_path, syntax=native_syntax)
+    else:
+        if native_syntax is not None:
+            raise KeelError(f"model.native_syntax is only for model.format: native (the format is {name!r}); remove it")
+        fmt = load_format(name)
+    return fmt.with_options(history_reasoning=history_reasoning, train_on=train_on)

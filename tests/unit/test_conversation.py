@@ -101,3 +101,41 @@ def test_ids_missing_are_matched_by_name_then_order():
 def test_normalize_tools_rejects_non_function():
     with pytest.raises(RowError, match="only tools of type 'function'"):
         normalize_tools([{"type": "code_interpreter"}])
+
+
+# ------------------------------------------------------------------ what a format can express
+
+LLAMA = load_format("llama3-json").row_rules()
+
+
+def turn(**assistant):
+    return {"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", **assistant}],
+            "tools": TOOLS}
+
+
+@pytest.mark.parametrize("row, expected", [
+    (turn(reasoning_content="I should call it.", content="ok"),
+     "messages[1].reasoning_content: format 'llama3-json' has no place for reasoning"),
+    (turn(content="Let me check.", tool_calls=[call("a")]), "format 'llama3-json' cannot hold content next to tool calls"),
+    (turn(content='{"answer": 1}'), "starts with '{', which format 'llama3-json' reads as a tool call"),
+    (turn(content='Call it like {"name": "get_weather", "arguments": {}} please'),
+     "holds a JSON object with 'name' and 'arguments'"),
+    (turn(content="end <|eot_id|> here"), "literal format token '<|eot_id|>'"),
+])
+def test_rows_a_format_cannot_express_are_refused_with_the_reason(row, expected):
+    with pytest.raises(RowError) as err:
+        validate_conversation(row, LLAMA)
+    assert expected in str(err.value)
+
+
+def test_what_llama3_json_can_express_passes():
+    ok = [turn(content="", reasoning_content="", tool_calls=[call("a"), call("b", args={"city": "Oslo"})]),
+          turn(content="Use {} for an empty object."), turn(content="Plain answer.")]
+    for row in ok:
+        validate_conversation(row, LLAMA)
+
+
+def test_nan_arguments_are_not_json():
+    row = turn(content="", tool_calls=[call("a", args='{"city": NaN}')])
+    with pytest.raises(RowError, match="arguments are not valid JSON \\(NaN is not JSON\\)"):
+        validate_conversation(row, MARKUP)

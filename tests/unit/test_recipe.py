@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,39 @@ def test_train_with_missing_files_fails_before_launch(tmp_path):
     assert "model.path" in res.stderr and "data.train" in res.stderr
     assert "keel tiny-model" in res.stderr  # the fix
     assert not out.exists()
+
+
+def test_data_keys_take_closed_values_with_clear_errors(tmp_path):
+    recipe = load_recipe(QUICKSTART, ["data.shape=sharegpt", "data.on_invalid=skip", "data.train_on=last",
+                                      "data.history_reasoning=keep"])
+    assert (recipe.data.shape, recipe.data.on_invalid, recipe.data.train_on, recipe.data.history_reasoning) == (
+        "sharegpt", "skip", "last", "keep")
+    defaults = load_recipe(QUICKSTART).data
+    assert (defaults.shape, defaults.on_invalid, defaults.train_on, defaults.history_reasoning) == ("auto", "error", None, None)
+    msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["data.shape=shargpt", "data.on_invalid=ignore"]).value)
+    assert "data.shape: Input should be 'auto', 'messages', 'sharegpt'" in msg and "'shargpt'" in msg
+    assert "data.on_invalid: Input should be 'error' or 'skip'" in msg
+    msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["data.on_invalide=skip"]).value)
+    assert "did you mean 'on_invalid'" in msg
+
+
+def test_native_format_and_its_syntax(tmp_path):
+    assert load_recipe(QUICKSTART, ["model.format=native", "model.native_syntax=llama3-json"]).model.native_syntax == "llama3-json"
+    msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["model.native_syntax=llama3-json"]).value)
+    assert "model.native_syntax is only for model.format: native" in msg
+    msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["model.format=native", "model.native_syntax=chatml"]).value)
+    assert "'chatml' is not a shipped format; use one of: hermes-qwen3, llama3-json" in msg
+
+
+def test_keel_prepare_applies_the_data_keys(tmp_path, tiny_model):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+            {"conversations": [{"from": "gpt", "value": "I speak first"}]}]
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(rows))
+    args = ["prepare", str(QUICKSTART), f"model.path={tiny_model}", f"data.train={data}",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    failed = keel(*args)
+    assert failed.returncode == 2 and f"{data}[1]: messages[0]: an assistant message must follow" in failed.stderr
+    ok = keel(*args, "data.on_invalid=skip")
+    assert ok.returncode == 0, ok.stderr
+    assert "2 rows, 1 examples" in ok.stdout and "1 rejected (listed in " in ok.stdout

@@ -139,5 +139,5 @@ def test_prepare_caches_and_reuses(tmp_path, tiny_model):
 
 def test_empty_dataset_is_an_error(tmp_path, tiny_model):
     data = write_rows(tmp_path / "empty.jsonl", [])
-    with pytest.raises(KeelError, match="holds no trainable conversation"):
+    with pytest.raises(KeelError, match="holds nothing to train on"):
         prepare_file(data, tokenizer_dir=tiny_model, fmt=FMT, seq_len=512, cache_root=tmp_path / "c")

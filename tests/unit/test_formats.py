@@ -1,0 +1,215 @@
+"""The format contract: what each format declares it can express, prefix stability of every
+format, rendering options recorded in the export, and the `native` format's checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.conversation import RowError, validate_conversation
+from data.errors import KeelError
+from data.formats import Format, available_formats, load_format, resolve_format
+from data.formats.native import probe_template
+from data.model_dir import load_model_format
+from data.prepare import prepare_file, read_jsonl
+from data.render import IGNORE_INDEX, render_conversation, render_text
+from tests.data.make_roundtrip import OUT as CORPUS
+from tests.data.make_roundtrip import expressible
+
+SHIPPED = [f for f in available_formats() if f != "native"]
+
+
+def corpus(fmt, limit=None):
+    rows = [expressible(row, fmt.spec.supports) for _, row in read_jsonl(CORPUS)][:limit]
+    return [validate_conversation(r, fmt.row_rules()) for r in rows]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_declared_supports_match_what_the_template_renders(name):
+    fmt = load_format(name)
+    probe = probe_template(fmt.chat_template)
+    s = fmt.spec.supports
+    assert (probe.tools, probe.parallel_tool_calls, probe.reasoning) == (s.tools, s.parallel_tool_calls, s.reasoning)
+    if s.reasoning:
+        assert probe.history_reasoning == fmt.spec.history_reasoning
+    assert fmt.spec.vllm.tool_parser  # the spec names the parser that serves it
+
+
+@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "native"])
+def test_prompt_for_k_turns_is_a_token_prefix_of_k_plus_1_turns(case, tiny_model_for):
+    """What the server tokenizes as the prompt for an assistant turn (rendered with
+    add_generation_prompt) is exactly the start of the ids that turn is trained in."""
+    model = tiny_model_for("llama3-json" if case == "native" else case)
+    fmt = resolve_format(case, model_path=model)
+    tok = AutoTokenizer.from_pretrained(model)
+    checked = 0
+    for conv in corpus(fmt, 30):
+        msgs = conv["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = render_text({"messages": msgs[:i], "tools": conv["tools"]}, fmt=fmt, add_generation_prompt=True)
+            full = render_text({"messages": msgs[: i + 1], "tools": conv["tools"]}, fmt=fmt)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            f_ids = tok(full, add_special_tokens=False)["input_ids"]
+            assert f_ids[: len(p_ids)] == p_ids, (case, i, prompt[-40:])
+            checked += 1
+    assert checked > 50
+
+
+def test_a_turn_that_breaks_the_token_boundary_is_refused(tiny_model):
+    """A generation prompt ending in a space ("Assistant: ") is a classic: whole-text tokenization
+    glues the space to the answer's first word, so training ids differ from what follows the
+    server's prompt. Rendering refuses the row instead of training on it."""
+    hermes = load_format("hermes-qwen3")
+    template = ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{- 'User: ' + m.content + '\\n' -}}"
+                "{%- else -%}{{- 'Assistant: ' -}}{%- generation -%}{{- m.content + '<|im_end|>' -}}{%- endgeneration -%}"
+                "{{- '\\n' -}}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}")
+    spaced = Format(hermes.spec, template, hermes.directory)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conv = validate_conversation({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "the weather is fine"}]}, [])
+    with pytest.raises(RowError, match=r"messages\[1\]: the prompt the server renders for this turn ends inside a token"):
+        render_conversation(conv, tokenizer=tok, fmt=spaced)
+
+
+def trained_text(tok, ex) -> list[str]:
+    spans, cur = [], []
+    for t, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    return spans + ([tok.decode(cur)] if cur else [])
+
+
+def multi_turn(fmt):
+    return next(c for c in corpus(fmt) if sum(m["role"] == "user" for m in c["messages"]) > 1
+                and any(m.get("reasoning_content") for m in c["messages"][:3]))
+
+
+def test_train_on_last_trains_only_the_last_assistant_turn(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    fmt = load_format("hermes-qwen3").with_options(train_on="last")
+    conv = multi_turn(fmt)
+    [ex] = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    [span] = trained_text(tok, ex)
+    assert span.endswith(conv["messages"][-1]["content"] + "<|im_end|>")
+    every = render_conversation(conv, tokenizer=tok, fmt=load_format("hermes-qwen3"))
+    assert sum(len(trained_text(tok, e)) for e in every) > 1
+
+
+def test_history_reasoning_keep_renders_old_reasoning_and_is_exported(tiny_model, tmp_path):
+    from trainer.export import export_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    keep = load_format("hermes-qwen3").with_options(history_reasoning="keep", train_on="last")
+    conv = multi_turn(keep)
+    early = next(m["reasoning_content"] for m in conv["messages"] if m.get("reasoning_content"))
+    assert early in render_text(conv, fmt=keep)
+    assert early not in render_text(conv, fmt=load_format("hermes-qwen3")).split("<|im_start|>user")[-2]
+    assert len(render_conversation(conv, tokenizer=tok, fmt=keep)) == 1  # one example per conversation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    out = export_model(model, tok, fmt=keep, out_dir=tmp_path / "model", info={})
+    served = load_model_format(out)
+    assert (served.spec.history_reasoning, served.spec.train_on) == ("keep", "last")
+    assert render_text(conv, fmt=served) == render_text(conv, fmt=keep)  # the server renders history as trained
+    assert (out / "chat_template.jinja").read_text() == keep.chat_template
+
+
+def test_options_a_format_cannot_honour_are_errors(tiny_model_for):
+    with pytest.raises(KeelError, match="renders no reasoning"):
+        load_format("llama3-json").with_options(history_reasoning="drop")
+    native = resolve_format("native", model_path=tiny_model_for("hermes-qwen3"), native_syntax="hermes-qwen3")
+    with pytest.raises(KeelError, match="has no option to change it"):
+        native.with_options(history_reasoning="keep")
+    with pytest.raises(KeelError, match="only for model.format: native"):
+        resolve_format("hermes-qwen3", native_syntax="llama3-json")
+
+
+# ------------------------------------------------------------------------------ native
+
+
+def model_with_template(src: Path, dst: Path, template: str | None) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    if template is not None:
+        cfg["chat_template"] = template
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_native_takes_the_models_own_template_and_its_syntax(tiny_model_for):
+    model = tiny_model_for("llama3-json")
+    fmt = resolve_format("native", model_path=model)
+    assert fmt.spec.name == "native" and fmt.spec.native_syntax == "llama3-json"  # from model_type llama
+    assert fmt.chat_template == load_format("llama3-json").chat_template
+    assert fmt.spec.vllm.tool_parser == "llama3_json"
+    s = fmt.spec.supports
+    assert (s.tools, s.parallel_tool_calls, s.reasoning, s.content_with_tool_calls) == (True, True, False, False)
+    hermes = resolve_format("native", model_path=tiny_model_for("hermes-qwen3"), native_syntax="hermes-qwen3")
+    assert hermes.spec.supports.reasoning and hermes.spec.history_reasoning == "drop"  # probed: Qwen3 rule
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_native_template_that_cannot_render_the_data_is_refused_with_the_reason(tiny_model_for, tmp_path):
+    no_tools = ("{%- for m in messages -%}{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' -}}"
+                "{%- if m.role == 'assistant' -%}{%- generation -%}{{- m.content + '<|eot_id|>' -}}{%- endgeneration -%}"
+                "{%- else -%}{{- m.content + '<|eot_id|>' -}}{%- endif -%}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}")
+    model = model_with_template(tiny_model_for("llama3-json"), tmp_path / "m", no_tools)
+    fmt = resolve_format("native", model_path=model)
+    assert not fmt.spec.supports.tools
+    rows = [row for _, row in read_jsonl(CORPUS)][:4]
+    data = write_rows(tmp_path / "rows.jsonl", [expressible(r, fmt.spec.supports) for r in rows])
+    with pytest.raises(KeelError, match=r"rows.jsonl:1: tools: format 'native' cannot render tool definitions"):
+        prepare_file(data, tokenizer_dir=model, fmt=fmt, seq_len=4096, cache_root=tmp_path / "c")
+    plain = write_rows(tmp_path / "plain.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "hello"}]}])
+    assert prepare_file(plain, tokenizer_dir=model, fmt=fmt, seq_len=512, cache_root=tmp_path / "c").stats.examples == 1
+
+
+def test_native_template_without_reasoning_refuses_rows_with_reasoning(tiny_model_for, tmp_path):
+    model = tiny_model_for("llama3-json")
+    fmt = resolve_format("native", model_path=model)
+    row = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "reasoning_content": "think first", "content": "hello"}]}
+    data = write_rows(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(KeelError, match="reasoning_content: format 'native' has no place for reasoning"):
+        prepare_file(data, tokenizer_dir=model, fmt=fmt, seq_len=512, cache_root=tmp_path / "c")
+
+
+def test_native_template_without_generation_markers_gets_the_same_loss_mask(tiny_model_for, tmp_path):
+    src = tiny_model_for("llama3-json")
+    plain = load_format("llama3-json").chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    model = model_with_template(src, tmp_path / "m", plain)
+    marked = resolve_format("native", model_path=src)
+    unmarked = resolve_format("native", model_path=model)
+    assert marked.has_generation_markers and not unmarked.has_generation_markers
+    tok = AutoTokenizer.from_pretrained(src)
+    for conv in corpus(marked, 20):
+        assert render_conversation(conv, tokenizer=tok, fmt=unmarked) == render_conversation(conv, tokenizer=tok, fmt=marked)
+
+
+def test_native_needs_a_template_and_a_known_syntax(tiny_model_for, tmp_path):
+    src = tiny_model_for("llama3-json")
+    with pytest.raises(KeelError, match="has no chat template"):
+        resolve_format("native", model_path=model_with_template(src, tmp_path / "a", None))
+    other = model_with_template(src, tmp_path / "b", load_format("llama3-json").chat_template)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "mystery"}))
+    with pytest.raises(KeelError, match="set model.native_syntax"):
+        resolve_format("native", model_path=other)
+    assert resolve_format("native", model_path=other, native_syntax="llama3-json").spec.native_syntax == "llama3-json"
