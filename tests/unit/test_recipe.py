@@ -164,7 +164,7 @@ def test_data_keys_take_closed_values_with_clear_errors(tmp_path):
 def test_native_format_and_its_syntax(tmp_path):
     assert load_recipe(QUICKSTART, ["model.format=native", "model.native_syntax=llama3-json"]).model.native_syntax == "llama3-json"
     msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["model.native_syntax=llama3-json"]).value)
-    assert "model.native_syntax is only for model.format: native" in msg
+    assert "model.native_syntax: only for model.format native" in msg
     msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["model.format=native", "model.native_syntax=chatml"]).value)
     assert "'chatml' is not a shipped format; use one of: hermes-qwen3, llama3-json" in msg
 
