@@ -186,3 +186,51 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- toy tasks
+# Small learnable tasks with a held-out split, for tests that must show a technique learned
+# the right thing (a falling training loss alone also passes with a wrong loss mask).
+
+
+def generate_preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """DPO pairs: the chosen answer calls the tool the question needs, the rejected one calls
+    another tool with the same reasoning. Held-out accuracy = how often the policy prefers the
+    chosen answer."""
+    rng = random.Random(seed)
+    names = [t["function"]["name"] for t in TOOLS]
+    rows = []
+    for k in range(n):
+        user, calls, reasoning = _tool_turn(rng)
+        name, args, _, _ = calls[0]
+        wrong = rng.choice([x for x in names if x != name])
+        wrong_args = {"city": "Paris"} if wrong in ("get_weather", "get_local_time") else (
+            {"ticker": "IBM"} if wrong == "get_stock_price" else {"amount": 1, "from_currency": "USD", "to_currency": "EUR"})
+
+        def answer(fn, fn_args):
+            return {"role": "assistant", "reasoning_content": reasoning, "content": "",
+                    "tool_calls": [{"id": f"call_{k}", "type": "function",
+                                    "function": {"name": fn, "arguments": json.dumps(fn_args)}}]}
+
+        rows.append({"prompt": [{"role": "user", "content": user}], "chosen": [answer(name, args)],
+                     "rejected": [answer(wrong, wrong_args)], "tools": TOOLS})
+    return rows
+
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+            ("Norway", "Oslo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Egypt", "Cairo"), ("Austria", "Vienna"),
+            ("Ireland", "Dublin"), ("Portugal", "Lisbon")]
+
+
+def generate_documents(n: int, seed: int = 0) -> list[dict]:
+    """Plain-text documents for continued pretraining: short notes that state which city is
+    the capital of which country, in a few phrasings. Held-out accuracy = predicting the
+    capital after "The capital of COUNTRY is"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        facts = rng.sample(CAPITALS, 3)
+        lines = [rng.choice(["The capital of {c} is {k}.", "{k} is the capital of {c}.",
+                             "In {c}, the capital is {k}."]).format(c=c, k=k) for c, k in facts]
+        rows.append({"text": " ".join(lines)})
+    return rows

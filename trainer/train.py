@@ -20,6 +20,11 @@ from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
+# What each technique trains on (the kind data/prepare.py reports for a prepared split).
+TECHNIQUE_DATA = {"sft": "conversation", "cpt": "document", "dpo": "preference"}
+DATA_TECHNIQUE = {kind: technique for technique, kind in TECHNIQUE_DATA.items()}
+KIND_NAMES = {"conversation": "conversations", "document": "documents (plain text)",
+              "preference": "preference pairs (prompt/chosen/rejected)"}
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -53,9 +58,13 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
     if local_rank == 0 and prepared.kind == "document" and (recipe.data.train_on or recipe.data.history_reasoning):
         print(f"[keel] warning: data.{split} holds documents: data.train_on and data.history_reasoning have no "
               "effect on them (every token of a document is trained)", file=sys.stderr, flush=True)
-    if prepared.kind == "preference" and recipe.technique == "sft":
-        raise KeelError(f"data.{split}: {data_file} holds preference pairs (prompt/chosen/rejected), which "
-                        "technique 'sft' cannot train on; Keel's trainer has no DPO yet")
+    wanted = TECHNIQUE_DATA[recipe.technique]
+    if prepared.kind != wanted:
+        raise KeelError(
+            f"data.{split}: {data_file} holds {KIND_NAMES[prepared.kind]}, but technique {recipe.technique!r} trains "
+            f"on {KIND_NAMES[wanted]}. Set technique: {DATA_TECHNIQUE[prepared.kind]}, or point data.{split} at "
+            f"{KIND_NAMES[wanted]} (data.shape selects how rows are read)."
+        )
     return prepared
 
 
@@ -121,9 +130,16 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
         args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
                              model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
         callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes)]
-        trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
-                                    train_dataset=train_data.load(),
-                                    eval_dataset=eval_data.load() if eval_data else None, callbacks=callbacks)
+        datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
+        if recipe.technique == "dpo":
+            from trainer.dpo import build_dpo_trainer
+
+            trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
+                                        dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
+                                        callbacks=callbacks, **datasets)
+        else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
+            trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
+                                        callbacks=callbacks, **datasets)
         # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
         # also print every log dict.
         trainer.remove_callback(PrinterCallback)
