@@ -41,6 +41,7 @@ class RunTracker(TrainerCallback):
         self._t_start = self._t_last = 0.0
         self._tokens_last = 0.0
         self._metrics_file = run_dir / METRICS_FILE
+        self._start_step = 0
 
     # -- MLflow run lifecycle -------------------------------------------------
 
@@ -132,6 +133,7 @@ class RunTracker(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t_start = self._t_last = time.time()
         self._tokens_last = 0.0
+        self._start_step = state.global_step  # after a resume, the rate counts from here
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:
@@ -155,9 +157,9 @@ class RunTracker(TrainerCallback):
 
             mlflow.log_metrics(metrics, step=state.global_step)
         if "loss" in metrics and (state.global_step % self.log_every == 0 or state.global_step == state.max_steps):
-            done = state.global_step / max(state.max_steps, 1)
+            done = state.global_step - self._start_step
             elapsed = now - self._t_start
-            eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+            eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else float("nan")
             print(
                 f"[keel] step {state.global_step}/{state.max_steps} loss {metrics['loss']:.4f} "
                 f"lr {metrics.get('learning_rate', 0):.2e} grad_norm {metrics.get('grad_norm', float('nan')):.3f} "

@@ -68,6 +68,37 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
     return prepared
 
 
+def init_process_group(distributed, *, rank: int, local_rank: int, world: int) -> None:
+    """Start the process group ourselves, before TrainingArguments would.
+
+    Two workarounds, both seen here with torch 2.13 / transformers 5.19:
+    - after torchrun restarts failed workers, the new workers read the previous attempt's
+      gloo addresses from the agent's store (its keys are not separated per attempt) and fail
+      with "Connection refused"; keys under a per-attempt prefix fix that, so restarts resume;
+    - TrainingArguments passes ddp_timeout to the process group on GPUs but drops it on the
+      CPU path, leaving gloo's 30-minute default instead of distributed.timeout_s.
+    accelerate and DeepSpeed keep a process group that already exists.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if world <= 1 or dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=distributed.timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    store = dist.PrefixStore(f"keel/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
     from trainer.checkpoints import check_run_dir, clear_run_dir, write_run_file
@@ -88,6 +119,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from trainer.build import build_model, build_peft_config, compute_precision, training_args
     from trainer.checkpoints import CheckpointCompletion, latest_complete_checkpoint, set_aside_incomplete
     from trainer.export import export_trained
+    from trainer.heartbeat import Heartbeat, is_collective_timeout
     from trainer.sft import build_sft_trainer
     from trainer.tracking import RunTracker
 
@@ -97,6 +129,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     fmt = recipe_format(recipe)
     t0 = time.time()
     start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
+    init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
 
     train_data = prepared_split(recipe, "train", local_rank, fmt)
     eval_data = prepared_split(recipe, "eval", local_rank, fmt) if recipe.data.eval else None
@@ -129,7 +162,9 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     try:
         args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
                              model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
-        callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes)]
+        heartbeat = Heartbeat(rank, world)
+        callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes),
+                     heartbeat]
         datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
         if recipe.technique == "dpo":
             from trainer.dpo import build_dpo_trainer
@@ -145,7 +180,16 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
         trainer.remove_callback(PrinterCallback)
         if resume_from is not None and is_main:
             log(f"resumed from checkpoint step {resume_step} ({resume_from})")
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:
+            if world > 1 and is_collective_timeout(exc):
+                raise KeelError(
+                    f"a collective did not finish within distributed.timeout_s={recipe.distributed.timeout_s}s on "
+                    f"rank {rank}: {heartbeat.report()}. Running the same command again resumes from the latest "
+                    f"complete checkpoint in {ckpt_root}."
+                ) from exc
+            raise
 
         out = run_dir / MODEL_DIR
         precision = compute_precision(recipe.training)
