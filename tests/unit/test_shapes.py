@@ -174,5 +174,5 @@ def test_preference_pairs_are_refused_for_sft_training(tiny_model, tmp_path):
     quickstart = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
     recipe = load_recipe(quickstart, [f"model.path={tiny_model}", f"data.train={data}",
                                       f"data.cache_dir={tmp_path / 'c'}"])
-    with pytest.raises(KeelError, match="holds preference pairs .* which technique 'sft' cannot train on"):
+    with pytest.raises(KeelError, match="holds preference pairs .* but technique 'sft' trains on conversations"):
         prepared_split(recipe, "train", local_rank=0)
