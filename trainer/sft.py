@@ -38,16 +38,23 @@ def make_sft_trainer_class():
     return KeelSFTTrainer
 
 
-def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, train_dataset, eval_dataset, callbacks):
+def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool, train_dataset, eval_dataset,
+                      callbacks):
+    """TRL's SFTTrainer on prepared data: padded batches, or packed rows (`packed`: the prepared
+    rows carry `seq_lengths`, data/packing.py)."""
     from trl import SFTConfig
 
     config = SFTConfig(
         **args,
-        # Data is prepared (rendered, tokenized, truncated, labels built) by Keel; TRL only
-        # batches it. Padded batches: on CPU, SDPA with a per-example (padding-free) mask ran
-        # 2x slower than padded batches here; the speed issue revisits batching.
+        # Data is prepared (rendered, tokenized, truncated, packed, labels built) by Keel; TRL
+        # only batches it.
         dataset_kwargs={"skip_prepare_dataset": True},
-        padding_free=False,
+        # Packed rows: TRL's padding-free collator concatenates a micro-batch's rows into one
+        # sequence whose position ids restart at every example (from `seq_lengths`) and passes
+        # no attention mask, so transformers keeps attention inside each example (flash
+        # attention's varlen kernels, or a block-diagonal mask for SDPA/eager). Unpacked
+        # examples: padded batches with an attention mask.
+        padding_free=packed,
         max_length=None,
     )
     return make_sft_trainer_class()(
