@@ -13,6 +13,7 @@ or raises `RowError` with the reason; the caller adds the file and row number.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +71,6 @@ def normalize_tools(tools: Any, where: str = "tools") -> list[dict]:
             raise RowError(f"{where}: a string but not valid JSON ({exc.msg})") from None
     if not isinstance(tools, list):
         raise RowError(f"{where}: must be a list of tool definitions, got {type(tools).__name__}")
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
     out, seen = [], set()
     for i, tool in enumerate(tools):
         here = f"{where}[{i}]"
@@ -101,10 +99,9 @@ def normalize_tools(tools: Any, where: str = "tools") -> list[dict]:
                     raise RowError(f"{here}: parameters of {name!r} are not valid JSON ({exc.msg})") from None
             if not isinstance(params, dict):
                 raise RowError(f"{here}: parameters of {name!r} must be a JSON schema object")
-            try:
-                Draft202012Validator.check_schema(params)
-            except SchemaError as exc:
-                raise RowError(f"{here}: parameters of {name!r} are not a valid JSON schema: {exc.message}") from None
+            problem = _schema_problem(json.dumps(params, sort_keys=True))
+            if problem:
+                raise RowError(f"{here}: parameters of {name!r} are not a valid JSON schema: {problem}")
             clean["parameters"] = params
         out.append({"type": "function", "function": clean})
     return out
@@ -125,12 +122,32 @@ def _arguments(value: Any, where: str) -> dict:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _schema_problem(schema_json: str) -> str | None:
+    """Why a tool's parameters are not a valid JSON schema, or None. Memoized by the schema's
+    JSON: datasets repeat the same tools on every row, and checking a schema against the
+    metaschema cost two thirds of preparation time before."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(json.loads(schema_json))
+    except SchemaError as exc:
+        return exc.message
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _validator(schema_json: str):
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(schema_json))
+
+
 def _check_arguments(args: dict, schema: dict | None, where: str) -> None:
     if not schema:
         return
-    from jsonschema import Draft202012Validator
-
-    error = next(iter(sorted(Draft202012Validator(schema).iter_errors(args), key=str)), None)
+    error = next(iter(sorted(_validator(json.dumps(schema, sort_keys=True)).iter_errors(args), key=str)), None)
     if error is not None:
         at = "/".join(map(str, error.absolute_path)) or "(top)"
         raise RowError(f"{where}: arguments do not match the tool's parameters schema at {at}: {error.message}")

@@ -1,17 +1,33 @@
-"""Prepare a dataset once: read, convert, validate, render, tokenize, truncate, cache.
+"""Prepare a dataset once: read, convert, validate, render, tokenize, truncate, pack, cache.
 
 read (data/sources.py) -> canonical row (data/shapes.py) -> validated (data/conversation.py)
--> token ids (data/render.py) -> an Arrow dataset of token ids only, so no JSON schema ever
-passes through Arrow's struct unification (../shared/FIELD-NOTES.md section 1):
+-> token ids (data/render.py, data/tokenized.py; in `num_proc` processes, data/workers.py)
+-> packed rows (data/packing.py, when asked) -> an Arrow file of token ids only, so no JSON
+schema ever passes through Arrow's struct unification (../shared/FIELD-NOTES.md section 1):
 
-    conversations, documents    input_ids, labels (IGNORE_INDEX where not trained)
-    preference pairs            prompt_ids, chosen_ids, rejected_ids (TRL's DPO columns)
+    conversations, documents    input_ids, labels (IGNORE_INDEX where not trained),
+                                and seq_lengths when packed
+    preference pairs            prompt_ids, chosen_ids, rejected_ids (TRL's DPO columns; never packed)
 
-The cache directory's name is a hash of everything that changes the result (the data, the
+Rows stream from the source to the Arrow file (datasets' ArrowWriter) a window at a time, so
+peak memory does not grow with the input. The cache directory holds:
+
+    data.arrow       the rows (`datasets.Dataset.from_file` reads it, memory-mapped)
+    stats.json       PrepStats, with the length histogram as data
+    lengths.png      the length histogram drawn
+    meta.json        kind, packed or not, options
+    rejected.jsonl   with on_invalid: skip, each left-out row with its place and reason
+    _COMPLETE        written last
+
+The directory's name is a hash of everything that changes the result (the data, the
 tokenizer, the format with its options, seq_len, the preparation options, this module's
-version), so a second run with the same inputs reuses it. It is built under a temporary name
-and renamed when complete: a reader never sees half a cache, and two nodes preparing at once
-on a shared volume both end with a whole one.
+version), not of how it is computed (num_proc), so a second run with the same inputs reuses
+it. It is built under a temporary name and renamed when complete: a reader never sees half a
+cache. One process prepares while the others wait: on a volume that several nodes share, the
+first to create `.<name>.lock` (O_EXCL) prepares and keeps the lock's mtime fresh; the others
+wait on the completion marker (on a file, never inside a collective, where a long preparation
+would trip the process-group timeout). A lock whose holder died goes stale and is taken over.
+Without a shared volume each node's cache root is its own, so each node prepares its copy.
 
 Invalid rows (data.on_invalid): `error` stops with the first rows' place and reason; `skip`
 leaves them out and writes each, with its place and reason, to `rejected.jsonl` inside the
@@ -25,25 +41,35 @@ import json
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.conversation import RowError, validate_conversation, validate_document, validate_preference
+import numpy as np
+
 from data.errors import KeelError
 from data.formats import Format
-from data.shapes import KINDS, detect_shape, to_canonical
+from data.shapes import KINDS
 from data.sources import Source, open_source
+from data.tokenized import COLUMNS, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
 
-PREP_VERSION = "2"
+PREP_VERSION = "3"
 COMPLETE_MARKER = "_COMPLETE"
+DATA_FILE = "data.arrow"
 STATS_FILE = "stats.json"
 META_FILE = "meta.json"
 REJECTED_FILE = "rejected.jsonl"
+LENGTHS_PLOT = "lengths.png"
 MAX_REPORTED_ERRORS = 10
-IGNORE_INDEX = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+WRITE_EXAMPLES = 2000  # unpacked examples per Arrow write
+PACK_WINDOW_TOKENS = 4_000_000  # packed per window (at least 64 rows' worth): bounds memory, not packing quality
+WAIT_TIMEOUT_S = 4 * 3600.0  # how long a process waits for another to finish preparing
+HEARTBEAT_S = 30.0
+STALE_LOCK_S = 300.0  # a lock not refreshed for this long: its holder died
 
 
 def default_cache_root() -> Path:
@@ -52,15 +78,16 @@ def default_cache_root() -> Path:
 
 @dataclass(frozen=True)
 class PrepOptions:
-    """How rows are read and what happens to invalid ones (the recipe's data section)."""
+    """What changes the prepared result besides data, tokenizer, format and seq_len."""
 
     shape: str = "auto"
     on_invalid: Literal["error", "skip"] = "error"
+    packing: bool = False  # bin-pack examples into rows of seq_len (never preference pairs)
 
 
 @dataclass
 class PrepStats:
-    rows: int = 0
+    rows: int = 0  # rows read from the source
     examples: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -69,6 +96,13 @@ class PrepStats:
     max_tokens: int = 0
     rejected: int = 0
     documents_split: int = 0  # documents longer than seq_len, cut into several examples
+    sequences: int = 0  # rows of the prepared dataset: packed rows, or one per example
+    padding_fraction: float | None = None  # packed: 1 - tokens / (sequences * seq_len); None when not packed
+    length_histogram: dict = field(default_factory=dict)  # data/lengths.py
+
+    def numbers(self) -> dict[str, float]:
+        """The scalar statistics, as MLflow metrics take them."""
+        return {k: float(v) for k, v in asdict(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass
@@ -77,16 +111,22 @@ class Prepared:
     stats: PrepStats
     reused: bool
     kind: str = "conversation"  # conversation | preference | document
+    packed: bool = False
+    seq_len: int = 0
 
     @property
     def rejected_file(self) -> Path | None:
         p = self.path / REJECTED_FILE
         return p if p.is_file() else None
 
-    def load(self):
-        from datasets import load_from_disk
+    def report_files(self) -> list[Path]:
+        """What a run logs next to the statistics: stats.json (with the histogram's data) and its plot."""
+        return [p for p in (self.path / STATS_FILE, self.path / LENGTHS_PLOT) if p.is_file()]
 
-        return load_from_disk(str(self.path))
+    def load(self):
+        from datasets import Dataset
+
+        return Dataset.from_file(str(self.path / DATA_FILE))
 
 
 def cache_key(source: Source, tokenizer_dir: Path, fmt: Format, seq_len: int, options: PrepOptions) -> str:
@@ -109,185 +149,285 @@ def read_jsonl(path: Path):
         yield int(where.rsplit(":", 1)[1]), row
 
 
-@dataclass
-class _Output:
-    """What preparation collects: token columns, stats, rejected rows."""
-
-    kind: str = "conversation"
-    columns: dict[str, list] = field(default_factory=dict)
-    stats: PrepStats = field(default_factory=PrepStats)
-    errors: list[tuple[str, str, object]] = field(default_factory=list)  # (where, reason, row)
-
-    def add(self, row: dict[str, list[int]], tokens: int, trained: int) -> None:
-        for name, values in row.items():
-            self.columns.setdefault(name, []).append(values)
-        self.stats.examples += 1
-        self.stats.tokens += tokens
-        self.stats.trained_tokens += trained
+# ----------------------------------------------------------------------------- writing
 
 
-def _canonical_rows(source: Source, options: PrepOptions, out: _Output):
-    """(where, raw row, canonical row or RowError), deciding the shape at the first object row."""
-    shape = None if options.shape == "auto" else options.shape
-    if source.kind == "documents":
-        if shape not in (None, "text"):
-            raise KeelError(f"{source.location}: documents are read as data.shape 'text', not {shape!r}")
-        shape = "text"
-    for where, raw in source.rows():
-        if shape is None and isinstance(raw, dict):
-            shape = detect_shape(raw, where)
-        if isinstance(raw, RowError) or shape is None:
-            yield where, raw, raw if isinstance(raw, RowError) else RowError("a row must be an object")
-            continue
-        out.kind = KINDS[shape]
-        try:
-            yield where, raw, to_canonical(shape, raw)
-        except RowError as exc:
-            yield where, raw, exc
+def _list_array(arrays: list[np.ndarray]):
+    """One Arrow list<int32> column from per-row arrays, without a Python loop over the tokens."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # a write holds a window: far below 2**31 tokens
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
-def _add_conversation(out: _Output, conv: dict, tokenizer, fmt: Format, seq_len: int) -> None:
-    from data.render import render_conversation
+class _CacheWriter:
+    """Examples in, Arrow rows out: as they come, or packed a window at a time."""
 
-    rendered = render_conversation(validate_conversation(conv, fmt.row_rules()), tokenizer=tokenizer, fmt=fmt)
-    if any(ex.trained_tokens == 0 for ex in rendered):
-        raise RowError("no token is trained (the loss mask is empty); the chat template marks no assistant text")
-    for ex in rendered:
-        n = len(ex.input_ids)
-        out.stats.max_tokens = max(out.stats.max_tokens, n)
-        ids, labels = ex.input_ids, ex.labels
-        if n > seq_len:
-            out.stats.truncated += 1
-            ids, labels = ids[:seq_len], labels[:seq_len]
-            if all(t == IGNORE_INDEX for t in labels[1:]):
-                out.stats.dropped_no_trained_tokens_after_truncation += 1
-                continue
-        out.add({"input_ids": ids, "labels": labels}, len(ids), sum(1 for t in labels if t != IGNORE_INDEX))
+    def __init__(self, path: Path, *, kind: str, seq_len: int, packing: bool):
+        from datasets import Features, Sequence, Value
+        from datasets.arrow_writer import ArrowWriter
 
+        from data.packing import SEQ_LENGTHS
 
-def _add_preference(out: _Output, row: dict, tokenizer, fmt: Format, seq_len: int) -> None:
-    from data.render import render_preference
+        self.seq_len, self.packing = seq_len, packing
+        names = list(COLUMNS[kind]) + ([SEQ_LENGTHS] if packing else [])
+        self.features = Features({name: Sequence(Value("int32")) for name in names})
+        self.writer = ArrowWriter(features=self.features, path=str(path))
+        self.window: list[dict[str, np.ndarray]] = []
+        self.window_tokens = 0
+        self.limit = max(PACK_WINDOW_TOKENS, 64 * seq_len) if packing else None
+        self.sequences = 0
+        self.sequence_tokens = 0
 
-    pair = render_preference(validate_preference(row, fmt.row_rules()), tokenizer=tokenizer, fmt=fmt)
-    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
-    longest = len(prompt) + max(len(chosen), len(rejected))
-    out.stats.max_tokens = max(out.stats.max_tokens, longest)
-    if longest > seq_len:  # keep the whole prompt, cut the answers
-        out.stats.truncated += 1
-        room = seq_len - len(prompt)
-        if room <= 0:
-            out.stats.dropped_no_trained_tokens_after_truncation += 1
+    def add(self, example: dict[str, np.ndarray], tokens: int) -> None:
+        self.window.append(example)
+        self.window_tokens += tokens
+        if (self.window_tokens >= self.limit) if self.packing else (len(self.window) >= WRITE_EXAMPLES):
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        from data.packing import pack_window
+
+        if not self.window:
             return
-        chosen, rejected = chosen[:room], rejected[:room]
-    out.add({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected},
-            len(prompt) + len(chosen) + len(rejected), len(chosen) + len(rejected))
+        if self.packing:
+            columns = pack_window(self.window, self.seq_len)
+        else:
+            columns = {name: [ex[name] for ex in self.window] for name in self.window[0]}
+        table = pa.table({name: _list_array(arrays) for name, arrays in columns.items()})
+        self.writer.write_table(table.select(list(self.features)))
+        self.sequences += table.num_rows
+        self.sequence_tokens += sum(len(a) for a in columns[next(iter(self.features))])
+        self.window, self.window_tokens = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.finalize()
 
 
-def _add_document(out: _Output, row: dict, tokenizer, fmt: Format, seq_len: int) -> None:
-    from data.render import render_document
-
-    control = tuple(dict.fromkeys([*fmt.spec.control_tokens, *tokenizer.all_special_tokens]))
-    ids = render_document(validate_document(row, control), tokenizer=tokenizer)
-    out.stats.max_tokens = max(out.stats.max_tokens, len(ids))
-    if len(ids) > seq_len:  # a long document becomes several examples, in order; none is cut away
-        out.stats.documents_split += 1
-    for start in range(0, len(ids), seq_len):
-        chunk = ids[start:start + seq_len]
-        out.add({"input_ids": chunk, "labels": list(chunk)}, len(chunk), len(chunk))
+# ----------------------------------------------------------------------------- building
 
 
-ADDERS = {"conversation": _add_conversation, "preference": _add_preference, "document": _add_document}
-
-
-def _prepare_rows(source: Source, tokenizer, fmt: Format, seq_len: int, options: PrepOptions) -> _Output:
-    out = _Output()
-    for where, raw, row in _canonical_rows(source, options, out):
-        out.stats.rows += 1
-        try:
-            if isinstance(row, RowError):
-                raise row
-            ADDERS[out.kind](out, row, tokenizer, fmt, seq_len)
-        except RowError as exc:
-            out.errors.append((where, str(exc), None if isinstance(raw, RowError) else raw))
-    out.stats.rejected = len(out.errors)
-    return out
-
-
-def _raise_for_errors(out: _Output, split: str) -> None:
-    shown = "\n".join(f"  - {where}: {reason}" for where, reason, _ in out.errors[:MAX_REPORTED_ERRORS])
-    more = len(out.errors) - MAX_REPORTED_ERRORS
+def _raise_for_errors(shown: list[tuple[str, str]], count: int, rows: int, split: str) -> None:
+    listed = "\n".join(f"  - {where}: {reason}" for where, reason in shown)
+    more = count - len(shown)
     raise KeelError(
-        f"data.{split}: {len(out.errors)} of {out.stats.rows} rows are invalid (place: reason):\n{shown}"
+        f"data.{split}: {count} of {rows} rows are invalid (place: reason):\n{listed}"
         + (f"\n  ... and {more} more" if more > 0 else "")
         + "\nFix or remove these rows, or set data.on_invalid: skip to leave them out (they are then "
         f"listed in {REJECTED_FILE} in the prepared data's directory)."
     )
 
 
-def _write_rejected(path: Path, errors: list[tuple[str, str, object]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for where, reason, row in errors:
-            f.write(json.dumps({"where": where, "reason": reason, "row": row}, ensure_ascii=False, default=str) + "\n")
+class _Rejected:
+    """Invalid rows: the first few kept for the error message, every one streamed to a file."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+        self.shown: list[tuple[str, str]] = []
+
+    def add(self, where: str, reason: str, row) -> None:
+        if len(self.shown) < MAX_REPORTED_ERRORS:
+            self.shown.append((where, reason))
+        if self.file is None:
+            self.file = open(self.path, "w", encoding="utf-8")
+        self.file.write(json.dumps({"where": where, "reason": reason, "row": row}, ensure_ascii=False,
+                                   default=str) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
-def _dataset(out: _Output):
-    from datasets import Dataset, Features, Sequence, Value
+def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format, seq_len: int, split: str,
+           options: PrepOptions, num_proc: int) -> tuple[PrepStats, str, bool]:
+    """Write the cache into `tmp`; (stats, kind, packed)."""
+    from transformers import AutoTokenizer
 
-    features = Features({name: Sequence(Value("int32")) for name in out.columns})
-    return Dataset.from_dict(out.columns, features=features)
+    from data.lengths import LengthHistogram, plot_lengths
+    from data.progress import Progress
+    from data.render import check_tokenizer
+    from data.workers import tokenized_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    check_tokenizer(tokenizer, fmt, where=str(tokenizer_dir))
+    stats, histogram, rejected = PrepStats(), LengthHistogram(seq_len), _Rejected(tmp / REJECTED_FILE)
+    kind, writer = "conversation", None
+    progress = Progress(f"prepare data.{split}", total=source.count_rows())
+    try:
+        for where, raw, shape, result in tokenized_rows(source, options.shape, tokenizer=tokenizer,
+                                                        tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len,
+                                                        num_proc=num_proc):
+            stats.rows += 1
+            progress.update()
+            if shape is not None:
+                kind = KINDS[shape]
+            if result.error is not None:
+                stats.rejected += 1
+                rejected.add(where, result.error, raw)
+                continue
+            histogram.add(result.lengths)
+            stats.max_tokens = max(stats.max_tokens, *result.lengths, 0)
+            stats.truncated += result.truncated
+            stats.dropped_no_trained_tokens_after_truncation += result.dropped
+            stats.documents_split += result.documents_split
+            for example, tokens, trained in zip(result.examples, result.tokens, result.trained):
+                if writer is None:
+                    writer = _CacheWriter(tmp / DATA_FILE, kind=kind, seq_len=seq_len,
+                                          packing=options.packing and kind != "preference")
+                writer.add(example, tokens)
+                stats.examples += 1
+                stats.tokens += tokens
+                stats.trained_tokens += trained
+    finally:
+        progress.close()
+        rejected.close()
+    if stats.rejected and options.on_invalid == "error":
+        _raise_for_errors(rejected.shown, stats.rejected, stats.rows, split)
+    if writer is None:
+        raise KeelError(f"data.{split}: {data} holds nothing to train on ({stats.rows} rows, "
+                        f"{stats.rejected} rejected)")
+    writer.close()
+    stats.sequences = writer.sequences
+    if writer.packing:
+        stats.padding_fraction = round(1 - writer.sequence_tokens / (writer.sequences * seq_len), 6)
+    stats.length_histogram = histogram.to_dict()
+    plot_lengths(stats.length_histogram, tmp / LENGTHS_PLOT,
+                 title=f"data.{split}: {stats.examples} examples, seq_len {seq_len}, {stats.truncated} truncated"
+                       + (f"; packed into {stats.sequences} rows, {stats.padding_fraction:.1%} padding"
+                          if writer.packing else ""))
+    return stats, kind, writer.packing
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        tmp.rename(final)
+    except OSError:  # another process published the same cache first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
                  cache_root: str | Path | None = None, split: str = "train",
-                 options: PrepOptions | None = None) -> Prepared:
-    """Prepared token ids for one data location (file, directory or URL), from the cache when there."""
+                 options: PrepOptions | None = None, num_proc: int | None = None,
+                 timeout_s: float = WAIT_TIMEOUT_S) -> Prepared:
+    """Prepared token ids for one data location (file, directory or URL), from the cache when
+    there; built here, or waited for while another process builds it."""
+    from data.workers import default_num_proc
+
     options = options or PrepOptions()
     tokenizer_dir = Path(tokenizer_dir)
     source = open_source(str(data), key=f"data.{split}")
     root = Path(cache_root) if cache_root else default_cache_root()
     final = root / cache_key(source, tokenizer_dir, fmt, seq_len, options)
-    if (final / COMPLETE_MARKER).exists():
-        return _read_prepared(final)
-
-    from transformers import AutoTokenizer
-
-    from data.render import check_tokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    check_tokenizer(tokenizer, fmt, where=str(tokenizer_dir))
-    t0 = time.time()
-    out = _prepare_rows(source, tokenizer, fmt, seq_len, options)
-    if out.errors and options.on_invalid == "error":
-        _raise_for_errors(out, split)
-    if out.stats.examples == 0:
-        raise KeelError(f"data.{split}: {data} holds nothing to train on ({out.stats.rows} rows, "
-                        f"{out.stats.rejected} rejected)")
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _dataset(out).save_to_disk(str(tmp))
-    if out.errors:
-        _write_rejected(tmp / REJECTED_FILE, out.errors)
-    (tmp / STATS_FILE).write_text(json.dumps(asdict(out.stats), indent=2))
-    (tmp / META_FILE).write_text(json.dumps({"kind": out.kind, "source": str(data), "options": asdict(options)}))
-    (tmp / COMPLETE_MARKER).write_text(f"prepared in {time.time() - t0:.1f}s\n")
-    try:
-        tmp.rename(final)
-    except OSError:  # another process published the same cache first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Prepared(final, out.stats, reused=False, kind=out.kind)
+    deadline = time.time() + timeout_s
+    while not (final / COMPLETE_MARKER).exists():
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _Lock.take(root / f".{final.name}.lock")
+        if lock is None:
+            _wait_while_locked(final, root / f".{final.name}.lock", deadline, timeout_s)
+            continue
+        with lock:
+            if (final / COMPLETE_MARKER).exists():
+                break
+            t0 = time.time()
+            tmp = root / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                stats, kind, packed = _build(source, tmp, data=data, tokenizer_dir=tokenizer_dir, fmt=fmt,
+                                             seq_len=seq_len, split=split, options=options,
+                                             num_proc=num_proc or default_num_proc())
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            (tmp / STATS_FILE).write_text(json.dumps(asdict(stats), indent=2))
+            (tmp / META_FILE).write_text(json.dumps({"kind": kind, "packed": packed, "seq_len": seq_len,
+                                                     "source": str(data), "options": asdict(options)}))
+            (tmp / COMPLETE_MARKER).write_text(f"prepared in {time.time() - t0:.1f}s\n")
+            _publish(tmp, final)
+            return Prepared(final, stats, reused=False, kind=kind, packed=packed, seq_len=seq_len)
+    return _read_prepared(final)
 
 
 def _read_prepared(path: Path) -> Prepared:
     meta = json.loads((path / META_FILE).read_text())
-    return Prepared(path, PrepStats(**json.loads((path / STATS_FILE).read_text())), reused=True, kind=meta["kind"])
+    return Prepared(path, PrepStats(**json.loads((path / STATS_FILE).read_text())), reused=True, kind=meta["kind"],
+                    packed=meta["packed"], seq_len=meta["seq_len"])
+
+
+# ----------------------------------------------------------------------------- one preparer
+
+
+class _Lock:
+    """`.<name>.lock` next to the cache, created with O_EXCL (atomic on local disks, NFS v3+,
+    Lustre, EFS); its mtime is refreshed while the holder prepares. Only work is saved by it:
+    two processes that both prepare (a takeover race) publish identical caches by rename."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+
+    @classmethod
+    def take(cls, path: Path) -> _Lock | None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        return cls(path)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def __enter__(self) -> _Lock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _wait_while_locked(final: Path, lock: Path, deadline: float, timeout_s: float) -> None:
+    """Wait until the cache is complete, or the lock is gone (its holder failed: take over) or stale."""
+    try:
+        holder = lock.read_text().strip()
+    except OSError:
+        return
+    print(f"[keel] {holder} is preparing {final.name}; waiting for {final / COMPLETE_MARKER}", file=sys.stderr,
+          flush=True)
+    while not (final / COMPLETE_MARKER).exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            print(f"[keel] the lock {lock} was not refreshed for {age:.0f}s ({holder} died?); taking over",
+                  file=sys.stderr, flush=True)
+            lock.unlink(missing_ok=True)
+            return
+        if time.time() > deadline:
+            raise KeelError(f"gave up after {timeout_s:.0f}s waiting for {holder} to prepare {final} (remove "
+                            f"{lock} if no process is preparing it)")
+        time.sleep(2.0)
 
 
 def wait_for_prepared(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
-                      cache_root: str | Path | None = None, timeout_s: float = 3600,
+                      cache_root: str | Path | None = None, timeout_s: float = WAIT_TIMEOUT_S,
                       options: PrepOptions | None = None) -> Prepared:
-    """For processes that are not the preparing one: wait on the completion marker.
+    """For processes that are not the preparing one (local ranks other than 0): wait on the
+    completion marker.
 
     This waits on a file, not inside a collective, so a long preparation never trips a
     process-group timeout (the NCCL-timeout-while-rank-0-tokenizes trap).

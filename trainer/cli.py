@@ -78,18 +78,22 @@ def _recipe_and_overrides(p: argparse.ArgumentParser, argv: list[str]):
 
 def cmd_prepare(argv: list[str]) -> int:
     a = _recipe_and_overrides(_parser("prepare", "Validate, render and tokenize a recipe's data into the cache."), argv)
+    import time
+
     from trainer.recipe import check_paths, load_recipe
-    from trainer.train import prepared_split, recipe_format
+    from trainer.train import describe_prepared, prepared_split, recipe_format
 
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
     fmt = recipe_format(recipe)
     for split in ["train"] + (["eval"] if recipe.data.eval else []):
+        t0 = time.time()
         prep = prepared_split(recipe, split, local_rank=0, fmt=fmt)
-        s = prep.stats
-        print(f"{split}: {'reused' if prep.reused else 'built'} cache {prep.path}: {s.rows} rows, {s.examples} examples, "
-              f"{s.tokens} tokens ({s.trained_tokens} trained), {s.truncated} truncated, {s.rejected} rejected"
-              + (f" (listed in {prep.rejected_file})" if prep.rejected_file else ""))
+        took = time.time() - t0
+        how = (f"reused cache {prep.path}" if prep.reused else
+               f"built cache {prep.path} in {took:.1f}s ({prep.stats.rows / max(took, 1e-9):.0f} rows/s, "
+               f"{prep.stats.examples / max(took, 1e-9):.0f} examples/s)")
+        print(f"{split}: {how}: {describe_prepared(prep)}; statistics in {prep.path / 'stats.json'}", flush=True)
     return 0
 
 

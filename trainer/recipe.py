@@ -49,6 +49,9 @@ class DataSection(Section):
     history_reasoning: Literal["drop", "keep"] | None = Field(
         default=None, description="Reasoning of assistant turns before the last user message: drop or keep, "
                                   "in training and in the exported template; default: the format's.")
+    num_proc: int | None = Field(
+        default=None, gt=0, description="Processes that render and tokenize the data; default min(4, CPUs). "
+                                        "The prepared result (and its cache) is the same for any value.")
 
 
 class PeftSection(Section):
@@ -81,6 +84,11 @@ class TrainingSection(Section):
     micro_batch_size: int = Field(default=1, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     seq_len: int = Field(default=2048, gt=0)
+    packing: bool = Field(
+        default=False, description="Bin-pack examples into rows of seq_len tokens, attention kept per example "
+                                   "(position ids restart; variable-length attention or a block mask). Off by "
+                                   "default: on CPU, padded batches trained faster; turn it on with flash "
+                                   "attention on GPUs. Preference pairs are never packed.")
     seed: int = 42
     log_every_steps: int = Field(default=1, gt=0)
     gradient_checkpointing: bool = False

@@ -18,6 +18,7 @@ def make_sft_trainer_class():
 
     class KeelSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real_tokens = inputs.pop(REAL_TOKENS, None)  # from PackedRowsCollator: not a model input
             if torch.cuda.is_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
@@ -26,7 +27,12 @@ def make_sft_trainer_class():
             # every rank and accumulation step), scaled back for DDP's gradient averaging.
             loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             if model.training:
-                seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
+                if real_tokens is not None:
+                    seen = real_tokens.to(labels.device)
+                elif "attention_mask" in inputs:
+                    seen = inputs["attention_mask"].sum()
+                else:
+                    seen = torch.tensor(labels.numel(), device=labels.device)
                 trained = (labels[..., 1:] != -100).sum()
                 counts = self.accelerator.gather_for_metrics(torch.stack([seen, trained]).view(1, 2)).sum(0)
                 self._total_train_tokens += int(counts[0])
@@ -38,19 +44,59 @@ def make_sft_trainer_class():
     return KeelSFTTrainer
 
 
-def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, train_dataset, eval_dataset, callbacks):
+REAL_TOKENS = "keel_real_tokens"
+
+
+class PackedRowsCollator:
+    """Packed rows as a [rows, longest row] batch: position ids restart at every example (from
+    `seq_lengths`), the first label of each example is not trained (nothing before it in the
+    example predicts it), and no attention mask is passed, so transformers builds a causal mask
+    that is block-diagonal within each row (masking_utils.find_packed_sequence_indices). Padding
+    after a row's last example gets position 0 at every token: each pad is a sequence of its
+    own, never attended to by real tokens, and untrained."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            positions[i, :n] = torch.cat([torch.arange(int(k)) for k in row["seq_lengths"]])
+        labels[positions == 0] = -100
+        real = torch.tensor(sum(len(r["input_ids"]) for r in rows))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, REAL_TOKENS: real}
+
+
+def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool, train_dataset, eval_dataset,
+                      callbacks, packed_layout: str = "packed-flat"):
+    """TRL's SFTTrainer on prepared data: padded batches, or packed rows (`packed`: the prepared
+    rows carry `seq_lengths`, data/packing.py)."""
     from trl import SFTConfig
 
+    rows_layout = packed and packed_layout == "packed-rows"
     config = SFTConfig(
         **args,
-        # Data is prepared (rendered, tokenized, truncated, labels built) by Keel; TRL only
-        # batches it. Padded batches: on CPU, SDPA with a per-example (padding-free) mask ran
-        # 2x slower than padded batches here; the speed issue revisits batching.
+        # Data is prepared (rendered, tokenized, truncated, packed, labels built) by Keel; TRL
+        # only batches it.
         dataset_kwargs={"skip_prepare_dataset": True},
-        padding_free=False,
+        # Packed rows: TRL's padding-free collator concatenates a micro-batch's rows into one
+        # sequence whose position ids restart at every example (from `seq_lengths`) and passes
+        # no attention mask, so transformers keeps attention inside each example (flash
+        # attention's varlen kernels, or a block-diagonal mask for SDPA/eager). Unpacked
+        # examples: padded batches with an attention mask.
+        padding_free=packed and not rows_layout,
         max_length=None,
     )
+    collator = PackedRowsCollator(tokenizer.pad_token_id) if rows_layout else None
     return make_sft_trainer_class()(
-        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )

@@ -101,6 +101,14 @@ class RunTracker(TrainerCallback):
 
             mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in stats.items()}, step=0)
 
+    def log_files(self, directory: str, files: list[Path]) -> None:
+        """Upload local files as artifacts under `directory`, keeping their names."""
+        if self.is_main and self.run_id:
+            import mlflow
+
+            for local in files:
+                mlflow.log_artifact(str(local), artifact_path=directory)
+
     def finish(self, status: str = "FINISHED", tags: dict | None = None) -> None:
         if not (self.is_main and self.run_id):
             return

@@ -50,9 +50,10 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
     data_file = recipe.data.train if split == "train" else recipe.data.eval
     kwargs = dict(tokenizer_dir=recipe.model.path, fmt=fmt or recipe_format(recipe),
                   seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir,
-                  options=PrepOptions(shape=recipe.data.shape, on_invalid=recipe.data.on_invalid))
+                  options=PrepOptions(shape=recipe.data.shape, on_invalid=recipe.data.on_invalid,
+                                      packing=recipe.training.packing))
     if local_rank == 0:
-        prepared = prepare_file(data_file, split=split, **kwargs)
+        prepared = prepare_file(data_file, split=split, num_proc=recipe.data.num_proc, **kwargs)
     else:
         prepared = wait_for_prepared(data_file, **kwargs)
     if local_rank == 0 and prepared.kind == "document" and (recipe.data.train_on or recipe.data.history_reasoning):
@@ -99,6 +100,16 @@ def init_process_group(distributed, *, rank: int, local_rank: int, world: int) -
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def describe_prepared(prepared) -> str:
+    """One line of what a prepared split holds (keel prepare and the trainer print it)."""
+    s = prepared.stats
+    rows = (f", packed into {s.sequences} rows of up to {prepared.seq_len} tokens ({s.padding_fraction:.1%} padding)"
+            if prepared.packed else "")
+    return (f"{s.rows} rows -> {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained{rows}, "
+            f"{s.truncated} truncated, {s.dropped_no_trained_tokens_after_truncation} dropped after truncation, "
+            f"{s.rejected} rejected" + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
+
+
 def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
     from trainer.checkpoints import check_run_dir, clear_run_dir, write_run_file
@@ -134,10 +145,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     train_data = prepared_split(recipe, "train", local_rank, fmt)
     eval_data = prepared_split(recipe, "eval", local_rank, fmt) if recipe.data.eval else None
     if is_main:
-        s = train_data.stats
-        log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({s.rows} rows -> "
-            f"{s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained, {s.truncated} truncated, "
-            f"{s.rejected} rejected" + (f": see {train_data.rejected_file}" if train_data.rejected_file else "") + ")")
+        log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({describe_prepared(train_data)})")
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
@@ -157,7 +165,10 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
         run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps, resume_step=resume_step,
     )
     tracker.start()
-    tracker.log_stats("data.train", vars(train_data.stats))
+    for split, prepared in (("train", train_data), ("eval", eval_data)):
+        if prepared is not None:
+            tracker.log_stats(f"data.{split}", prepared.stats.numbers())
+            tracker.log_files(f"data/{split}", prepared.report_files())
     status = "FAILED"
     try:
         args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
@@ -174,7 +185,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
                                         callbacks=callbacks, **datasets)
         else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
             trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
-                                        callbacks=callbacks, **datasets)
+                                        packed=train_data.packed, callbacks=callbacks, **datasets)
         # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
         # also print every log dict.
         trainer.remove_callback(PrinterCallback)

@@ -69,7 +69,11 @@ def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
     for metric in ("learning_rate", "grad_norm", "tokens_per_s"):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "format", "loss_curve.png"} <= artifacts
+    assert {"recipe.yaml", "format", "loss_curve.png", "data"} <= artifacts
+    # the prepared data's statistics: numbers as metrics, stats.json and the length plot as artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data/train")} == {
+        "data/train/stats.json", "data/train/lengths.png"}
+    assert run.data.metrics["data.train.rows"] == 400 and run.data.metrics["data.train.sequences"] > 0
     template = client.download_artifacts(run.info.run_id, "format/chat_template.jinja")
     assert open(template).read() == FMT.chat_template
     recipe = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "recipe.yaml")))

@@ -180,4 +180,4 @@ def test_keel_prepare_applies_the_data_keys(tmp_path, tiny_model):
     assert failed.returncode == 2 and f"{data}[1]: messages[0]: an assistant message must follow" in failed.stderr
     ok = keel(*args, "data.on_invalid=skip")
     assert ok.returncode == 0, ok.stderr
-    assert "2 rows, 1 examples" in ok.stdout and "1 rejected (listed in " in ok.stdout
+    assert "2 rows -> 1 examples" in ok.stdout and "1 rejected: see " in ok.stdout
