@@ -18,6 +18,7 @@ commands:
   tiny-model OUT_DIR        build a tiny random-init base model and tokenizer locally
   validate RECIPE...        check recipes (schema, cross-field rules; --check-paths for files)
   prepare RECIPE [k=v ...]  validate, render and tokenize the recipe's data into the cache
+  plan RECIPE [k=v ...]     world size, batch, steps and per-GPU memory: fits or not (--gpu, --nodes)
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
   launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
@@ -109,6 +110,30 @@ def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, 
     else:
         cmd += ["--standalone"]  # a free port of its own: several jobs can share a machine
     return cmd + ["-m", "trainer", recipe, *overrides]
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from trainer.plan import GPUS
+
+    p = _parser("plan", "What the recipe will do on a cluster and whether it fits in GPU memory. Reads the model's "
+                        "config.json only: no GPU, no weights.")
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU kind (default h100-80gb)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    a = _recipe_and_overrides(p, argv)
+    if a.nodes < 1 or a.gpus_per_node < 1:
+        raise KeelError("--nodes and --gpus-per-node must be at least 1")
+    from trainer.plan import Cluster, load_config, plan, render
+    from trainer.recipe import load_recipe, missing_paths
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    config = load_config(recipe.model.path)
+    result = plan(recipe, Cluster(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node), config)
+    print(render(result))
+    problems = [q for q in missing_paths(recipe) if "training.seq_len" in q]
+    for q in problems:
+        print(f"keel: error: {q.strip()}", file=sys.stderr)
+    return 0 if result.fits and not problems else 1
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -281,6 +306,7 @@ COMMANDS = {
     "tiny-model": cmd_tiny_model,
     "validate": cmd_validate,
     "prepare": cmd_prepare,
+    "plan": cmd_plan,
     "train": cmd_train,
     "serve": cmd_serve,
     "launch": cmd_launch,

@@ -134,6 +134,9 @@ class MlflowSection(Section):
     )
     experiment: str = "keel"
     run_name: str | None = None
+    system_metrics_every_s: float = Field(
+        default=10.0, ge=0, description="Seconds between system-metric samples (CPU, memory, disk, network, GPU), "
+                                        "logged by one process per node as system/node_<N>/...; 0 turns them off.")
 
 
 class TrackingSection(Section):
@@ -182,6 +185,9 @@ class Recipe(Section):
                             "(4-bit weights cannot be sharded here); use ddp, zero1 or zero2")
         if self.dpo is not None and self.dpo.reference == "base_adapters_disabled" and self.peft.kind == "none":
             problems.append("dpo.reference: base_adapters_disabled needs peft.kind lora or qlora")
+        if self.technique == "dpo" and self.training.packing:
+            problems.append("training.packing: DPO trains on (prompt, chosen, rejected) pairs, which are never packed; "
+                            "set training.packing: false")
         if self.peft.kind == "none" and not self.output.merge_lora:
             problems.append("output.merge_lora: false only applies with peft.kind lora or qlora")
         if problems:
@@ -335,13 +341,32 @@ def missing_paths(recipe: Recipe) -> list[str]:
             problems.append(f"  - {key}: {value!r} does not exist (resolved to {p.resolve()}); expected {what}")
         elif key == "model.path" and not (p / "config.json").is_file():
             problems.append(f"  - {key}: {value!r} has no config.json; expected {what}")
+        elif key == "model.path":
+            problems += _model_fit_problems(recipe, p / "config.json")
     return problems
+
+
+def _model_fit_problems(recipe: Recipe, config_file: Path) -> list[str]:
+    """What the model's own config rules out: a seq_len beyond its positions."""
+    import json
+
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"  - model.path: {config_file} is not readable JSON ({exc})"]
+    config = config.get("text_config", config)
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and recipe.training.seq_len > positions:
+        return [f"  - training.seq_len: {recipe.training.seq_len} is beyond the model's {positions} positions "
+                f"(max_position_embeddings in {config_file}); use at most {positions}"]
+    return []
 
 
 def check_paths(recipe: Recipe, source: str) -> None:
     problems = missing_paths(recipe)
     if problems:
-        raise KeelError(f"{source}: {len(problems)} missing path{'s' if len(problems) > 1 else ''}:\n" + "\n".join(problems))
+        raise KeelError(f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} with what the recipe "
+                       "points at:\n" + "\n".join(problems))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

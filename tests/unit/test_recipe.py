@@ -69,6 +69,17 @@ def test_cross_field_rules(tmp_path):
     assert "exactly one of training.max_steps and training.epochs" in msg
     msg = str(pytest.raises(KeelError, load_recipe, write_recipe(tmp_path, lambda r: r["model"].update(format="chatml-x"))).value)
     assert "model.format" in msg and "hermes-qwen3" in msg
+    msg = str(pytest.raises(KeelError, load_recipe, QUICKSTART, ["technique=dpo", "training.packing=true"]).value)
+    assert "training.packing" in msg and "never packed" in msg
+
+
+def test_seq_len_beyond_the_models_positions_is_refused_before_launch(tmp_path, tiny_model):
+    positions = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    ok = load_recipe(QUICKSTART, [f"model.path={tiny_model}", f"training.seq_len={positions}"])
+    assert missing_paths(ok) == [] or all("training.seq_len" not in p for p in missing_paths(ok))
+    too_long = load_recipe(QUICKSTART, [f"model.path={tiny_model}", f"training.seq_len={positions + 1}"])
+    problems = "\n".join(missing_paths(too_long))
+    assert f"training.seq_len: {positions + 1} is beyond the model's {positions} positions" in problems
 
 
 def test_overrides_are_typed_and_validated():

@@ -1,0 +1,100 @@
+"""`keel plan` on real architecture configs (Llama 3.1 8B and 70B, written out here; no
+weights: the planner reads config.json only). The arithmetic is checked against
+published facts: parameter counts, 16 bytes per parameter for mixed-precision AdamW, and
+QLoRA fitting a 65B-class model on one 48 GB GPU (Dettmers et al., 2023)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.plan import GIB, Cluster, estimate, model_shape, plan
+from trainer.recipe import load_recipe
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+LLAMA_31_70B = {**LLAMA_31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                "num_attention_heads": 64}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = {}
+    for name, config in (("8b", LLAMA_31_8B), ("70b", LLAMA_31_70B)):
+        d = tmp_path_factory.mktemp(name)
+        (d / "config.json").write_text(json.dumps(config))
+        dirs[name] = d
+    return dirs
+
+
+def recipe(model_dir, *overrides):
+    return load_recipe(QUICKSTART, [f"model.path={model_dir}", "training.seq_len=2048", *overrides])
+
+
+def test_parameter_counts_match_the_published_sizes(model_dirs):
+    r = recipe(model_dirs["8b"])
+    assert model_shape(LLAMA_31_8B, r.peft).params == pytest.approx(8.03e9, rel=0.005)
+    assert model_shape(LLAMA_31_70B, r.peft).params == pytest.approx(70.55e9, rel=0.005)
+    lora = recipe(model_dirs["8b"], "peft.kind=lora", "peft.r=16").peft
+    # all-linear r=16 on Llama 3.1 8B: 16 x (in + out) summed over q,k,v,o,gate,up,down x 32 layers
+    per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
+    assert model_shape(LLAMA_31_8B, lora).trainable == 32 * per_layer
+
+
+def test_full_fine_tuning_states_are_16_bytes_per_parameter_and_shard_with_zero(model_dirs):
+    shape = model_shape(LLAMA_31_8B, recipe(model_dirs["8b"]).peft)
+    cluster = Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=8)
+    ddp = estimate(recipe(model_dirs["8b"]), shape, cluster)
+    assert ddp.weights + ddp.gradients + ddp.optimizer == pytest.approx(16 * shape.params)
+    z1, z2, z3 = (estimate(recipe(model_dirs["8b"], f"distributed.strategy={s}"), shape, cluster)
+                  for s in ("zero1", "zero2", "zero3"))
+    states = [e.weights + e.gradients + e.optimizer for e in (ddp, z1, z2, z3)]
+    assert states == sorted(states, reverse=True) and states[3] < states[0] / 6  # each stage shards more
+    offload = estimate(recipe(model_dirs["8b"], "distributed.strategy=zero3", "distributed.offload=optimizer"),
+                       shape, cluster)
+    assert offload.optimizer == 0
+
+
+def test_checkpointing_cuts_activations_and_the_verdict_follows(model_dirs):
+    r = recipe(model_dirs["8b"], "training.micro_batch_size=4")
+    result = plan(r, Cluster(gpus_per_node=8), LLAMA_31_8B)
+    assert not result.fits  # full fine-tuning of 8B with plain DDP: 120 GiB of states alone
+    assert result.suggestion and "zero" in result.suggestion
+    e = result.estimate
+    assert e.activations_ckpt < e.activations_no_ckpt / 3
+    fixed = recipe(model_dirs["8b"], "training.micro_batch_size=4", "distributed.strategy=zero3",
+                   "training.gradient_checkpointing=true")
+    assert plan(fixed, Cluster(gpus_per_node=8), LLAMA_31_8B).fits
+
+
+def test_qlora_fits_a_70b_model_on_one_48gb_class_gpu(model_dirs):
+    r = recipe(model_dirs["70b"], "peft.kind=qlora", "training.gradient_checkpointing=true", "training.seq_len=512")
+    result = plan(r, Cluster(gpu="l40s-48gb", gpus_per_node=1), LLAMA_31_70B)
+    assert result.fits, result.estimate.total / GIB
+    full = plan(recipe(model_dirs["70b"]), Cluster(gpu="l40s-48gb", gpus_per_node=1), LLAMA_31_70B)
+    assert not full.fits
+
+
+def test_keel_plan_command(model_dirs, tmp_path):
+    def keel_plan(*args):
+        return subprocess.run([sys.executable, "-m", "trainer.cli", "plan", str(QUICKSTART), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    ok = keel_plan(f"model.path={model_dirs['8b']}", "peft.kind=lora", "training.gradient_checkpointing=true",
+                   "--gpu", "h200-141gb", "--gpus-per-node", "1")
+    assert ok.returncode == 0, ok.stderr
+    for line in ("world size 1", "global 2 sequences", "memory per GPU", "verdict    fits", "training:"):
+        assert line in ok.stdout, line
+    too_big = keel_plan(f"model.path={model_dirs['70b']}", "--gpus-per-node", "8")
+    assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout and "smallest change" in too_big.stdout
+    no_config = keel_plan(f"model.path={tmp_path}")
+    assert no_config.returncode == 2 and "config.json" in no_config.stderr and "model.path" in no_config.stderr
+    past_positions = keel_plan(f"model.path={model_dirs['8b']}", "training.seq_len=200000")
+    assert past_positions.returncode == 1 and "beyond the model's 131072 positions" in past_positions.stderr

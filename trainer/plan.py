@@ -1,0 +1,322 @@
+"""`keel plan`: what a recipe will do on a given cluster, and whether it fits in GPU memory,
+before any machine starts. Reads the model's config.json only: the model is built on PyTorch's
+meta device (exact parameter counts for any architecture, no memory, no weights).
+
+The memory model, per device, in bytes (P: parameters, T: trainable parameters, N: devices the
+strategy shards over):
+
+    weights      trainable and frozen parameters as Keel holds them: fp32 under the Trainer's
+                 bf16 autocast (ddp, fsdp2) or CPU fp32; bf16 with an fp32 master copy under
+                 DeepSpeed bf16 (counted with the optimizer); 4-bit NF4 (+ scales) for QLoRA bases
+    gradients    one per trainable parameter (fp32; bf16 under DeepSpeed bf16)
+    optimizer    AdamW: two fp32 moments per trainable parameter (+ the fp32 master copy under
+                 DeepSpeed bf16)
+    activations  per layer and token, what backward keeps: about 8*hidden + 4*intermediate
+                 values (attention scores are never materialised with SDPA/flash attention); with
+                 gradient checkpointing, each layer's input plus one layer recomputed at a time;
+                 plus the logits and their gradient in fp32 (2*vocab per token) which dominate
+                 for large vocabularies
+    reference    DPO's frozen reference copy (none with peft: the base with adapters disabled)
+    overhead     CUDA context, NCCL buffers and allocator fragmentation: 2 GiB + 5%
+
+ZeRO-1 shards the optimizer, ZeRO-2 also gradients, ZeRO-3 and FSDP2 everything (plus the
+gathered weights of ~2 layers at a time); offload moves optimizer (and parameters) to CPU.
+
+These are estimates from first principles. They are meant to err on the safe side; the
+calibration against measured peaks on GPUs belongs to the recipe catalogue (issue 8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from data.errors import KeelError
+
+GIB = 1024**3
+# usable memory as torch reports it, per GPU kind
+GPUS = {
+    "h100-80gb": 79.2, "h200-141gb": 139.8, "a100-80gb": 79.2, "a100-40gb": 39.4, "l40s-48gb": 44.4,
+    "a10g-24gb": 22.0, "l4-24gb": 22.0, "b200-180gb": 178.0,
+}
+OVERHEAD_FIXED = 2 * GIB
+OVERHEAD_FRACTION = 0.05
+NF4_BYTES = 0.5 + 0.5 / 64 * 2  # 4-bit values plus double-quantised block scales
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: str = "h100-80gb"
+    nodes: int = 1
+    gpus_per_node: int = 8
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def memory_gib(self) -> float:
+        return GPUS[self.gpu]
+
+
+@dataclass
+class ModelShape:
+    params: int
+    trainable: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    layer_params: int  # parameters of one decoder layer
+    max_positions: int | None
+
+
+@dataclass
+class Estimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_no_ckpt: float
+    activations_ckpt: float
+    reference: float
+    overhead: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference + self.overhead
+
+
+def model_shape(config: dict, peft) -> ModelShape:
+    """Parameter counts from the architecture itself, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config) if "model_type" in config else None
+    if cfg is None:
+        raise KeelError("model config has no model_type; keel plan needs the model's config.json")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    text = getattr(cfg, "text_config", None) or cfg
+    layers = text.num_hidden_layers
+    decoder = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    layer_params = sum(p.numel() for p in decoder.parameters())
+    trainable = params
+    if peft.kind != "none":
+        targets = peft.target_modules
+        trainable = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+                continue
+            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+                trainable += peft.r * (module.in_features + module.out_features)
+    return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
+                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
+                      layer_params=layer_params, max_positions=getattr(text, "max_position_embeddings", None))
+
+
+def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
+    t, d = recipe.training, recipe.distributed
+    n = cluster.world
+    deepspeed = d.strategy.startswith("zero")
+    frozen = shape.params - shape.trainable if recipe.peft.kind != "none" else 0
+    notes = []
+    # bytes per trainable parameter: weights, gradients, optimizer
+    w_t, g_t, o_t = (2, 2, 12) if deepspeed else (4, 4, 8)
+    w_f = 2 if deepspeed else 4
+    if recipe.peft.kind == "qlora":
+        w_f = NF4_BYTES
+    elif recipe.peft.kind == "lora" and not deepspeed:
+        notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
+    weights = shape.trainable * w_t + frozen * w_f
+    grads = shape.trainable * g_t
+    opt = shape.trainable * o_t
+    sharded = {"ddp": set(), "zero1": {"optimizer"}, "zero2": {"optimizer", "gradients"},
+               "zero3": {"optimizer", "gradients", "weights"}, "fsdp2": {"optimizer", "gradients", "weights"}}[d.strategy]
+    if "optimizer" in sharded:
+        opt /= n
+    if "gradients" in sharded:
+        grads /= n
+    if "weights" in sharded:
+        weights = weights / n + 2 * shape.layer_params * 2  # + about two layers gathered in bf16
+    if d.offload in ("optimizer", "optimizer_and_params"):
+        opt = 0.0
+        notes.append("optimizer states live in CPU memory (offload)")
+    if d.offload == "optimizer_and_params":
+        weights = 2 * shape.layer_params * 2
+        notes.append("parameters live in CPU memory (offload)")
+    reference = 0.0
+    if recipe.technique == "dpo" and recipe.peft.kind == "none":
+        reference = shape.params * w_f / (n if d.strategy in ("zero3", "fsdp2") else 1)
+    # activations: bf16 on GPU
+    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
+    tokens = seqs * t.seq_len
+    per_layer = tokens * (8 * shape.hidden + 4 * shape.intermediate) * 2
+    logits = tokens * shape.vocab * (2 + 4 + 4)
+    no_ckpt = shape.layers * per_layer + logits
+    ckpt = shape.layers * tokens * shape.hidden * 2 + per_layer + logits
+    act = ckpt if t.gradient_checkpointing else no_ckpt
+    subtotal = weights + grads + opt + act + reference
+    return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
+                    activations_ckpt=ckpt, reference=reference,
+                    overhead=OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal, notes=notes)
+
+
+def _with(recipe, **sections):
+    """A copy of the recipe with fields of its sections changed (no re-validation needed here)."""
+    changes = {name: replace_model(getattr(recipe, name), **fields) for name, fields in sections.items()}
+    return recipe.model_copy(update=changes)
+
+
+def replace_model(section, **fields):
+    return section.model_copy(update=fields)
+
+
+def candidate_changes(recipe, cluster: Cluster):
+    """Changes to try, smallest first: (description, recipe, cluster)."""
+    t, d = recipe.training, recipe.distributed
+    out = []
+    if not t.gradient_checkpointing:
+        out.append(("training.gradient_checkpointing=true", _with(recipe, training={"gradient_checkpointing": True}),
+                    cluster))
+    mbs, ga = t.micro_batch_size, t.grad_accum
+    while mbs > 1:
+        mbs, ga = mbs // 2, ga * 2
+        out.append((f"training.micro_batch_size={mbs} training.grad_accum={ga} (same global batch)",
+                    _with(recipe, training={"micro_batch_size": mbs, "grad_accum": ga}), cluster))
+    ladder = ["zero2", "zero3"] if recipe.peft.kind != "qlora" else ["zero2"]
+    for strategy in ladder:
+        if ladder.index(strategy) > (ladder.index(d.strategy) if d.strategy in ladder else -1):
+            out.append((f"distributed.strategy={strategy}", _with(recipe, distributed={"strategy": strategy}), cluster))
+    if recipe.peft.kind != "qlora":
+        out.append(("distributed.strategy=zero3 distributed.offload=optimizer",
+                    _with(recipe, distributed={"strategy": "zero3", "offload": "optimizer"}), cluster))
+    if recipe.peft.kind == "none":
+        out.append(("peft.kind=lora", _with(recipe, peft={"kind": "lora"}), cluster))
+    return out
+
+
+def smallest_change(recipe, cluster: Cluster, config: dict, shape: ModelShape, budget: float) -> str | None:
+    """The first change that fits: one change alone (smallest first), then the same changes
+    accumulated, then more nodes."""
+    def fits(r, cl) -> bool:
+        s = shape if r.peft == recipe.peft else model_shape(config, r.peft)
+        return estimate(r, s, cl).total <= budget
+
+    for description, changed, cl in candidate_changes(recipe, cluster):
+        if fits(changed, cl):
+            return description
+    current, done = recipe, []
+    for description, _, _ in candidate_changes(recipe, cluster):
+        # re-derive each step from the accumulated recipe (later steps build on earlier ones)
+        step = next((c for d, c, _ in candidate_changes(current, cluster) if d == description), None)
+        if step is None:
+            continue
+        current = step
+        done = [d for d in done if not _supersedes(description, d)] + [description]
+        if fits(current, cluster):
+            return " + ".join(done)
+    if recipe.peft.kind != "qlora":
+        for factor in (2, 4, 8, 16, 32, 64):
+            cl = replace(cluster, nodes=cluster.nodes * factor)
+            if fits(current, cl):
+                return f"--nodes {cl.nodes} with " + " + ".join(done)
+    return None
+
+
+def _supersedes(new: str, old: str) -> bool:
+    """A later setting of the same keys replaces an earlier one in the description."""
+    keys = lambda d: {w.split("=")[0] for w in d.split() if "=" in w}  # noqa: E731
+    return bool(keys(new) & keys(old)) and keys(old) <= keys(new)
+
+
+@dataclass
+class Plan:
+    recipe: object
+    cluster: Cluster
+    shape: ModelShape
+    estimate: Estimate
+    global_batch: int
+    steps: str
+    fits: bool
+    suggestion: str | None
+
+
+def load_config(model_path: str) -> dict:
+    p = Path(model_path).expanduser()
+    if not (p / "config.json").is_file():
+        raise KeelError(f"model.path: {model_path!r}: keel plan reads the model's config.json and found none there; "
+                        "point model.path at a local model directory (a hub id needs the config downloaded first)")
+    config = json.loads((p / "config.json").read_text())
+    return config
+
+
+def count_rows(path: str) -> int | None:
+    p = Path(path).expanduser()
+    if p.suffix == ".jsonl" and p.is_file():
+        with open(p, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
+def plan(recipe, cluster: Cluster, config: dict) -> Plan:
+    shape = model_shape(config, recipe.peft)
+    t = recipe.training
+    global_batch = t.micro_batch_size * t.grad_accum * cluster.world
+    if t.max_steps:
+        steps = str(t.max_steps)
+    else:
+        rows = count_rows(recipe.data.train)
+        steps = (f"about {math.ceil(rows / global_batch) * t.epochs} ({t.epochs} epochs of {rows} rows; "
+                 "examples are counted by keel prepare)" if rows else f"{t.epochs} epochs (rows counted by keel prepare)")
+    est = estimate(recipe, shape, cluster)
+    budget = cluster.memory_gib * GIB
+    fits = est.total <= budget
+    suggestion = None if fits else smallest_change(recipe, cluster, config, shape, budget)
+    return Plan(recipe, cluster, shape, est, global_batch, steps, fits, suggestion)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.1f} GiB"
+
+
+def render(p: Plan) -> str:
+    r, c, e, s = p.recipe, p.cluster, p.estimate, p.shape
+    lines = [
+        "resolved recipe:",
+        *["  " + line for line in r.to_yaml().rstrip().splitlines()],
+        "",
+        f"model      {r.model.path}: {s.params / 1e9:.3g}B parameters, {s.layers} layers, hidden {s.hidden}, "
+        f"vocab {s.vocab}",
+        f"technique  {r.technique}, peft {r.peft.kind}"
+        + (f" (r={r.peft.r}: {s.trainable / 1e6:.1f}M trainable, {s.trainable / s.params:.2%})" if r.peft.kind != "none"
+           else " (all parameters trained)"),
+        f"cluster    {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = world size {c.world}; "
+        f"strategy {r.distributed.strategy}" + (f", offload {r.distributed.offload}" if r.distributed.offload != "none"
+                                                 else ""),
+        f"batch      micro {r.training.micro_batch_size} x grad_accum {r.training.grad_accum} x world {c.world} = "
+        f"global {p.global_batch} sequences of up to {r.training.seq_len} tokens",
+        f"steps      {p.steps}",
+        "",
+        "memory per GPU (estimate)",
+        f"  weights       {_gib(e.weights)}",
+        f"  gradients     {_gib(e.gradients)}",
+        f"  optimizer     {_gib(e.optimizer)}",
+        f"  activations   {_gib(e.activations)}   (checkpointing off: {_gib(e.activations_no_ckpt).strip()}, "
+        f"on: {_gib(e.activations_ckpt).strip()}; now {'on' if r.training.gradient_checkpointing else 'off'})",
+    ]
+    if e.reference:
+        lines.append(f"  dpo reference {_gib(e.reference)}")
+    lines += [f"  overhead      {_gib(e.overhead)}", f"  total         {_gib(e.total)}   of {c.memory_gib:.1f} GiB",
+              *[f"  note: {n}" for n in e.notes], ""]
+    if p.fits:
+        lines.append(f"verdict    fits ({e.total / GIB / c.memory_gib:.0%} of {c.gpu} memory)")
+    else:
+        lines.append(f"verdict    does NOT fit ({e.total / GIB:.1f} GiB > {c.memory_gib:.1f} GiB)")
+        lines.append(f"smallest change that fits: {p.suggestion}" if p.suggestion else
+                     "no single change found that fits; use a larger GPU or QLoRA")
+    return "\n".join(lines)
