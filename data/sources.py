@@ -42,7 +42,7 @@ def _filesystem(location: str, key: str):
         return fsspec.core.url_to_fs(location)
     except ImportError as exc:
         raise KeelError(f"{key}: reading {location} needs a package that is not installed ({exc}); "
-                        "for s3:// and gs:// install Keel's `cloud` extra (s3fs, gcsfs)") from None
+                        "s3:// needs s3fs (a Keel dependency); for gs:// install Keel's `cloud` extra (gcsfs)") from None
     except ValueError as exc:
         raise KeelError(f"{key}: {location} is not a path or URL Keel can read ({exc})") from None
 

@@ -124,6 +124,10 @@ def mlflow_server(session_dir):
         stop(proc)
 
 
+TRACKING_PASSWORD = "tracking-pw-7f3a"  # planted secrets that no MLflow param or artifact may hold
+HF_TOKEN = "hf_planted_secret_91c2"
+
+
 @dataclass
 class TrainedRun:
     run_dir: Path
@@ -145,8 +149,10 @@ def trained_run(session_dir, tiny_model, mlflow_server, keel_env) -> TrainedRun:
     proc = subprocess.run(
         keel_cmd("train", str(QUICKSTART_RECIPE), "--nproc-per-node", "2",
                  f"model.path={tiny_model}", f"output.dir={run_dir}",
-                 f"tracking.mlflow.tracking_uri={mlflow_server}", f"tracking.mlflow.experiment={experiment}"),
-        cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
+                 # credentials in the URI (the server ignores them): they must not reach MLflow
+                 f"tracking.mlflow.tracking_uri={mlflow_server.replace('://', f'://keel:{TRACKING_PASSWORD}@')}",
+                 f"tracking.mlflow.experiment={experiment}", "tracking.mlflow.system_metrics_every_s=2"),
+        cwd=REPO, env={**keel_env, "HF_TOKEN": HF_TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
     )
     (session_dir / "train.log").write_text(proc.stdout)
     return TrainedRun(run_dir, proc.returncode, proc.stdout, mlflow_server, experiment)

@@ -84,8 +84,11 @@ def cmd_prepare(argv: list[str]) -> int:
     from trainer.recipe import check_paths, load_recipe
     from trainer.train import describe_prepared, prepared_split, recipe_format
 
+    from trainer.remote import localize
+
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
+    recipe, _ = localize(recipe, local_rank=0)  # a remote model.path: its tokenizer, fetched once per node
     fmt = recipe_format(recipe)
     for split in ["train"] + (["eval"] if recipe.data.eval else []):
         t0 = time.time()
@@ -154,8 +157,11 @@ def cmd_train(argv: list[str]) -> int:
     from trainer.recipe import check_paths, load_recipe
 
     # Everything a user can get wrong is checked here, before any process starts.
+    from trainer.remote import localize
+
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
+    recipe, _ = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
     decision = check_run_dir(recipe, overwrite=a.overwrite)
     check_device_support(peft=recipe.peft, training=recipe.training)
     if decision == "overwrite" and a.node_rank == 0:
@@ -167,7 +173,9 @@ def cmd_train(argv: list[str]) -> int:
     cmd_prepare([a.recipe, *a.overrides])
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
                            master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts)
-    print("[keel] " + " ".join(cmd), flush=True)
+    from trainer.run_facts import redact_text
+
+    print("[keel] " + redact_text(" ".join(cmd)), flush=True)
     return subprocess.run(cmd).returncode
 
 

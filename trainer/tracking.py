@@ -28,9 +28,10 @@ class RunTracker(TrainerCallback):
     """Logs the resolved recipe, format and metrics to MLflow; prints progress lines."""
 
     def __init__(self, *, mlflow_section, params: dict, artifacts: dict[str, str], run_dir: Path,
-                 is_main: bool, log_every: int, resume_step: int = 0):
+                 is_main: bool, log_every: int, resume_step: int = 0, tags: dict[str, str] | None = None):
         self.cfg = mlflow_section
         self.params = params
+        self.tags = tags or {}
         self.artifacts = artifacts  # artifact path -> text
         self.run_dir = run_dir
         self.is_main = is_main
@@ -51,8 +52,7 @@ class RunTracker(TrainerCallback):
         self._keep_local_metrics_up_to(self.resume_step)
         import mlflow
 
-        if self.cfg.tracking_uri:
-            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        use_tracking_uri(self.cfg.tracking_uri)
         mlflow.set_experiment(self.cfg.experiment)
         id_file = self.run_dir / RUN_ID_FILE
         previous = id_file.read_text().strip() if id_file.is_file() else None
@@ -66,7 +66,12 @@ class RunTracker(TrainerCallback):
                 mlflow.log_params(dict(items[i:i + MAX_PARAM_BATCH]))
         for path, text in self.artifacts.items():
             mlflow.log_text(text, path)
-        print(f"[keel] MLflow run {self.run_id} in experiment {self.cfg.experiment!r} at {mlflow.get_tracking_uri()}",
+        if self.tags:
+            mlflow.set_tags(self.tags)
+        from trainer.run_facts import redact_text
+
+        print(f"[keel] MLflow run {self.run_id} in experiment {self.cfg.experiment!r} at "
+              f"{redact_text(mlflow.get_tracking_uri())}",
               flush=True)
 
     def _keep_local_metrics_up_to(self, step: int) -> None:
@@ -80,8 +85,9 @@ class RunTracker(TrainerCallback):
         self._metrics_file.write_text("".join(line + "\n" for line in kept))
         self.history = [(r["step"], r["loss"]) for r in map(json.loads, kept) if "loss" in r]
 
-    def register_model(self, model_dir: Path, name: str | None) -> None:
-        """Register the export in MLflow's model registry, by reference to where it lives."""
+    def register_model(self, model_dir: str, name: str | None) -> None:
+        """Register the export in MLflow's model registry, by reference to where it lives (a
+        local or shared path, or the s3:// URI it was uploaded to)."""
         if not (self.is_main and self.run_id and name):
             return
         from mlflow.exceptions import MlflowException
@@ -92,7 +98,7 @@ class RunTracker(TrainerCallback):
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name)
-        version = client.create_model_version(name, source=str(Path(model_dir).resolve()), run_id=self.run_id)
+        version = client.create_model_version(name, source=str(model_dir), run_id=self.run_id)
         print(f"[keel] registered {model_dir} as models:/{name}/{version.version}", flush=True)
 
     def log_stats(self, prefix: str, stats: dict) -> None:
@@ -176,3 +182,65 @@ class RunTracker(TrainerCallback):
                 flush=True,
             )
 
+
+
+class NodeSystemMetrics:
+    """System metrics (CPU, memory, disk, network, GPU when present) from one process per node,
+    logged to the run as system/node_<N>/<metric> by MLflow's own monitor.
+
+    Rank 0 owns the run; its id and tracking URI reach the first process of every other node
+    through the process group. Nodes other than node 0 log only to a tracking server they can
+    reach (an http(s) URI): a local store on node 0's disk is not theirs to write.
+    """
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, *, node: int, every_s: float):
+        self.monitor = None
+        if not run_id or every_s <= 0:
+            return
+        if node > 0 and not str(tracking_uri).startswith(("http://", "https://")):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, node_id=f"node_{node}",
+                                            resume_logging=True, tracking_uri=tracking_uri)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+
+
+def use_tracking_uri(uri: str | None) -> None:
+    """Point MLflow at `uri`. Credentials written into it (https://user:password@host) move to
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow sends as basic auth, so
+    the password is not printed in MLflow's "View run at" lines or Keel's logs."""
+    import os
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    import mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+        if parts.password is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    mlflow.set_tracking_uri(uri)
+
+
+def share_run(run_id: str | None, tracking_uri: str | None, world: int) -> tuple[str | None, str]:
+    """Rank 0's MLflow run id, on every rank (a collective: all ranks call it), and the tracking
+    URI this process logs to."""
+    import mlflow
+
+    use_tracking_uri(tracking_uri)
+    shared = [run_id]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(shared, src=0)
+    return shared[0], mlflow.get_tracking_uri()

@@ -14,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from data.errors import KeelError
 from data.formats import Format, resolve_format
+
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
@@ -123,7 +126,10 @@ def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     return decision
 
 
-def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
+def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = None,
+          remote: dict[str, str | None] | None = None) -> Path:
+    """Train and export. `remote`: the URIs a remote model.path / output.dir stood for before
+    trainer.remote.localize replaced them with local places."""
     from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
@@ -132,7 +138,8 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from trainer.export import export_trained
     from trainer.heartbeat import Heartbeat, is_collective_timeout
     from trainer.sft import build_sft_trainer
-    from trainer.tracking import RunTracker
+    from trainer.run_facts import redact, run_environment
+    from trainer.tracking import NodeSystemMetrics, RunTracker, share_run
 
     rank, local_rank, world = dist_env()
     is_main = rank == 0
@@ -157,14 +164,28 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
     resume_from = latest_complete_checkpoint(ckpt_root)
     resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
 
+    remote = remote or {}
+    as_written = recipe.to_dict()
+    for key, uri in remote.items():
+        if uri:
+            section, field = key.split(".")
+            as_written[section][field] = uri
+    recipe_public = redact(as_written)  # what reaches MLflow: no passwords, tokens or signed URLs
+    env_artifacts, env_tags = run_environment(recipe_file) if is_main else ({}, {})
     tracker = RunTracker(
         mlflow_section=recipe.tracking.mlflow,
-        params={**flatten(recipe.to_dict()), "world_size": world},
-        artifacts={"recipe.yaml": recipe.to_yaml(), f"format/{fmt.spec.chat_template}": fmt.chat_template,
-                   "format/spec.yaml": fmt.spec_yaml()},
-        run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps, resume_step=resume_step,
+        params={**flatten(recipe_public), "world_size": world},
+        artifacts={"recipe.yaml": yaml.safe_dump(recipe_public, sort_keys=False),
+                   f"format/{fmt.spec.chat_template}": fmt.chat_template, "format/spec.yaml": fmt.spec_yaml(),
+                   **env_artifacts},
+        tags=env_tags, run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
+        resume_step=resume_step,
     )
     tracker.start()
+    run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)
+    system_metrics = NodeSystemMetrics(run_id if local_rank == 0 else None, tracking_uri,
+                                       node=int(os.environ.get("GROUP_RANK", 0)),
+                                       every_s=recipe.tracking.mlflow.system_metrics_every_s)
     for split, prepared in (("train", train_data), ("eval", eval_data)):
         if prepared is not None:
             tracker.log_stats(f"data.{split}", prepared.stats.numbers())
@@ -219,13 +240,22 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> Path:
         if is_main:
             from trainer.checkpoints import write_run_file
 
+            model_location = str(out.resolve())
+            if remote.get("output.dir"):
+                from trainer.remote import upload_dir
+
+                model_location = remote["output.dir"].rstrip("/") + "/" + MODEL_DIR
+                upload_dir(out, model_location)
             write_run_file(recipe, "finished")
-            log(f"exported {out} in {time.time() - t0:.0f}s total")
-            tracker.register_model(out, recipe.output.register_as)
+            log(f"exported {model_location} in {time.time() - t0:.0f}s total")
+            tracker.register_model(model_location, recipe.output.register_as)
         status = "FINISHED"
         return out
     finally:
-        tracker.finish(status=status, tags={"keel.model_dir": str((run_dir / MODEL_DIR).resolve())}
+        system_metrics.finish()
+        model_uri = (remote["output.dir"].rstrip("/") + "/" + MODEL_DIR if remote.get("output.dir")
+                     else str((run_dir / MODEL_DIR).resolve()))
+        tracker.finish(status=status, tags={"keel.model_dir": model_uri}
                        if status == "FINISHED" else None)
 
 
@@ -242,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(source, overrides)
         check_paths(recipe, source)
-        train(recipe, overwrite=overwrite)
+        from trainer.remote import localize
+
+        recipe, remote = localize(recipe, local_rank=dist_env()[1])
+        train(recipe, overwrite=overwrite, recipe_file=source, remote=remote)
     except KeelError as exc:
         rank = dist_env()[0]
         print(f"keel: error (rank {rank}): {exc}", file=sys.stderr, flush=True)

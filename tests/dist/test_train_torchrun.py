@@ -79,3 +79,28 @@ def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
     recipe = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "recipe.yaml")))
     assert recipe["model"]["format"] == "hermes-qwen3"
     assert recipe["training"] == {**recipe["training"], **quickstart["training"]}  # resolved = file + defaults
+
+
+def test_mlflow_run_records_environment_and_node_metrics_but_no_secret(trained_run, tmp_path):
+    from conftest import HF_TOKEN, TRACKING_PASSWORD
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained_run.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(trained_run.experiment).experiment_id])[0]
+    # the tracking URI keeps its user name and loses the password
+    assert run.data.params["tracking.mlflow.tracking_uri"].startswith("http://keel:***@127.0.0.1:")
+    # system metrics from the node's first process, named by node
+    assert any(k.startswith("system/node_0/cpu_utilization_percentage") for k in run.data.metrics), \
+        sorted(run.data.metrics)
+    import torch
+
+    freeze = open(client.download_artifacts(run.info.run_id, "environment/requirements.txt")).read()
+    assert f"torch=={torch.__version__}" in freeze.splitlines()
+    assert "keel.git_commit" in run.data.tags or "not in a git work tree" in open(
+        client.download_artifacts(run.info.run_id, "environment/git.txt")).read()
+    # no planted secret anywhere: params, tags, any artifact, the training log
+    texts = [repr(run.data.params), repr(run.data.tags), trained_run.output]
+    local = client.download_artifacts(run.info.run_id, "", str(tmp_path))
+    texts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
+    for secret in (TRACKING_PASSWORD, HF_TOKEN):
+        assert not any(secret in t for t in texts), secret
