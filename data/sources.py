@@ -219,9 +219,16 @@ def open_source(location: str, *, key: str = "data.train") -> Source:
     """The rows of a file, dataset directory or directory of documents, local or remote."""
     location = str(location)
     fs, path = _filesystem(location, key)
-    if not fs.exists(path):
+    try:
+        exists, is_dir = fs.exists(path), fs.isdir(path)
+    except Exception as exc:  # noqa: BLE001 - each storage backend raises its own errors
+        hint = ("; for s3:// Keel uses the usual AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or the pod's role) and AWS_ENDPOINT_URL for S3-compatible stores"
+                if location.startswith("s3://") else "")
+        raise KeelError(f"{key}: cannot read {location}: {type(exc).__name__}: {exc}{hint}") from None
+    if not exists:
         raise KeelError(f"{key}: {location} does not exist")
-    if fs.isdir(path):
+    if is_dir:
         return _directory_source(location, fs, path, key)
     suffix = _suffix(path)
     if suffix in TABLE_SUFFIXES:
