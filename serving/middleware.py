@@ -17,7 +17,11 @@ leaves to the operator:
 3. An exit status. vLLM exits 0 when its engine process dies; at ASGI shutdown this records
    whether the engine died without a shutdown signal, and serving/vllm_server.py (the process
    `keel serve` execs) then exits 1.
-4. History as trained. vLLM drops a client-sent `reasoning_content` on incoming assistant
+4. Clear errors on /invocations. vLLM tries an /invocations body against every request type
+   and reports the last failure, so a chat body with an invalid tool is answered "Either prompt
+   or prompt_embeds must be provided". A body with `messages` is validated as the chat request
+   it is, and its own errors are the answer.
+5. History as trained. vLLM drops a client-sent `reasoning_content` on incoming assistant
    messages (it keeps `reasoning`, vllm#38488), so a client that sends back what SGLang and
    older vLLM returned would get a prompt without that reasoning: a history rendered unlike
    training. `reasoning_content` is copied to `reasoning` on incoming assistant messages, so
@@ -137,10 +141,14 @@ class KeelMiddleware:
                                  "authentication_error", [(b"www-authenticate", b"Bearer")])(send)
             return
         if scope["type"] == "http" and scope.get("method") == "POST" and path in MESSAGE_PATHS:
-            scope, receive = await self._rewrite_messages(scope, receive)
+            scope, receive, refusal = await self._check_messages(scope, receive, invocation=path == "/invocations")
+            if refusal is not None:
+                await refusal(send)
+                return
         await self.app(scope, receive, send)
 
-    async def _rewrite_messages(self, scope, receive):
+    async def _check_messages(self, scope, receive, *, invocation: bool):
+        """(scope, receive, None), the body rewritten if needed; or a 400 answer to send."""
         chunks, more, messages = [], True, []
         while more:
             message = await receive()
@@ -150,19 +158,47 @@ class KeelMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if messages and messages[-1]["type"] == "http.request" and b'"reasoning_content"' in body:
+        complete = bool(messages) and messages[-1]["type"] == "http.request"
+        payload = None
+        if complete and (invocation or b'"reasoning_content"' in body):
             try:
                 payload = json.loads(body)
             except ValueError:
                 payload = None  # vLLM answers malformed JSON with its own 400
-            if isinstance(payload, dict) and reasoning_as_trained(payload):
-                body = json.dumps(payload, ensure_ascii=False).encode()
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
-                messages = [{"type": "http.request", "body": body, "more_body": False}]
+        if invocation and isinstance(payload, dict) and "messages" in payload:
+            problem = chat_body_problem(json.loads(body))  # a copy: vLLM's validators edit messages
+            if problem:
+                return scope, receive, _json_response(400, problem, "BadRequestError")
+        if isinstance(payload, dict) and reasoning_as_trained(payload):
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
         pending = list(messages)
 
         async def replay():
             return pending.pop(0) if pending else await receive()
 
-        return scope, replay
+        return scope, replay, None
+
+
+def chat_body_problem(payload: dict) -> str | None:
+    """Why a chat body is invalid, in vLLM's words, or None.
+
+    vLLM's /invocations tries the body against each request type it serves and reports the
+    last failure, so a chat body with, say, an invalid tool comes back as "Either prompt or
+    prompt_embeds must be provided" (the completion request's complaint). A body with
+    `messages` is a chat request; its own validation errors are the clear answer.
+    """
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    try:
+        ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        errors = exc.errors()
+        return f"{len(errors)} validation error(s) in the chat request: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in errors)
+    except ValueError as exc:
+        return f"invalid chat request: {exc}"
+    return None

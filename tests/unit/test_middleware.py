@@ -144,3 +144,15 @@ def test_sigterm_refuses_new_requests_and_probes(keyed):
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_invalid_chat_body_on_invocations_gets_the_chat_error(keyed):
+    mw, app = keyed
+    bad_tool = {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {}}]}
+    status, body = call(mw, "/invocations", key="s3cret", body=json.dumps(bad_tool).encode())
+    assert status == 400 and "tools.0.function.name" in json.loads(body)["error"]["message"]
+    assert not app.seen
+    good = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    assert call(mw, "/invocations", key="s3cret", body=json.dumps(good).encode())[0] == 200
+    # a completion body is not a chat body: vLLM's own routing decides
+    assert call(mw, "/invocations", key="s3cret", body=b'{"prompt": "Hi"}')[0] == 200
