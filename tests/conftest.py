@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART_RECIPE = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 QUICKSTART_DATA = REPO / "data" / "examples" / "tool-calling.jsonl"
 API_KEY = "test-key-for-keel"
+ADAPTER_NAME = "tools-lora"
 
 
 def free_port() -> int:
@@ -159,23 +160,55 @@ def trained_run(session_dir, tiny_model, mlflow_server, keel_env) -> TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def served_model(session_dir, trained_run, keel_env):
-    """`keel serve` on the trained model: a real vLLM OpenAI server (CPU build), API key on."""
+def lora_run(session_dir, trained_run, mlflow_server, keel_env) -> TrainedRun:
+    """A LoRA adapter trained by `keel train` on the trained model and exported unmerged
+    (output.merge_lora=false): what `keel serve --adapter` serves beside its base."""
     assert trained_run.returncode == 0, trained_run.output[-4000:]
-    port = free_port()
-    log = session_dir / "vllm-server.log"
+    run_dir = session_dir / "lora-run"
+    experiment = "keel-tests-lora"
+    proc = subprocess.run(
+        keel_cmd("train", str(QUICKSTART_RECIPE), "--nproc-per-node", "1", f"model.path={trained_run.model_dir}",
+                 f"output.dir={run_dir}", "peft.kind=lora", "peft.r=8", "peft.alpha=16", "output.merge_lora=false",
+                 "training.max_steps=30", "training.log_every_steps=10", "checkpoint.every_steps=1000",
+                 f"tracking.mlflow.tracking_uri={mlflow_server}", f"tracking.mlflow.experiment={experiment}"),
+        cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
+    )
+    (session_dir / "train-lora.log").write_text(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return TrainedRun(run_dir, proc.returncode, proc.stdout, mlflow_server, experiment)
+
+
+def start_server(args: list[str], *, log: Path, env: dict[str, str], port: int, timeout_s: float = 600):
+    """A `keel serve`-like process on loopback, up when /health answers; the caller stops it."""
     with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            keel_cmd("serve", str(trained_run.model_dir), "--host", "127.0.0.1", "--port", str(port),
-                     "--api-key", API_KEY),
-            cwd=REPO, env=keel_env, stdout=logf, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(url + "/health", proc, log, timeout_s=600)
-        yield url
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=timeout_s)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def served_process(session_dir, trained_run, lora_run, keel_env):
+    """`keel serve` on the trained model with a LoRA adapter beside it: a real vLLM OpenAI
+    server (CPU build), API key on, Keel's parsers and middleware. Shared by every serving test
+    that does not need a server configured otherwise. (process, base URL)."""
+    port = free_port()
+    proc, url = start_server(
+        keel_cmd("serve", str(trained_run.model_dir), "--host", "127.0.0.1", "--port", str(port),
+                 "--api-key", API_KEY, "--adapter", f"{ADAPTER_NAME}={lora_run.model_dir}"),
+        log=session_dir / "vllm-server.log", env=keel_env, port=port)
+    try:
+        yield proc, url
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def served_model(served_process) -> str:
+    return served_process[1]
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +217,30 @@ def api_key() -> str:
 
 
 @pytest.fixture(scope="session")
+def adapter_name() -> str:
+    return ADAPTER_NAME
+
+
+@pytest.fixture(scope="session")
 def openai_client(served_model):
     from openai import OpenAI
 
     return OpenAI(base_url=served_model + "/v1", api_key=API_KEY)
+
+
+@pytest.fixture(scope="session")
+def base_model_name(openai_client, adapter_name) -> str:
+    return next(m.id for m in openai_client.models.list().data if m.id != adapter_name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start servers of their own run before those that share `served_model`: the
+    shared server lives until the session ends, and two vLLM servers on a 2-core machine
+    starve each other (each binds its threads to the cores). A test marked `ends_shared_server`
+    (it kills the shared server's engine, saving a server start of its own) runs last of all."""
+    def order(item):
+        if item.get_closest_marker("ends_shared_server"):
+            return 2
+        return 1 if "served_process" in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=order)

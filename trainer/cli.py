@@ -21,6 +21,7 @@ commands:
   plan RECIPE [k=v ...]     world size, batch, steps and per-GPU memory: fits or not (--gpu, --nodes)
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
+  eval MODEL_DIR DATA       score a model on held-out conversations (vLLM offline engine)
   launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
   deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
   pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
@@ -194,6 +195,12 @@ def cmd_serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from serving.evaluate import main
+
+    return main(argv)
+
+
 def _mlflow_uri_for_pods() -> str | None:
     """$MLFLOW_TRACKING_URI when pods can reach it too (a server, not a file on this machine)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -317,6 +324,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "train": cmd_train,
     "serve": cmd_serve,
+    "eval": cmd_eval,
     "launch": cmd_launch,
     "deploy": cmd_deploy,
     "pull": cmd_pull,

@@ -130,7 +130,7 @@ def test_serve_command_hands_the_model_dir_to_keel_serve(tmp_path, args, model_d
                           timeout=60)
     # no model there: `keel serve` stops before starting vLLM, naming the directory it was given
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"keel: error: {model_dir}: not a model directory"), proc.stderr
+    assert proc.stderr.startswith(f"keel: error: {model_dir}: no such model directory"), proc.stderr
 
 
 # ---------------------------------------------------------------- requirement sets

@@ -88,6 +88,10 @@ class Server:
         from vllm.tokenizers import get_tokenizer
         from vllm.tool_parsers import ToolParserManager
 
+        from serving.server import PARSER_PLUGIN
+
+        # Keel's own parsers, loaded as `keel serve` loads them (--tool-parser-plugin MODULE)
+        ToolParserManager.import_tool_parser(PARSER_PLUGIN)
         self.tokenizer = get_tokenizer(str(model))
         self.parser_cls = ParserManager.get_parser(
             tool_parser_name=spec.vllm.tool_parser, reasoning_parser_name=spec.vllm.reasoning_parser,

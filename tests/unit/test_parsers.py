@@ -1,0 +1,112 @@
+"""Keel's tool parser (serving/parsers.py) inside the parser vLLM's server composes from the
+format spec's names, fed model outputs a real server gets: whole (non-streaming) and token by
+token through vLLM's incremental detokenizer (streaming). The served server tests
+(tests/serving/) check the same contract end to end; these cover outputs the tiny model does not
+write on demand (an invalid call, a stray closing tag, parallel calls, whitespace)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data.formats import load_format
+
+pytest.importorskip("vllm")
+
+from serving.parsers import parse_call, partial_suffix, split_output  # noqa: E402
+from tests.unit.test_roundtrip import Server  # noqa: E402
+
+FMT = load_format("hermes-qwen3")
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def call(name, args):
+    return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
+
+
+# (model output after "<think>r</think>", expected content, expected calls)
+OUTPUTS = [
+    ("Hello there.", "Hello there.", []),
+    (call("f", {"a": 1}), None, [("f", {"a": 1})]),
+    (call("f", {"a": 1}) + call("g", {"b": "x"}), None, [("f", {"a": 1}), ("g", {"b": "x"})]),
+    ("Let me check." + call("f", {}), "Let me check.", [("f", {})]),
+    ("\n" + call("f", {"a": 1}), None, [("f", {"a": 1})]),
+    # cut by max_tokens: no call, no partial markup
+    ('<tool_call>{"name": "f", "argu', None, []),
+    (call("f", {"a": 1}) + '<tool_call>{"name": "g"', None, [("f", {"a": 1})]),
+    # not a call: dropped, markup never shown
+    ("<tool_call>not json</tool_call>", None, []),
+    ('<tool_call>{"name": "f", "arguments": "a string"}</tool_call>', None, []),
+    # a stray closing tag (the model wrote a call's JSON without its opening tag)
+    ('{"name": "f"}</tool_call>', '{"name": "f"}', []),
+    ("a < b and b > c", "a < b and b > c", []),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    return Server(tiny_model, FMT.spec)
+
+
+def request(tool_choice):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest(model="keel", messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                                 tool_choice=tool_choice)
+
+
+def run(server, output: str, tool_choice: str, streaming: bool):
+    prompt = server.tokenizer.encode("<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")
+    ids = server.tokenizer.encode("<think>r</think>" + output + "<|im_end|>")
+    req = request(tool_choice)
+    parser = server.parser_cls(server.tokenizer, req.tools, chat_template_kwargs={})
+    if not streaming:
+        text = "".join(t for t, _ in server.deltas(prompt, ids))
+        parser.set_prompt_token_ids(prompt)
+        reasoning, content, calls = parser.parse(text, req, enable_auto_tools=True, model_output_token_ids=ids)
+        return reasoning, content, [(c.name, json.loads(c.arguments)) for c in calls or []]
+    reasoning, content, calls = "", "", {}
+    deltas = list(server.deltas(prompt, ids))
+    for k, (text, tok) in enumerate(deltas):
+        delta = parser.parse_delta(delta_text=text, delta_token_ids=[tok], request=req, prompt_token_ids=prompt,
+                                   finished=k == len(deltas) - 1)
+        if delta is not None:
+            reasoning += delta.reasoning or ""
+            content += delta.content or ""
+            for tc in delta.tool_calls or []:
+                # each call arrives whole, in one delta, once it is known to be complete and valid
+                assert tc.index not in calls and tc.id and tc.function.name
+                calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+    return reasoning or None, content or None, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("output,content,calls", OUTPUTS, ids=range(len(OUTPUTS)))
+def test_auto(server, output, content, calls, streaming):
+    assert run(server, output, "auto", streaming) == ("r", content, calls)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("output,content,calls", OUTPUTS, ids=range(len(OUTPUTS)))
+def test_none_returns_no_call_and_no_markup(server, output, content, calls, streaming):
+    reasoning, got, got_calls = run(server, output, "none", streaming)
+    assert reasoning == "r" and got_calls == []
+    assert "<tool_call>" not in (got or "") and "</tool_call>" not in (got or "")
+
+
+def test_none_forbids_the_call_delimiters(server):
+    """tool_choice none keeps the tools in the prompt (as trained) and rules out the tokens that
+    open and close a call, so the model answers in text."""
+    ids = {server.tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>")}
+    req = server.parser_cls(server.tokenizer, TOOLS, chat_template_kwargs={}).adjust_request(request("none"))
+    assert {int(k) for k, v in (req.logit_bias or {}).items() if v == -100} == ids
+    req = server.parser_cls(server.tokenizer, TOOLS, chat_template_kwargs={}).adjust_request(request("auto"))
+    assert not req.logit_bias
+
+
+def test_pieces():
+    assert split_output("a<tool_call>1</tool_call>b<tool_call>2", "<tool_call>", "</tool_call>") == ("ab", ["1"], ["2"])
+    assert partial_suffix("text <tool_", "<tool_call>") == 6 and partial_suffix("text", "<tool_call>") == 0
+    assert parse_call('{"name": "f", "arguments": {"q": "\\u003c/tool_call>"}}').arguments == '{"q": "</tool_call>"}'
+    assert parse_call('{"name": "", "arguments": {}}') is None
