@@ -234,3 +234,24 @@ def generate_documents(n: int, seed: int = 0) -> list[dict]:
                              "In {c}, the capital is {k}."]).format(c=c, k=k) for c, k in facts]
         rows.append({"text": " ".join(lines)})
     return rows
+
+
+SHORT_TOOLS = [{"type": "function", "function": {"name": t["function"]["name"]}} for t in TOOLS]
+
+
+def generate_tool_choice(n: int, seed: int = 0) -> list[dict]:
+    """SFT conversations of one question and one tool call, with the tools listed by name only
+    (short prompts, so a few dozen steps on CPU suffice). Held-out accuracy = how often the
+    model calls the tool the question needs."""
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        user, calls, reasoning = _tool_turn(rng)
+        name, args, _, _ = calls[0]
+        rows.append({"messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "reasoning_content": reasoning, "content": "",
+             "tool_calls": [{"id": f"call_{k}", "type": "function",
+                             "function": {"name": name, "arguments": json.dumps(args)}}]}],
+            "tools": SHORT_TOOLS})
+    return rows
