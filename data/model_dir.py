@@ -20,6 +20,9 @@ from data.formats import Format
 
 EXPORT_INFO_FILE = "keel-export.yaml"
 FORMAT_DIR = "keel-format"
+# the artifact of an MLflow registry version that points at an export living elsewhere (a shared
+# volume): {"location": PATH}; written by trainer/tracking.py, followed by serving/pull.py
+MODEL_REF_FILE = "keel-model-ref.json"
 
 
 def read_export_info(model_dir: str | Path) -> dict:

@@ -9,11 +9,13 @@ service-account role).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from data.errors import KeelError
+from data.model_dir import MODEL_REF_FILE
 
 PULLED_MARKER = ".keel-pulled"
 
@@ -38,6 +40,19 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     except Exception as exc:  # MLflow, boto3 and OS errors all mean the same thing to the user
         shutil.rmtree(staging, ignore_errors=True)
         raise KeelError(f"{uri}: download failed: {type(exc).__name__}: {exc}") from None
+    ref = got / MODEL_REF_FILE
+    if ref.is_file() and not (got / "config.json").is_file():
+        # a registry version that points at an export on a shared volume or in object storage
+        location = json.loads(ref.read_text())["location"]
+        shutil.rmtree(staging, ignore_errors=True)
+        if "://" in location:
+            return pull_model(location, dest)
+        if not (Path(location) / "config.json").is_file():
+            raise KeelError(f"{uri}: registered by reference to {location}, which is not readable here; mount the "
+                            "volume that holds it, or train with output.register_upload: true")
+        staging.mkdir(parents=True)
+        got = staging / "model"
+        shutil.copytree(location, got)
     if not (got / "config.json").is_file():
         shutil.rmtree(staging, ignore_errors=True)
         raise KeelError(f"{uri}: downloaded, but it is not a model directory (no config.json); point at the "

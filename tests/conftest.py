@@ -127,6 +127,7 @@ def mlflow_server(session_dir):
 
 TRACKING_PASSWORD = "tracking-pw-7f3a"  # planted secrets that no MLflow param or artifact may hold
 HF_TOKEN = "hf_planted_secret_91c2"
+REGISTERED_NAME = "keel-quickstart"  # the trained run's registry entry (models:/keel-quickstart/1)
 
 
 @dataclass
@@ -152,7 +153,8 @@ def trained_run(session_dir, tiny_model, mlflow_server, keel_env) -> TrainedRun:
                  f"model.path={tiny_model}", f"output.dir={run_dir}",
                  # credentials in the URI (the server ignores them): they must not reach MLflow
                  f"tracking.mlflow.tracking_uri={mlflow_server.replace('://', f'://keel:{TRACKING_PASSWORD}@')}",
-                 f"tracking.mlflow.experiment={experiment}", "tracking.mlflow.system_metrics_every_s=2"),
+                 f"tracking.mlflow.experiment={experiment}", "tracking.mlflow.system_metrics_every_s=2",
+                 f"output.register_as={REGISTERED_NAME}"),
         cwd=REPO, env={**keel_env, "HF_TOKEN": HF_TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800,
     )
     (session_dir / "train.log").write_text(proc.stdout)

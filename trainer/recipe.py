@@ -147,7 +147,13 @@ class OutputSection(Section):
     dir: str = Field(description="Run directory: checkpoints and the exported model (in <dir>/model).")
     merge_lora: bool = Field(default=True, description="Merge LoRA into the base at export; false keeps the adapter.")
     register_as: str | None = Field(
-        default=None, description="Register the export in the MLflow model registry under this name."
+        default=None, description="Register the export in the MLflow model registry under this name (by "
+                                  "reference to where it lives; see register_upload)."
+    )
+    register_upload: bool = Field(
+        default=False, description="Also upload the exported weights to MLflow as run artifacts, so the registry "
+                                   "version works without access to output.dir (off: a 70B export is not pushed "
+                                   "through a tracking server by default)."
     )
 
 

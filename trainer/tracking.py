@@ -85,21 +85,41 @@ class RunTracker(TrainerCallback):
         self._metrics_file.write_text("".join(line + "\n" for line in kept))
         self.history = [(r["step"], r["loss"]) for r in map(json.loads, kept) if "loss" in r]
 
-    def register_model(self, model_dir: str, name: str | None) -> None:
-        """Register the export in MLflow's model registry, by reference to where it lives (a
-        local or shared path, or the s3:// URI it was uploaded to)."""
+    def register_model(self, model_location: str, name: str | None, *, upload: bool = False) -> None:
+        """Register the export in MLflow's model registry.
+
+        By reference to where the export lives: an s3:// URI is the version's source itself; a
+        path (a shared volume) is recorded in a small `model-ref` artifact of the run (MLflow 3's
+        server refuses bare local paths as sources) that `keel pull` / `keel serve` follow. With
+        `upload` (output.register_upload) the weights themselves are logged as run artifacts,
+        so the version works without access to the output dir. Either way the version carries
+        the location as the tag keel.model_location."""
         if not (self.is_main and self.run_id and name):
             return
+        import json
+
+        import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        from data.model_dir import MODEL_REF_FILE
+
+        if "://" in model_location:
+            source = model_location
+        elif upload:
+            mlflow.log_artifacts(model_location, "model")
+            source = f"runs:/{self.run_id}/model"
+        else:
+            mlflow.log_text(json.dumps({"location": model_location}) + "\n", f"model-ref/{MODEL_REF_FILE}")
+            source = f"runs:/{self.run_id}/model-ref"
         client = MlflowClient()
         try:
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name)
-        version = client.create_model_version(name, source=str(model_dir), run_id=self.run_id)
-        print(f"[keel] registered {model_dir} as models:/{name}/{version.version}", flush=True)
+        version = client.create_model_version(name, source=source, run_id=self.run_id,
+                                              tags={"keel.model_location": model_location})
+        print(f"[keel] registered {model_location} as models:/{name}/{version.version}", flush=True)
 
     def log_stats(self, prefix: str, stats: dict) -> None:
         if self.is_main and self.run_id:

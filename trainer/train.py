@@ -248,7 +248,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                 upload_dir(out, model_location)
             write_run_file(recipe, "finished")
             log(f"exported {model_location} in {time.time() - t0:.0f}s total")
-            tracker.register_model(model_location, recipe.output.register_as)
+            tracker.register_model(model_location, recipe.output.register_as, upload=recipe.output.register_upload)
         status = "FINISHED"
         return out
     finally:

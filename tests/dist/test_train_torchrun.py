@@ -104,3 +104,25 @@ def test_mlflow_run_records_environment_and_node_metrics_but_no_secret(trained_r
     texts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
     for secret in (TRACKING_PASSWORD, HF_TOKEN):
         assert not any(secret in t for t in texts), secret
+
+
+def test_registered_model_is_pulled_by_reference_from_the_registry(trained_run, keel_env, tmp_path):
+    """output.register_as registers the export by reference (MLflow 3's server refuses bare
+    paths as sources): `keel pull models:/NAME/1` follows the reference to the same files."""
+    import subprocess
+    import sys
+
+    from conftest import REGISTERED_NAME
+
+    assert f"registered {trained_run.model_dir.resolve()} as models:/{REGISTERED_NAME}/1" in trained_run.output
+    dest = tmp_path / "pulled"
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "pull", f"models:/{REGISTERED_NAME}/1", str(dest)],
+                         env={**keel_env, "MLFLOW_TRACKING_URI": trained_run.tracking_uri}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (dest / name).read_bytes() == (trained_run.model_dir / name).read_bytes(), name
+    gone = subprocess.run([sys.executable, "-m", "trainer.cli", "pull", f"models:/{REGISTERED_NAME}/7", str(tmp_path / "x")],
+                          env={**keel_env, "MLFLOW_TRACKING_URI": trained_run.tracking_uri}, capture_output=True,
+                          text=True, timeout=300)
+    assert gone.returncode != 0 and f"models:/{REGISTERED_NAME}/7" in gone.stderr
