@@ -1,0 +1,80 @@
+"""Prefix stability for the formats beside hermes-qwen3 (tests/serving/test_history.py covers
+that one on the shared server): for each, a tiny model is trained one step with `keel train`
+and served with `keel serve`, and the prompt the server renders (POST /tokenize, the messages
+before an assistant turn and the tools, as a client sends them) must be, token for token, the
+prefix of the prepared training ids that preceded that turn. One server per format, so slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from conftest import API_KEY, QUICKSTART_DATA, QUICKSTART_RECIPE, REPO, free_port, keel_cmd, start_server, stop
+from data.conversation import validate_conversation
+from data.formats import resolve_format
+from data.model_dir import load_model_format
+from data.prepare import read_jsonl
+from data.render import render_conversation, split_examples
+from test_history import as_client_sends, multi_turn_rows, trained_starts
+from tests.data.make_roundtrip import expressible
+
+pytestmark = [pytest.mark.serving, pytest.mark.slow]
+
+# (case id, model.format, tiny model built for, native_syntax)
+CASES = [("llama3-json", "llama3-json", "llama3-json", None),
+         ("native-llama3", "native", "llama3-json", None)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_served_prompt_is_the_training_prefix(case, tiny_model_for, keel_env, tmp_path):
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    _, fmt_name, model_fmt, syntax = case
+    base = tiny_model_for(model_fmt)
+    supports = resolve_format(fmt_name, model_path=base, native_syntax=syntax).spec.supports
+    data = tmp_path / "train.jsonl"  # the quickstart rows as this format can hold them
+    data.write_text("".join(json.dumps(expressible(row, supports), ensure_ascii=False) + "\n"
+                            for _, row in read_jsonl(QUICKSTART_DATA)), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    overrides = [f"model.path={base}", f"model.format={fmt_name}", f"output.dir={run_dir}", "training.max_steps=1",
+                 f"data.train={data}",
+                 "training.seq_len=1024", "checkpoint.every_steps=1000", f"data.cache_dir={tmp_path / 'cache'}"]
+    if syntax:
+        overrides.append(f"model.native_syntax={syntax}")
+    trained = subprocess.run(keel_cmd("train", str(QUICKSTART_RECIPE), "--nproc-per-node", "1", *overrides),
+                             cwd=REPO, env=keel_env, capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
+    model_dir = run_dir / "model"
+    fmt = load_model_format(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    port = free_port()
+    proc, url = start_server(keel_cmd("serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                                      "--api-key", API_KEY), log=tmp_path / "server.log", env=keel_env, port=port)
+    try:
+        model_name = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"},
+                                  timeout=30).json()["data"][0]["id"]
+        checked = 0
+        for row in multi_turn_rows(3):
+            conv = validate_conversation(expressible(row, fmt.spec.supports), fmt.row_rules())
+            examples = render_conversation(conv, tokenizer=tokenizer, fmt=fmt)
+            for example, (_end, trained_turns) in zip(examples, split_examples(conv["messages"], fmt)):
+                for index, start in zip(trained_turns, trained_starts(example.labels)):
+                    body = {"model": model_name, "tools": conv["tools"], "add_generation_prompt": True,
+                            "messages": as_client_sends(conv["messages"][:index], "reasoning")}
+                    r = requests.post(url + "/tokenize", json=body, timeout=60,
+                                      headers={"Authorization": f"Bearer {API_KEY}"})
+                    assert r.status_code == 200, r.text
+                    served = r.json()["tokens"]
+                    if served != example.input_ids[:start]:
+                        pytest.fail(f"{fmt_name}: turn {index} renders differently:\n"
+                                    f"served:  {tokenizer.decode(served)[-300:]!r}\n"
+                                    f"trained: {tokenizer.decode(example.input_ids[:start])[-300:]!r}")
+                    checked += 1
+        assert checked >= 6
+    finally:
+        stop(proc)
