@@ -6,7 +6,8 @@ Keel (its middleware, its tool parser, its derived settings) cost anything?
 Both servers run at once on loopback (each a free port) and are loaded in turn, so machine
 noise (other jobs, thermal state) falls on both alike; the order alternates each repeat. Bare
 vLLM gets what a user would pass by hand for this model (the exported chat template, vLLM's
-hermes and qwen3 parsers, the context length and dtype), and the same API key. Each round sends
+hermes and qwen3 parsers, the context length and dtype), the same API key and the same engine
+environment (VLLM_CPU_KVCACHE_SPACE on CPU, as Keel derives it). Each round sends
 the same seeded streaming tool-calling requests at a fixed concurrency; per round: output
 tokens/s and median time to first token. Reported: keel/bare ratios per repeat, their median
 and spread. Keel must add no measurable overhead: median throughput ratio >= 0.98.
@@ -110,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     stem.parent.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve()
     bare_port, keel_port = free_port(), free_port()
-    env = server_env(API_KEY)  # both get the key by env; bare vLLM reads VLLM_API_KEY
+    # Both get the key by env (bare vLLM reads VLLM_API_KEY) and the same engine environment
+    # (on CPU: the KV cache space Keel derives), so the comparison isolates what Keel adds on the
+    # request path (middleware, tool parser) rather than a different cache size.
+    from serving.engine import Target
+    from serving.model_source import resolve
+    from serving.server import plan_served
+
+    engine_env = plan_served(resolve(str(model_dir)), host="127.0.0.1", port=keel_port, target=Target()).env
+    env = server_env(API_KEY, engine_env)
     keel_cmd = [sys.executable, "-m", "trainer.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                 "--port", str(keel_port), "--api-key", API_KEY]
     rows = []
