@@ -28,10 +28,12 @@ class RunTracker(TrainerCallback):
     """Logs the resolved recipe, format and metrics to MLflow; prints progress lines."""
 
     def __init__(self, *, mlflow_section, params: dict, artifacts: dict[str, str], run_dir: Path,
-                 is_main: bool, log_every: int, resume_step: int = 0, tags: dict[str, str] | None = None):
+                 is_main: bool, log_every: int, resume_step: int = 0, tags: dict[str, str] | None = None,
+                 model_params: int = 0, world: int = 1):
         self.cfg = mlflow_section
         self.params = params
         self.tags = tags or {}
+        self.model_params, self.world = model_params, world  # for the MFU estimate on GPUs
         self.artifacts = artifacts  # artifact path -> text
         self.run_dir = run_dir
         self.is_main = is_main
@@ -40,7 +42,7 @@ class RunTracker(TrainerCallback):
         self.resume_step = resume_step
         self.history: list[tuple[int, float]] = []
         self._t_start = self._t_last = 0.0
-        self._tokens_last = 0.0
+        self._tokens_last = self._trained_last = 0.0
         self._metrics_file = run_dir / METRICS_FILE
         self._start_step = 0
 
@@ -166,7 +168,7 @@ class RunTracker(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t_start = self._t_last = time.time()
-        self._tokens_last = 0.0
+        self._tokens_last = self._trained_last = 0.0
         self._start_step = state.global_step  # after a resume, the rate counts from here
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -174,10 +176,22 @@ class RunTracker(TrainerCallback):
             return
         now = time.time()
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        dt = max(now - self._t_last, 1e-9)
         if "num_tokens" in metrics:
-            dt = max(now - self._t_last, 1e-9)
             metrics["tokens_per_s"] = (metrics["num_tokens"] - self._tokens_last) / dt
             self._tokens_last = metrics["num_tokens"]
+        if "num_trained_tokens" in metrics:  # tokens with a loss: what the run actually learns from
+            metrics["trained_tokens_per_s"] = (metrics["num_trained_tokens"] - self._trained_last) / dt
+            self._trained_last = metrics["num_trained_tokens"]
+        metrics.update(_memory_metrics())
+        if self.model_params and "tokens_per_s" in metrics:
+            import torch
+
+            if torch.cuda.is_available():
+                value = mfu(metrics["tokens_per_s"], params=self.model_params, world=self.world,
+                            device_name=torch.cuda.get_device_name())
+                if value is not None:
+                    metrics["mfu"] = value
         self._t_last = now
         if "loss" in metrics:
             self.history.append((state.global_step, metrics["loss"]))
@@ -202,6 +216,32 @@ class RunTracker(TrainerCallback):
                 flush=True,
             )
 
+
+
+# dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                   "B200": 2250e12}
+
+
+def mfu(tokens_per_s: float, *, params: int, world: int, device_name: str) -> float | None:
+    """Model FLOPs utilisation: 6 x parameters FLOPs per trained-through token (forward and
+    backward, attention not counted, as in the PaLM paper's appendix B), over the devices' peak.
+    `tokens_per_s` counts every rank's tokens. None for a device without a known peak."""
+    peak = next((f for name, f in PEAK_BF16_FLOPS.items() if name in device_name), None)
+    if peak is None or world < 1:
+        return None
+    return 6 * params * tokens_per_s / (world * peak)
+
+
+def _memory_metrics() -> dict[str, float]:
+    """This process's memory: resident set size, and on a GPU the peak allocated by torch."""
+    import psutil
+    import torch
+
+    out = {"memory_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 class NodeSystemMetrics:

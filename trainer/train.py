@@ -179,7 +179,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                    f"format/{fmt.spec.chat_template}": fmt.chat_template, "format/spec.yaml": fmt.spec_yaml(),
                    **env_artifacts},
         tags=env_tags, run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
-        resume_step=resume_step,
+        resume_step=resume_step, model_params=sum(p.numel() for p in model.parameters()), world=world,
     )
     tracker.start()
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)

@@ -66,7 +66,7 @@ def test_mlflow_run_has_recipe_params_loss_curve_and_template(trained_run):
     assert len(loss) >= 100  # one point per optimizer step
     first, last = loss[0].value, loss[-1].value
     assert last < first / 5, (first, last)  # it learned
-    for metric in ("learning_rate", "grad_norm", "tokens_per_s"):
+    for metric in ("learning_rate", "grad_norm", "tokens_per_s", "trained_tokens_per_s", "memory_rss_gib"):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe.yaml", "format", "loss_curve.png", "data"} <= artifacts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from trainer.recipe import flatten, load_recipe
 from trainer.run_facts import REDACTED, installed_packages, redact, redact_text, run_environment
 
@@ -45,3 +47,13 @@ def test_environment_records_packages_and_keel_commit():
     if (QUICKSTART.parents[2] / ".git").exists():  # a git checkout of Keel: its commit is a tag
         assert len(tags["keel.git_commit"].split("-")[0]) == 40
     assert installed_packages() == installed_packages()  # stable order
+
+
+def test_mfu_estimate_follows_6nd_over_peak():
+    from trainer.tracking import mfu
+
+    # Llama 3.1 8B at 3,000 tokens/s per H100 across 8 GPUs: 6 x 8.03e9 x 24,000 / (8 x 989e12)
+    assert mfu(24_000, params=8_030_000_000, world=8, device_name="NVIDIA H100 80GB HBM3") == \
+        pytest.approx(6 * 8.03e9 * 3000 / 989e12)
+    assert 0.1 < mfu(24_000, params=8_030_000_000, world=8, device_name="NVIDIA H100 80GB HBM3") < 0.2
+    assert mfu(1000, params=10, world=1, device_name="Some Unknown GPU") is None
