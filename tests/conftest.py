@@ -180,12 +180,14 @@ def lora_run(session_dir, trained_run, mlflow_server, keel_env) -> TrainedRun:
     return TrainedRun(run_dir, proc.returncode, proc.stdout, mlflow_server, experiment)
 
 
-def start_server(args: list[str], *, log: Path, env: dict[str, str], port: int, timeout_s: float = 600):
-    """A `keel serve`-like process on loopback, up when /health answers; the caller stops it."""
+def start_server(args: list[str], *, log: Path, env: dict[str, str], port: int, timeout_s: float = 600,
+                 health: str = "/health"):
+    """A server process on loopback (`keel serve`, an S3 emulator), up when `health` answers;
+    the caller stops it."""
     with open(log, "w") as logf:
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=timeout_s)
+        wait_for_http(f"http://127.0.0.1:{port}{health}", proc, log, timeout_s=timeout_s)
     except BaseException:
         stop(proc)
         raise

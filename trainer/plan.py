@@ -166,72 +166,63 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
                     overhead=OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal, notes=notes)
 
 
-def _with(recipe, **sections):
+def _apply(recipe, updates: dict[str, dict]):
     """A copy of the recipe with fields of its sections changed (no re-validation needed here)."""
-    changes = {name: replace_model(getattr(recipe, name), **fields) for name, fields in sections.items()}
-    return recipe.model_copy(update=changes)
+    return recipe.model_copy(update={name: getattr(recipe, name).model_copy(update=fields)
+                                     for name, fields in updates.items()})
 
 
-def replace_model(section, **fields):
-    return section.model_copy(update=fields)
+def _describe(updates: dict[str, dict]) -> str:
+    text = " ".join(f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                    for section, fields in updates.items() for key, value in fields.items())
+    return text + (" (same global batch)" if "grad_accum" in updates.get("training", {}) else "")
 
 
-def candidate_changes(recipe, cluster: Cluster):
-    """Changes to try, smallest first: (description, recipe, cluster)."""
+def candidate_changes(recipe) -> list[dict[str, dict]]:
+    """Changes to try, smallest first, as {section: {field: value}}; later ones of the same
+    fields supersede earlier ones when accumulated."""
     t, d = recipe.training, recipe.distributed
     out = []
     if not t.gradient_checkpointing:
-        out.append(("training.gradient_checkpointing=true", _with(recipe, training={"gradient_checkpointing": True}),
-                    cluster))
+        out.append({"training": {"gradient_checkpointing": True}})
     mbs, ga = t.micro_batch_size, t.grad_accum
     while mbs > 1:
         mbs, ga = mbs // 2, ga * 2
-        out.append((f"training.micro_batch_size={mbs} training.grad_accum={ga} (same global batch)",
-                    _with(recipe, training={"micro_batch_size": mbs, "grad_accum": ga}), cluster))
+        out.append({"training": {"micro_batch_size": mbs, "grad_accum": ga}})
     ladder = ["zero2", "zero3"] if recipe.peft.kind != "qlora" else ["zero2"]
-    for strategy in ladder:
-        if ladder.index(strategy) > (ladder.index(d.strategy) if d.strategy in ladder else -1):
-            out.append((f"distributed.strategy={strategy}", _with(recipe, distributed={"strategy": strategy}), cluster))
+    current = ladder.index(d.strategy) if d.strategy in ladder else -1
+    out += [{"distributed": {"strategy": strategy}} for strategy in ladder[current + 1:]]
     if recipe.peft.kind != "qlora":
-        out.append(("distributed.strategy=zero3 distributed.offload=optimizer",
-                    _with(recipe, distributed={"strategy": "zero3", "offload": "optimizer"}), cluster))
+        out.append({"distributed": {"strategy": "zero3", "offload": "optimizer"}})
     if recipe.peft.kind == "none":
-        out.append(("peft.kind=lora", _with(recipe, peft={"kind": "lora"}), cluster))
+        out.append({"peft": {"kind": "lora"}})
     return out
 
 
 def smallest_change(recipe, cluster: Cluster, config: dict, shape: ModelShape, budget: float) -> str | None:
     """The first change that fits: one change alone (smallest first), then the same changes
     accumulated, then more nodes."""
-    def fits(r, cl) -> bool:
-        s = shape if r.peft == recipe.peft else model_shape(config, r.peft)
-        return estimate(r, s, cl).total <= budget
+    def fits(updates, cl) -> bool:
+        changed = _apply(recipe, updates)
+        s = shape if changed.peft == recipe.peft else model_shape(config, changed.peft)
+        return estimate(changed, s, cl).total <= budget
 
-    for description, changed, cl in candidate_changes(recipe, cluster):
-        if fits(changed, cl):
-            return description
-    current, done = recipe, []
-    for description, _, _ in candidate_changes(recipe, cluster):
-        # re-derive each step from the accumulated recipe (later steps build on earlier ones)
-        step = next((c for d, c, _ in candidate_changes(current, cluster) if d == description), None)
-        if step is None:
-            continue
-        current = step
-        done = [d for d in done if not _supersedes(description, d)] + [description]
-        if fits(current, cluster):
-            return " + ".join(done)
+    candidates = candidate_changes(recipe)
+    for updates in candidates:
+        if fits(updates, cluster):
+            return _describe(updates)
+    merged: dict[str, dict] = {}
+    for updates in candidates:
+        for section, fields in updates.items():
+            merged.setdefault(section, {}).update(fields)
+        if fits(merged, cluster):
+            return _describe(merged)
     if recipe.peft.kind != "qlora":
         for factor in (2, 4, 8, 16, 32, 64):
             cl = replace(cluster, nodes=cluster.nodes * factor)
-            if fits(current, cl):
-                return f"--nodes {cl.nodes} with " + " + ".join(done)
+            if fits(merged, cl):
+                return f"--nodes {cl.nodes} with " + _describe(merged)
     return None
-
-
-def _supersedes(new: str, old: str) -> bool:
-    """A later setting of the same keys replaces an earlier one in the description."""
-    keys = lambda d: {w.split("=")[0] for w in d.split() if "=" in w}  # noqa: E731
-    return bool(keys(new) & keys(old)) and keys(old) <= keys(new)
 
 
 @dataclass

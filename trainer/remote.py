@@ -72,19 +72,21 @@ def fetch_model(uri: str, *, local_rank: int, timeout_s: float = 3600, key: str 
     fs, root = _fs(uri)
     root = root.rstrip("/")
     try:
-        files = [f for f in fs.find(root) if not f.endswith("/")]
+        listing = {f: info.get("size") or 0 for f, info in fs.find(root, detail=True).items()
+                   if info.get("type") != "directory"}  # one listing, sizes included
     except Exception as exc:  # noqa: BLE001 - every backend has its own errors; the message says which
         raise KeelError(f"{key}: cannot list {uri}: {type(exc).__name__}: {exc}") from None
+    files = sorted(listing)
     names = {f[len(root) + 1:] for f in files}
     if "config.json" not in names:
         raise KeelError(f"{key}: {uri} holds no config.json ({len(names)} files found); expected an exported or "
                         "saved model directory")
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    total = sum(fs.size(f) or 0 for f in files)
+    total = sum(listing.values())
     done, t0, last = 0, time.time(), 0.0
     print(f"[keel] fetching {uri} ({len(files)} files, {total / 1e6:.1f} MB) into {dest}", flush=True)
-    for f in sorted(files):
+    for f in files:
         target = tmp / f[len(root) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(f, str(target))

@@ -4,14 +4,14 @@ with a completion marker written last, and a missing model fails before any work
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, stop, wait_for_http
+from conftest import free_port, start_server, stop
 from dist_helpers import run, small_data, train_cmd
 
 pytestmark = pytest.mark.dist
@@ -20,16 +20,13 @@ BUCKET = "keel-test"
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    pytest.importorskip("moto.server", reason="moto[server] is part of the dev install (make install)")
-    pytest.importorskip("s3fs", reason="s3fs is part of the cloud extra (make install)")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # moto[server] (dev extra) and s3fs (a Keel dependency) are installed by `make install`: a
+    # missing one fails here rather than skipping the S3 tests unnoticed
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=logf, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    proc, url = start_server([moto, "-H", "127.0.0.1", "-p", str(port)], log=tmp_path_factory.mktemp("moto") / "moto.log",
+                             env=dict(os.environ), port=port, timeout_s=60, health="/moto-api/")
     try:
-        wait_for_http(url + "/moto-api/", proc, log, timeout_s=60)
         yield url
     finally:
         stop(proc)
