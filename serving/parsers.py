@@ -31,6 +31,7 @@ instead of writing a call that would be dropped. Stripping the markup stays as t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -101,6 +102,26 @@ def split_output(text: str, open_tag: str, close_tag: str) -> tuple[str, list[st
     return "".join(content), calls, cut
 
 
+@functools.cache
+def call_delimiters(format_name: str) -> tuple[str, str]:
+    """(open, close) tags of a format's tool calls, read from its spec once per process."""
+    spec = load_format(format_name).spec
+    return spec.tool_call.open, spec.tool_call.close
+
+
+_markup_ids: dict[int, tuple[object, tuple[int, ...]]] = {}
+
+
+def markup_token_ids(tokenizer, tags: tuple[str, ...]) -> tuple[int, ...]:
+    """Ids of the tags that are single tokens, looked up once per tokenizer: `get_vocab()`
+    builds the whole vocabulary dict (tens of ms for a 150k vocab), too slow per request."""
+    cached = _markup_ids.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        vocab = tokenizer.get_vocab()
+        cached = _markup_ids[id(tokenizer)] = (tokenizer, tuple(vocab[t] for t in tags if t in vocab))
+    return cached[1]
+
+
 class TaggedJsonToolParser(Hermes2ProToolParser):
     """Tool calls as `OPEN{"name": ..., "arguments": {...}}CLOSE`; subclasses name the format."""
 
@@ -108,11 +129,10 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
     engine_based_streaming = True
 
     def __init__(self, tokenizer, tools=None):
+        # vLLM builds two parsers per request on its event loop: construction must stay cheap.
         super().__init__(tokenizer, tools)
-        spec = load_format(self.format_name).spec
-        self.open_tag, self.close_tag = spec.tool_call.open, spec.tool_call.close
+        self.open_tag, self.close_tag = call_delimiters(self.format_name)
         self.tool_call_start_token, self.tool_call_end_token = self.open_tag, self.close_tag
-        self.markup_token_ids = [self.vocab[t] for t in (self.open_tag, self.close_tag) if t in self.vocab]
         # Streaming state: vLLM hands an engine-based parser only each new piece of text.
         self._text = ""
         self._pos = 0  # text before this is settled (sent as content, or inside a finished call)
@@ -129,7 +149,8 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
         request.skip_special_tokens = False
         if request.tool_choice == "none":
             bias = dict(request.logit_bias or {})
-            bias.update({str(token): FORBID for token in self.markup_token_ids})
+            ids = markup_token_ids(self.model_tokenizer, (self.open_tag, self.close_tag))
+            bias.update({str(token): FORBID for token in ids})
             request.logit_bias = bias
         return request
 
