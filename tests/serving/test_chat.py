@@ -9,8 +9,9 @@ calls) and only the tool choices the model has learned (weather -> get_weather).
 Not tested here, because the tiny model does not do it on demand: writing parallel calls
 itself. Asked to compare two cities it never closes its reasoning (seen 2026-11-26: every
 "Compare the weather in A and B." of the training data, greedy), and for small talk it calls a
-tool rather than answering. Parsing of parallel calls, whole and streamed through vLLM's own
-serving classes, is covered by tests/unit/test_parsers.py; here parallel calls appear as
+tool rather than answering. tests/serving/test_taught_behaviour.py teaches a model both and
+serves it (slow tier); parsing of parallel calls, whole and streamed through vLLM's own
+serving classes, is also covered by tests/unit/test_parsers.py. Here parallel calls appear as
 history a client sends back with their results (test_tool_results_fed_back_get_an_answer), and
 small talk is answered with tool_choice "none"."""
 
