@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -191,10 +193,21 @@ class Source:
         for name in self.files:
             where = self._display(name)
             try:
+                self._check_inside(name)
                 with self.fs.open(name, "rb") as f:
                     yield where, {"text": document_text(name, f.read())}
             except RowError as exc:
                 yield where, exc
+
+    def _check_inside(self, name: str) -> None:
+        """A document in a local directory must be inside it: a symbolic link that leads out (to
+        ~/.ssh, /etc, another user's files) is refused, not read into training data."""
+        if len(self.files) == 1 or "local" not in type(self.fs).__name__.lower():
+            return
+        root, real = os.path.realpath(self.path), os.path.realpath(name)
+        if os.path.commonpath([root, real]) != root:
+            raise RowError(f"a symbolic link to {real}, outside {self.location}; Keel reads only the files inside "
+                           "the data directory: copy the file in instead of linking it")
 
     def _display(self, name: str) -> str:
         if len(self.files) == 1:
@@ -213,6 +226,9 @@ def _json_line(raw: bytes | str):
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         return RowError(f"not valid JSON ({exc.msg} at char {exc.pos})")
+    except RecursionError:  # Python's json parser recurses once per level of nesting
+        return RowError("nested too deeply to read (JSON arrays or objects inside each other about "
+                        f"{sys.getrecursionlimit()} levels deep); flatten the row")
 
 
 def open_source(location: str, *, key: str = "data.train") -> Source:
