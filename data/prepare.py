@@ -289,8 +289,11 @@ def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format,
     if stats.rejected and options.on_invalid == "error":
         _raise_for_errors(rejected.shown, stats.rejected, stats.rows, split)
     if writer is None:
+        fix = ("it is empty (no rows, or only blank lines): point data." + split + " at the data file, or add rows"
+               if stats.rows == 0 else "every row was rejected (set data.on_invalid: error to list each with its "
+               "reason) or had no trained token left after truncation (raise training.seq_len)")
         raise KeelError(f"data.{split}: {data} holds nothing to train on ({stats.rows} rows, "
-                        f"{stats.rejected} rejected)")
+                        f"{stats.rejected} rejected): {fix}")
     writer.close()
     stats.sequences = writer.sequences
     if writer.packing:

@@ -122,7 +122,12 @@ class Source:
         with self._open(self.path) as f:
             for lineno, raw in enumerate(f, start=1):
                 if raw.strip():
-                    yield f"{self.location}:{lineno}", _json_line(raw)
+                    row = _json_line(raw)
+                    if isinstance(row, RowError) and not raw.endswith(b"\n") and lineno > 1:
+                        # a last line without its newline that does not parse: the file was cut
+                        row = RowError(f"{row}; the file ends inside this line, so it was probably cut short "
+                                       "(an interrupted copy, download or write): copy it again from its source")
+                    yield f"{self.location}:{lineno}", row
 
     def _json(self):
         with self._open(self.path) as f:
@@ -137,7 +142,7 @@ class Source:
                 return
             raise KeelError(f"{self.location}: not valid JSON ({exc.msg} at line {exc.lineno} col {exc.colno})") from None
         except UnicodeDecodeError as exc:
-            raise KeelError(f"{self.location}: not valid UTF-8 (byte {exc.start})") from None
+            raise KeelError(f"{self.location}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
         if isinstance(doc, dict) and isinstance(doc.get("data"), list):
             doc = doc["data"]
         if not isinstance(doc, list):
@@ -221,7 +226,7 @@ def _json_line(raw: bytes | str):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return RowError(f"not valid UTF-8 (byte {exc.start})")
+            return RowError(f"not valid UTF-8 (byte {exc.start} of the line); save the file as UTF-8")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -187,6 +187,14 @@ def _target(args) -> Target:
     return Target(gpus=gpus, gpu_memory_gib=(args.gpu_memory_gib or found.gpu_memory_gib) if gpus else None)
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """Serving on every interface without a key lets anyone who can reach the port run the model."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"--host {host} without an API key: anyone who can reach this port can use the model. Pass --api-key "
+            "(or set $KEEL_API_KEY), or --host 127.0.0.1 behind your own gateway")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -198,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeelError as exc:
         print(f"keel: error: {exc}", file=sys.stderr)
         return 2
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"[keel] warning: {warning}", file=sys.stderr, flush=True)
     for reason in plan.reasons:
         print(f"[keel] {reason}", flush=True)
     print("[keel] " + " ".join(plan.command), flush=True)
