@@ -113,22 +113,28 @@ conversation_rows = st.one_of(
     st.builds(lambda m, extra: {"messages": m, **extra}, messages, st.dictionaries(keys, scalars, max_size=3)),
     json_values,
 )
-# Rows of every shape data/shapes.py converts, plus anything.
-any_rows = st.one_of(
-    conversation_rows,
-    st.builds(lambda turns, system: {"conversations": turns, "system": system},
-              st.one_of(st.lists(st.fixed_dictionaries({"from": st.one_of(st.sampled_from(ROLES), json_values),
-                                                        "value": json_values}), max_size=4), json_values),
-              st.one_of(st.none(), st.text(max_size=5), json_values)),
-    st.fixed_dictionaries({"instruction": json_values, "output": json_values},
-                          optional={"input": json_values, "history": json_values, "system": json_values}),
-    st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=10), messages),
-                           "completion": st.one_of(st.text(max_size=10), messages)}),
-    st.fixed_dictionaries({"chosen": st.one_of(st.text(max_size=10), messages),
-                           "rejected": st.one_of(st.text(max_size=10), messages)},
-                          optional={"prompt": st.one_of(st.text(max_size=10), messages), "tools": json_values}),
-    st.fixed_dictionaries({"text": json_values}),
-    st.dictionaries(keys, json_values, max_size=6),
+# (shape, row): rows of each shape data/shapes.py converts, given to that shape's converter,
+# plus any row given to any converter.
+prompt_or_messages = st.one_of(st.text(max_size=10), messages)
+shaped_rows = st.one_of(
+    st.tuples(st.just("messages"), conversation_rows),
+    st.tuples(st.just("sharegpt"), st.builds(
+        lambda turns, system: {"conversations": turns, "system": system},
+        st.one_of(st.lists(st.fixed_dictionaries({"from": st.one_of(st.sampled_from(ROLES), json_values),
+                                                  "value": json_values}), min_size=1, max_size=4), json_values),
+        st.one_of(st.none(), st.text(max_size=5), json_values))),
+    st.tuples(st.just("alpaca"), st.fixed_dictionaries(
+        {"instruction": st.one_of(st.text(max_size=10), json_values), "output": st.one_of(st.text(max_size=10),
+                                                                                           json_values)},
+        optional={"input": json_values, "history": json_values, "system": json_values})),
+    st.tuples(st.just("prompt_completion"), st.fixed_dictionaries({"prompt": prompt_or_messages,
+                                                                   "completion": prompt_or_messages})),
+    st.tuples(st.just("preference"), st.fixed_dictionaries(
+        {"chosen": prompt_or_messages, "rejected": prompt_or_messages},
+        optional={"prompt": prompt_or_messages, "tools": json_values})),
+    st.tuples(st.just("text"), st.fixed_dictionaries({"text": json_values})),
+    st.tuples(st.sampled_from(["messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text"]),
+              st.one_of(json_values, st.dictionaries(keys, json_values, max_size=6))),
 )
 
 

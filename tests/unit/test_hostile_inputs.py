@@ -24,7 +24,7 @@ from data.errors import KeelError
 from data.formats import available_formats, load_format
 from data.shapes import KINDS, detect_shape, to_canonical
 from data.sources import open_source
-from tests.hostile import EXAMPLES, any_rows, conversation_rows, json_values, keys, run_property
+from tests.hostile import EXAMPLES, conversation_rows, json_values, keys, run_property, shaped_rows
 from trainer.recipe import parse_recipe
 
 FORMATS = [load_format(name) for name in available_formats() if name != "native"]
@@ -121,7 +121,7 @@ def test_shape_converters_and_validators_raise_only_keel_errors(record_property)
     rules = load_format("hermes-qwen3").row_rules()
 
     def check(case):
-        row, shape = case
+        shape, row = case
         keel_error_only(detect_shape, row, "rows.jsonl:1")
         canonical = keel_error_only(to_canonical, shape, row)
         if canonical is None:
@@ -131,7 +131,7 @@ def test_shape_converters_and_validators_raise_only_keel_errors(record_property)
                     "document": lambda r: validate_document(r, ("<|im_end|>",))}[KINDS[shape]]
         keel_error_only(validate, canonical)
 
-    report(record_property, run_property(st.tuples(any_rows, st.sampled_from(sorted(KINDS))), check))
+    report(record_property, run_property(shaped_rows, check))
 
 
 def test_document_reader_raises_only_keel_errors(record_property):
