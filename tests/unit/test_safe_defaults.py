@@ -57,6 +57,9 @@ def remote_code_model(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     config.update(model_type="planted", auto_map={"AutoConfig": "modeling_planted.PlantedConfig",
                                                   "AutoModelForCausalLM": "modeling_planted.PlantedModel"})
     (out / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["modeling_planted.PlantedTokenizer", None]}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return out, marker
 
 
@@ -85,6 +88,8 @@ def test_model_code_does_not_run_unless_the_recipe_trusts_it(remote_code_model):
     model_dir, marker = remote_code_model
     with pytest.raises(KeelError, match=r"needs its own Python code to load .* model.trust_remote_code: true"):
         load_causal_lm(model_dir)
+    # the tokenizer's auto_map is not followed either: its own class (tokenizer_class) is used
+    assert load_tokenizer(model_dir).encode("<think>", add_special_tokens=False)
     assert not marker.exists()
     load_causal_lm(model_dir, LoadPolicy(trust_remote_code=True))
     assert marker.exists()  # the planted code is real: trusting it runs it
