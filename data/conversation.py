@@ -18,11 +18,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from data.errors import KeelError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class RowError(ValueError):
-    """One row is invalid; the message says why and where inside the row."""
+class RowError(KeelError, ValueError):
+    """One row is invalid; the message says why and where inside the row (the caller adds the
+    file and row). A KeelError like every mistake a user can fix; a ValueError for callers
+    written before it was one."""
 
 
 @dataclass(frozen=True)
@@ -134,20 +138,42 @@ def _schema_problem(schema_json: str) -> str | None:
         Draft202012Validator.check_schema(json.loads(schema_json))
     except SchemaError as exc:
         return exc.message
+    except (OverflowError, RecursionError) as exc:  # the regex format check: `a{99999999999}`; deep nesting
+        return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _no_retrieval(uri: str):
+    """A tool schema's `$ref` is followed only inside the schema: never to a file or a URL, so a
+    data row cannot make Keel read a local file or call a server."""
+    from referencing.exceptions import NoSuchResource
+
+    raise NoSuchResource(ref=uri)
 
 
 @functools.lru_cache(maxsize=4096)
 def _validator(schema_json: str):
     from jsonschema import Draft202012Validator
+    from referencing import Registry
 
-    return Draft202012Validator(json.loads(schema_json))
+    return Draft202012Validator(json.loads(schema_json), registry=Registry(retrieve=_no_retrieval))
 
 
 def _check_arguments(args: dict, schema: dict | None, where: str) -> None:
+    import re
+
+    from referencing.exceptions import Unresolvable
+
     if not schema:
         return
-    error = next(iter(sorted(_validator(json.dumps(schema, sort_keys=True)).iter_errors(args), key=str)), None)
+    try:
+        errors = list(_validator(json.dumps(schema, sort_keys=True)).iter_errors(args))
+    except Unresolvable as exc:
+        raise RowError(f"{where}: the tool's parameters schema has a $ref that does not resolve inside the schema "
+                       f"({exc}); Keel follows no $ref to files or URLs: inline the definitions under $defs") from None
+    except (re.error, OverflowError) as exc:  # a "pattern" Python's re cannot compile
+        raise RowError(f"{where}: the tool's parameters schema has a pattern Python cannot use ({exc})") from None
+    error = next(iter(sorted(errors, key=str)), None)
     if error is not None:
         at = "/".join(map(str, error.absolute_path)) or "(top)"
         raise RowError(f"{where}: arguments do not match the tool's parameters schema at {at}: {error.message}")

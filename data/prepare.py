@@ -244,16 +244,16 @@ class _Rejected:
 
 
 def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format, seq_len: int, split: str,
-           options: PrepOptions, num_proc: int) -> tuple[PrepStats, str, bool]:
+           options: PrepOptions, num_proc: int, trust_remote_code: bool = False) -> tuple[PrepStats, str, bool]:
     """Write the cache into `tmp`; (stats, kind, packed)."""
-    from transformers import AutoTokenizer
+    from data.model_loading import LoadPolicy, load_tokenizer
 
     from data.lengths import LengthHistogram, plot_lengths
     from data.progress import Progress
     from data.render import check_tokenizer
     from data.workers import tokenized_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir, LoadPolicy(trust_remote_code=trust_remote_code))
     check_tokenizer(tokenizer, fmt, where=str(tokenizer_dir))
     stats, histogram, rejected = PrepStats(), LengthHistogram(seq_len), _Rejected(tmp / REJECTED_FILE)
     kind, writer = "conversation", None
@@ -261,7 +261,7 @@ def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format,
     try:
         for where, raw, shape, result in tokenized_rows(source, options.shape, tokenizer=tokenizer,
                                                         tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len,
-                                                        num_proc=num_proc):
+                                                        num_proc=num_proc, trust_remote_code=trust_remote_code):
             stats.rows += 1
             progress.update()
             if shape is not None:
@@ -289,8 +289,11 @@ def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format,
     if stats.rejected and options.on_invalid == "error":
         _raise_for_errors(rejected.shown, stats.rejected, stats.rows, split)
     if writer is None:
+        fix = ("it is empty (no rows, or only blank lines): point data." + split + " at the data file, or add rows"
+               if stats.rows == 0 else "every row was rejected (set data.on_invalid: error to list each with its "
+               "reason) or had no trained token left after truncation (raise training.seq_len)")
         raise KeelError(f"data.{split}: {data} holds nothing to train on ({stats.rows} rows, "
-                        f"{stats.rejected} rejected)")
+                        f"{stats.rejected} rejected): {fix}")
     writer.close()
     stats.sequences = writer.sequences
     if writer.packing:
@@ -313,7 +316,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
                  cache_root: str | Path | None = None, split: str = "train",
                  options: PrepOptions | None = None, num_proc: int | None = None,
-                 timeout_s: float = WAIT_TIMEOUT_S) -> Prepared:
+                 timeout_s: float = WAIT_TIMEOUT_S, trust_remote_code: bool = False) -> Prepared:
     """Prepared token ids for one data location (file, directory or URL), from the cache when
     there; built here, or waited for while another process builds it."""
     from data.workers import default_num_proc
@@ -340,7 +343,8 @@ def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, se
             try:
                 stats, kind, packed = _build(source, tmp, data=data, tokenizer_dir=tokenizer_dir, fmt=fmt,
                                              seq_len=seq_len, split=split, options=options,
-                                             num_proc=num_proc or default_num_proc())
+                                             num_proc=num_proc or default_num_proc(),
+                                             trust_remote_code=trust_remote_code)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -425,7 +429,7 @@ def _wait_while_locked(final: Path, lock: Path, deadline: float, timeout_s: floa
 
 def wait_for_prepared(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
                       cache_root: str | Path | None = None, timeout_s: float = WAIT_TIMEOUT_S,
-                      options: PrepOptions | None = None) -> Prepared:
+                      options: PrepOptions | None = None, trust_remote_code: bool = False) -> Prepared:  # noqa: ARG001 (loads nothing)
     """For processes that are not the preparing one (local ranks other than 0): wait on the
     completion marker.
 

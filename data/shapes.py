@@ -112,7 +112,7 @@ def from_sharegpt(row: dict) -> dict:
         where = f"conversations[{i}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError(f"{where}: a ShareGPT turn needs 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(turn["from"])
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise RowError(f"{where}.from: {turn['from']!r} is not a ShareGPT speaker ({', '.join(SHAREGPT_ROLES)})")
         if role == "function_call":

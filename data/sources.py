@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +122,12 @@ class Source:
         with self._open(self.path) as f:
             for lineno, raw in enumerate(f, start=1):
                 if raw.strip():
-                    yield f"{self.location}:{lineno}", _json_line(raw)
+                    row = _json_line(raw)
+                    if isinstance(row, RowError) and not raw.endswith(b"\n") and lineno > 1:
+                        # a last line without its newline that does not parse: the file was cut
+                        row = RowError(f"{row}; the file ends inside this line, so it was probably cut short "
+                                       "(an interrupted copy, download or write): copy it again from its source")
+                    yield f"{self.location}:{lineno}", row
 
     def _json(self):
         with self._open(self.path) as f:
@@ -135,7 +142,7 @@ class Source:
                 return
             raise KeelError(f"{self.location}: not valid JSON ({exc.msg} at line {exc.lineno} col {exc.colno})") from None
         except UnicodeDecodeError as exc:
-            raise KeelError(f"{self.location}: not valid UTF-8 (byte {exc.start})") from None
+            raise KeelError(f"{self.location}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
         if isinstance(doc, dict) and isinstance(doc.get("data"), list):
             doc = doc["data"]
         if not isinstance(doc, list):
@@ -191,10 +198,21 @@ class Source:
         for name in self.files:
             where = self._display(name)
             try:
+                self._check_inside(name)
                 with self.fs.open(name, "rb") as f:
                     yield where, {"text": document_text(name, f.read())}
             except RowError as exc:
                 yield where, exc
+
+    def _check_inside(self, name: str) -> None:
+        """A document in a local directory must be inside it: a symbolic link that leads out (to
+        ~/.ssh, /etc, another user's files) is refused, not read into training data."""
+        if len(self.files) == 1 or "local" not in type(self.fs).__name__.lower():
+            return
+        root, real = os.path.realpath(self.path), os.path.realpath(name)
+        if os.path.commonpath([root, real]) != root:
+            raise RowError(f"a symbolic link to {real}, outside {self.location}; Keel reads only the files inside "
+                           "the data directory: copy the file in instead of linking it")
 
     def _display(self, name: str) -> str:
         if len(self.files) == 1:
@@ -208,11 +226,14 @@ def _json_line(raw: bytes | str):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return RowError(f"not valid UTF-8 (byte {exc.start})")
+            return RowError(f"not valid UTF-8 (byte {exc.start} of the line); save the file as UTF-8")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         return RowError(f"not valid JSON ({exc.msg} at char {exc.pos})")
+    except RecursionError:  # Python's json parser recurses once per level of nesting
+        return RowError("nested too deeply to read (JSON arrays or objects inside each other about "
+                        f"{sys.getrecursionlimit()} levels deep); flatten the row")
 
 
 def open_source(location: str, *, key: str = "data.train") -> Source:

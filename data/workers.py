@@ -45,10 +45,11 @@ def default_num_proc() -> int:
     return max(1, min(4, cpus))
 
 
-def _init_worker(tokenizer_dir: str, fmt: Format, seq_len: int) -> None:
-    from transformers import AutoTokenizer
+def _init_worker(tokenizer_dir: str, fmt: Format, seq_len: int, trust_remote_code: bool = False) -> None:
+    from data.model_loading import LoadPolicy, load_tokenizer
 
-    _state.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), fmt=fmt, seq_len=seq_len)
+    _state.update(tokenizer=load_tokenizer(tokenizer_dir, LoadPolicy(trust_remote_code=trust_remote_code)),
+                  fmt=fmt, seq_len=seq_len)
 
 
 def _tokenize_chunk(items: list[tuple[Any, str] | None]) -> list[RowExamples | None]:
@@ -95,7 +96,7 @@ def _task(chunk: list) -> list[tuple[Any, str] | None]:
 
 
 def tokenized_rows(source: Source, shape_option: str, *, tokenizer, tokenizer_dir: str, fmt: Format, seq_len: int,
-                   num_proc: int) -> Iterator[tuple[str, Any, str | None, RowExamples]]:
+                   num_proc: int, trust_remote_code: bool = False) -> Iterator[tuple[str, Any, str | None, RowExamples]]:
     """(where, raw row, shape, RowExamples) for every row of the source, in source order."""
     chunks = _chunks(shaped_rows(source, shape_option), CHUNK_ROWS)
     head = list(islice(chunks, POOL_AFTER_CHUNKS + 1))
@@ -108,7 +109,7 @@ def tokenized_rows(source: Source, shape_option: str, *, tokenizer, tokenizer_di
     # fork on Linux: workers start at once, with the modules already imported; spawn elsewhere.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     print(f"[keel] tokenizing in {num_proc} worker processes (data.num_proc)", file=sys.stderr, flush=True)
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), fmt, seq_len)) as pool:
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), fmt, seq_len, trust_remote_code)) as pool:
         pending: deque = deque()
         for chunk in chain(head, chunks):
             pending.append((chunk, pool.apply_async(_tokenize_chunk, (_task(chunk),))))

@@ -135,7 +135,10 @@ def _engine(served):
     settings = engine_settings(config, served.export_info, target if target.gpus else Target(), served.adapters)
     from vllm import LLM
 
-    kwargs = {"max_model_len": settings.max_model_len, "dtype": settings.dtype, "seed": 0}
+    # as keel serve loads it (serving/server.py load_safety_args): safetensors only, model code only
+    # when training ran it
+    kwargs = {"max_model_len": settings.max_model_len, "dtype": settings.dtype, "seed": 0,
+              "load_format": "safetensors", "trust_remote_code": served.export_info.get("trust_remote_code") is True}
     if settings.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
     if settings.gpu_memory_utilization:
@@ -152,7 +155,6 @@ def _engine(served):
 
 
 def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int = 256) -> tuple[list[Case], dict]:
-    from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.inputs import TokensPrompt
@@ -170,7 +172,10 @@ def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int
         raise KeelError(f"{model}: not a Keel export (no keel-format/); keel eval scores with the model's format")
     cases = load_cases(data, fmt, limit)  # bad data fails before the engine starts
     llm, served, settings, lora = _engine(served)
-    tokenizer = AutoTokenizer.from_pretrained(served.template_dir)
+    from data.model_loading import LoadPolicy, load_tokenizer
+
+    tokenizer = load_tokenizer(served.template_dir, LoadPolicy(
+        trust_remote_code=served.export_info.get("trust_remote_code") is True), key="model")
     special = dict(tokenizer.special_tokens_map)
     prompts, params, kept = [], [], []
     for case in cases:

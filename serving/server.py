@@ -76,6 +76,21 @@ def _without(derived: list[str], taken: set[str]) -> list[str]:
     return out
 
 
+def load_safety_args(served: ServedModel, *, taken: set[str]) -> list[str]:
+    """What vLLM may run while loading: safetensors weights only, and the model's own Python code
+    only when the export says training ran it (model.trust_remote_code in the recipe). An
+    operator who passes --load-format after `--` takes over the weights check."""
+    from data.model_loading import LoadPolicy, check_weight_files
+
+    trusted = served.export_info.get("trust_remote_code") is True
+    if "--load-format" not in taken:
+        allow = "pass `-- --load-format auto` to keel serve"
+        check_weight_files(served.base_dir, LoadPolicy(), key="model", allow=allow)
+        for adapter in served.adapters:  # vLLM reads adapter_model.bin with torch.load when no safetensors
+            check_weight_files(adapter.path, LoadPolicy(), key=f"adapter {adapter.name}", allow=allow)
+    return ["--load-format", "safetensors"] + (["--trust-remote-code"] if trusted else [])
+
+
 def plan_served(served: ServedModel, *, host: str, port: int, target: Target, extra: list[str] = (),
                 shutdown_timeout: int = SHUTDOWN_TIMEOUT_S) -> ServePlan:
     import json
@@ -99,6 +114,7 @@ def plan_served(served: ServedModel, *, host: str, port: int, target: Target, ex
                 derived += ["--tool-parser-plugin", PARSER_PLUGIN]
         if fmt.spec.vllm.reasoning_parser:
             derived += ["--reasoning-parser", fmt.spec.vllm.reasoning_parser]
+    derived += load_safety_args(served, taken=_flags(list(extra)))
     derived += settings.args()
     if served.adapters:
         derived += ["--lora-modules", *(f"{a.name}={a.path}" for a in served.adapters)]
@@ -171,6 +187,14 @@ def _target(args) -> Target:
     return Target(gpus=gpus, gpu_memory_gib=(args.gpu_memory_gib or found.gpu_memory_gib) if gpus else None)
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """Serving on every interface without a key lets anyone who can reach the port run the model."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"--host {host} without an API key: anyone who can reach this port can use the model. Pass --api-key "
+            "(or set $KEEL_API_KEY), or --host 127.0.0.1 behind your own gateway")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -182,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeelError as exc:
         print(f"keel: error: {exc}", file=sys.stderr)
         return 2
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"[keel] warning: {warning}", file=sys.stderr, flush=True)
     for reason in plan.reasons:
         print(f"[keel] {reason}", flush=True)
     print("[keel] " + " ".join(plan.command), flush=True)

@@ -248,3 +248,14 @@ def pytest_collection_modifyitems(config, items):
         return 1 if "served_process" in getattr(item, "fixturenames", ()) else 0
 
     items.sort(key=order)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many inputs each property test tried (tests/unit/test_hostile_inputs.py)."""
+    lines = [f"  {report.nodeid.split('::')[-1]}: {value}"
+             for report in terminalreporter.stats.get("passed", [])
+             for name, value in report.user_properties if name == "inputs_tried"]
+    if lines:
+        terminalreporter.write_line(f"inputs tried by property tests ({len(lines)} tests):")
+        for line in lines:
+            terminalreporter.write_line(line)

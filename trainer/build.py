@@ -38,7 +38,8 @@ def check_device_support(*, peft, training) -> None:
 def build_model(*, model_section, peft, training):
     """The base model, in the dtype it trains in; 4-bit for QLoRA."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from data.model_loading import load_causal_lm
 
     check_device_support(peft=peft, training=training)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -50,7 +51,7 @@ def build_model(*, model_section, peft, training):
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_section.path, **kwargs)
+    model = load_causal_lm(model_section.path, model_section.load_policy, **kwargs)
     if peft.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 

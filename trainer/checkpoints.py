@@ -109,6 +109,8 @@ def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
     """
     run_dir = Path(recipe.output.dir)
     run_file = run_dir / RUN_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise KeelError(f"output.dir {run_dir} is a file, not a directory; choose a new output.dir")
     if not run_file.is_file():
         if run_dir.is_dir() and any(p for p in run_dir.iterdir() if p.name in ("checkpoints", "model")) and not overwrite:
             raise KeelError(
@@ -118,7 +120,7 @@ def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
         return "overwrite" if overwrite and run_dir.exists() else "new"
     if overwrite:
         return "overwrite"
-    saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
+    saved = _read_run_file(run_file)
     if saved.get("status") == "finished":
         raise KeelError(
             f"output.dir {run_dir} holds a finished run (model in {run_dir / 'model'}). Choose a new output.dir, "
@@ -133,6 +135,18 @@ def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
             f"math:\n{lines}\nRestore those values to resume, choose a new output.dir, or pass --overwrite."
         )
     return "resume"
+
+
+def _read_run_file(run_file: Path) -> dict:
+    try:
+        saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        saved = exc
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe", {}), dict):
+        why = f"({type(saved).__name__}: {str(saved).splitlines()[0] if str(saved) else ''})" if isinstance(saved, Exception) else "(not a mapping with a recipe)"
+        raise KeelError(f"output.dir {run_file.parent}: {RUN_FILE} cannot be read {why}, so Keel cannot tell which "
+                        "run the directory holds. Choose a new output.dir, or pass --overwrite to start over there.")
+    return saved
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -17,6 +17,7 @@ import yaml
 from data.errors import KeelError
 from data.formats import SPEC_FILE, Format
 from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR
+from data.model_loading import LoadPolicy, load_causal_lm
 
 PROBE_TEXT = "Keel export check: the quick brown fox jumps over the lazy dog. 12345"
 VERIFY_MAX_PARAMS = 3_000_000_000  # loading the export back costs a full copy in CPU memory
@@ -29,11 +30,10 @@ def _full_state_dict(trainer) -> dict | None:
 
 
 def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, merge: bool, dtype,
-                 quantized: bool):
+                 quantized: bool, load_policy: LoadPolicy):
     """A CPU model holding `state`, ready for save_pretrained (LoRA merged unless merge=False)."""
     import torch
     from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or quantized):
@@ -43,7 +43,7 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
         # on CPU and load the gathered state (for QLoRA, only the adapter: the base is unchanged).
         if quantized:
             state = {k: v for k, v in state.items() if "lora_" in k}
-        model = AutoModelForCausalLM.from_pretrained(recipe_model_path, dtype=torch.float32)
+        model = load_causal_lm(recipe_model_path, load_policy, dtype=torch.float32)
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -106,18 +106,21 @@ def probe_logits(model, tokenizer):
     return logits
 
 
-def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | None, tol: float) -> float:
+def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | None, tol: float,
+                  load_policy: LoadPolicy = LoadPolicy()) -> float:
     """Load the export fresh and compare its probe logits with the in-memory ones."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if adapter_base is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base, dtype=torch.float32),
+        # the adapter is Keel's own export: adapter_model.safetensors
+        model = PeftModel.from_pretrained(load_causal_lm(adapter_base, load_policy, dtype=torch.float32),
                                           str(out_dir))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+        # Keel wrote these weights as safetensors: pickle is never needed to read them back
+        model = load_causal_lm(out_dir, LoadPolicy(trust_remote_code=load_policy.trust_remote_code),
+                               dtype=torch.float32)
     got = probe_logits(model, tokenizer)
     diff = (got - expected).abs().max().item()
     if not diff <= tol:
@@ -128,7 +131,8 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
 
 
 def export_trained(trainer, tokenizer, *, fmt: Format, out_dir: Path, info: dict, recipe_model_path: str,
-                   peft_config, merge_lora: bool, precision: str, quantized: bool) -> Path | None:
+                   peft_config, merge_lora: bool, precision: str, quantized: bool,
+                   load_policy: LoadPolicy = LoadPolicy()) -> Path | None:
     """Gather, write and verify the export. Every rank calls this; rank 0 writes."""
     import torch
 
@@ -144,12 +148,13 @@ def export_trained(trainer, tokenizer, *, fmt: Format, out_dir: Path, info: dict
         unset_hf_deepspeed_config()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = _materialize(trainer, state, recipe_model_path=recipe_model_path, peft_config=peft_config,
-                         merge=merge_lora, dtype=dtype, quantized=quantized)
+                         merge=merge_lora, dtype=dtype, quantized=quantized, load_policy=load_policy)
     write_model_dir(model, tokenizer, fmt=fmt, out_dir=out_dir, info=info)
     n_params = sum(p.numel() for p in model.parameters())
     if n_params <= VERIFY_MAX_PARAMS:
         adapter_base = None if merge_lora or peft_config is None else recipe_model_path
         tol = 1e-3 if precision == "fp32" else 0.25  # bf16 rounding of saved weights
-        diff = verify_export(out_dir, tokenizer, in_memory, adapter_base=adapter_base, tol=tol)
+        diff = verify_export(out_dir, tokenizer, in_memory, adapter_base=adapter_base, tol=tol,
+                             load_policy=load_policy)
         print(f"[keel] export verified: max |logit difference| {diff:.2e} on a probe input", flush=True)
     return out_dir

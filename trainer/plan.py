@@ -99,7 +99,8 @@ def model_shape(config: dict, peft) -> ModelShape:
     if cfg is None:
         raise KeelError("model config has no model_type; keel plan needs the model's config.json")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        # never the model's own code: keel plan needs only the architecture's shapes
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     params = sum(p.numel() for p in model.parameters())
     text = getattr(cfg, "text_config", None) or cfg
     layers = text.num_hidden_layers

@@ -29,6 +29,18 @@ class ModelSection(Section):
     native_syntax: str | None = Field(
         default=None, description="With format native: the shipped format whose tool-call and reasoning syntax "
                                   "the model's template writes; default: picked from the model type.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run Python code shipped in the model directory (auto_map in its config) "
+                                   "when loading the model and tokenizer. Off: such a model is refused.")
+    allow_pickle: bool = Field(
+        default=False, description="Load weights from pickle-based files (pytorch_model.bin, *.pt), which can "
+                                   "run code when read. Off: only safetensors weights are loaded.")
+
+    @property
+    def load_policy(self):
+        from data.model_loading import LoadPolicy
+
+        return LoadPolicy(trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
 
 class DataSection(Section):
@@ -235,8 +247,9 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
                 )
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
+            node[parts[-1]] = (yaml.safe_load(value) if value != "" and flow_nesting(value) <= MAX_FLOW_NESTING
+                               else value or None)
+        except (yaml.YAMLError, ValueError, RecursionError):  # not a YAML value: the text itself
             node[parts[-1]] = value
     return raw
 
@@ -296,12 +309,46 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KeelError(f"{source}: recipe file not found") from None
-    except UnicodeDecodeError:
-        raise KeelError(f"{source}: recipe is not UTF-8 text") from None
+    except IsADirectoryError:
+        raise KeelError(f"{source}: is a directory; pass the recipe's YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise KeelError(f"{source}: recipe is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise KeelError(f"{source}: cannot read the recipe ({exc.strerror or exc})") from None
+    return parse_recipe(text, source, overrides)
+
+
+# PyYAML's scanner takes time quadratic in the nesting of [ ] and { } (2,000 levels: 3 s; 20,000:
+# minutes), and a recipe needs a handful of levels.
+MAX_FLOW_NESTING = 100
+
+
+def flow_nesting(text: str) -> int:
+    """How deep [ ] and { } nest in the text (brackets in quoted strings counted too)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
+def parse_recipe(text: str, source: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe from its YAML text; `source` names it in every error."""
+    if flow_nesting(text) > MAX_FLOW_NESTING:
+        raise KeelError(f"{source}: [ ] or {{ }} nest more than {MAX_FLOW_NESTING} levels deep; a recipe needs a "
+                        "few (unbalanced brackets in a value? quote it)")
     try:
+        # the safe loader only: no Python tags (!!python/object...), so a recipe cannot run code
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise KeelError(f"{source}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # PyYAML builds dates itself: `2024-13-45` is a ValueError, not a YAMLError
+        raise KeelError(f"{source}: not valid YAML: a value looks like a date but is not one ({exc}); quote it") from None
+    except RecursionError:
+        raise KeelError(f"{source}: not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -43,7 +43,8 @@ def log(msg: str) -> None:
 def recipe_format(recipe: Recipe) -> Format:
     """The recipe's format with its rendering options (data.train_on, data.history_reasoning)."""
     return resolve_format(recipe.model.format, model_path=recipe.model.path, native_syntax=recipe.model.native_syntax,
-                          history_reasoning=recipe.data.history_reasoning, train_on=recipe.data.train_on)
+                          history_reasoning=recipe.data.history_reasoning, train_on=recipe.data.train_on,
+                          trust_remote_code=recipe.model.trust_remote_code)
 
 
 def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | None = None):
@@ -53,6 +54,7 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
     data_file = recipe.data.train if split == "train" else recipe.data.eval
     kwargs = dict(tokenizer_dir=recipe.model.path, fmt=fmt or recipe_format(recipe),
                   seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir,
+                  trust_remote_code=recipe.model.trust_remote_code,
                   options=PrepOptions(shape=recipe.data.shape, on_invalid=recipe.data.on_invalid,
                                       packing=recipe.training.packing))
     if local_rank == 0:
@@ -113,6 +115,16 @@ def describe_prepared(prepared) -> str:
             f"{s.rejected} rejected" + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
 
 
+def log_load_policy(recipe: Recipe) -> None:
+    """Say so when the recipe lets loading run code (both are off by default)."""
+    if recipe.model.trust_remote_code:
+        log(f"warning: model.trust_remote_code is on: Python code shipped in {recipe.model.path} runs in every "
+            "training process (and in the server, which is told the model was trained so)")
+    if recipe.model.allow_pickle:
+        log(f"warning: model.allow_pickle is on: pickle-based weights in {recipe.model.path} may be loaded; "
+            "unpickling runs whatever code the file holds")
+
+
 def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
     from trainer.checkpoints import check_run_dir, clear_run_dir, write_run_file
@@ -130,8 +142,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
           remote: dict[str, str | None] | None = None) -> Path:
     """Train and export. `remote`: the URIs a remote model.path / output.dir stood for before
     trainer.remote.localize replaced them with local places."""
-    from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
+
+    from data.model_loading import load_tokenizer
 
     from trainer.build import build_model, build_peft_config, compute_precision, training_args
     from trainer.checkpoints import CheckpointCompletion, latest_complete_checkpoint, set_aside_incomplete
@@ -146,6 +159,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     run_dir = Path(recipe.output.dir)
     fmt = recipe_format(recipe)
     t0 = time.time()
+    if is_main:
+        log_load_policy(recipe)
     start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
     init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
 
@@ -154,7 +169,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     if is_main:
         log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({describe_prepared(train_data)})")
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    tokenizer = load_tokenizer(recipe.model.path, recipe.model.load_policy)
     model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
     peft_config = build_peft_config(recipe.peft)
     ckpt_root = run_dir / CHECKPOINT_DIR
@@ -203,6 +218,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
 
             trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
                                         dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
+                                        load_policy=recipe.model.load_policy,
                                         callbacks=callbacks, **datasets)
         else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
             trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
@@ -228,9 +244,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         export_trained(
             trainer, tokenizer, fmt=fmt, out_dir=out, recipe_model_path=recipe.model.path, peft_config=peft_config,
             merge_lora=recipe.output.merge_lora, precision=precision, quantized=recipe.peft.kind == "qlora",
+            load_policy=recipe.model.load_policy,
             info={"base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
                   "peft": recipe.peft.kind, "adapter": recipe.peft.kind != "none" and not recipe.output.merge_lora,
                   "seq_len": recipe.training.seq_len, "world_size": world,
+                  # keel serve passes vLLM --trust-remote-code only for a model trained with it
+                  "trust_remote_code": recipe.model.trust_remote_code,
                   # the dtype training computed in; the server uses it too (vLLM's CPU backend
                   # would otherwise downcast float32 weights to bfloat16)
                   "dtype": "bfloat16" if precision == "bf16" else "float32",

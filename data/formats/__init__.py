@@ -198,14 +198,15 @@ def load_format(name: str) -> Format:
 
 
 def resolve_format(name: str, *, model_path: str | Path | None = None, native_syntax: str | None = None,
-                   history_reasoning: str | None = None, train_on: str | None = None) -> Format:
+                   history_reasoning: str | None = None, train_on: str | None = None,
+                   trust_remote_code: bool = False) -> Format:
     """The format a recipe asks for, with its rendering options applied."""
     if name == NATIVE:
         from data.formats.native import load_native_format
 
         if model_path is None:
             raise KeelError("format 'native' needs the model directory whose chat template it uses")
-        fmt = load_native_format(model_path, syntax=native_syntax)
+        fmt = load_native_format(model_path, syntax=native_syntax, trust_remote_code=trust_remote_code)
     else:
         if native_syntax is not None:
             raise KeelError(f"model.native_syntax is only for model.format: native (the format is {name!r}); remove it")

@@ -112,14 +112,14 @@ def _syntax_for(model_dir: Path, syntax: str | None) -> str:
     return SYNTAX_BY_MODEL_TYPE[model_type]
 
 
-def special_tokens_of(model_dir: Path) -> dict:
+def special_tokens_of(model_dir: Path, *, trust_remote_code: bool = False) -> dict:
     """bos_token, eos_token, ...: what transformers' apply_chat_template hands every template."""
-    from transformers import AutoTokenizer
+    from data.model_loading import LoadPolicy, load_tokenizer
 
-    return dict(AutoTokenizer.from_pretrained(str(model_dir)).special_tokens_map)
+    return dict(load_tokenizer(model_dir, LoadPolicy(trust_remote_code=trust_remote_code)).special_tokens_map)
 
 
-def load_native_format(model_path: str | Path, *, syntax: str | None = None):
+def load_native_format(model_path: str | Path, *, syntax: str | None = None, trust_remote_code: bool = False):
     from data.formats import NATIVE, Format, Supports, load_format
 
     model_dir = Path(model_path).expanduser()
@@ -127,7 +127,7 @@ def load_native_format(model_path: str | Path, *, syntax: str | None = None):
         raise KeelError(f"model.format native: {model_path} is not a local model directory")
     template = model_chat_template(model_dir)
     base = load_format(_syntax_for(model_dir, syntax))
-    probe = probe_template(template, special_tokens_of(model_dir))
+    probe = probe_template(template, special_tokens_of(model_dir, trust_remote_code=trust_remote_code))
     supports = Supports(reasoning=probe.reasoning and base.spec.supports.reasoning,
                         tools=probe.tools and base.spec.supports.tools,
                         parallel_tool_calls=probe.parallel_tool_calls and base.spec.supports.parallel_tool_calls,
