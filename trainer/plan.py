@@ -58,6 +58,10 @@ class Cluster:
 
     @property
     def memory_gib(self) -> float:
+        if self.gpu == "cpu":  # processes on this machine share its memory
+            import psutil
+
+            return psutil.virtual_memory().total / GIB / self.gpus_per_node
         return GPUS[self.gpu]
 
 
@@ -238,10 +242,18 @@ class Plan:
 
 
 def load_config(model_path: str) -> dict:
+    """The model's config.json: from a local directory, or kept in trainer/architectures/ for the
+    hub ids Keel knows (never fetched from the hub)."""
+    from trainer.known_models import known_model
+
+    known = known_model(model_path)
+    if known is not None:
+        return known.config()
     p = Path(model_path).expanduser()
     if not (p / "config.json").is_file():
         raise KeelError(f"model.path: {model_path!r}: keel plan reads the model's config.json and found none there; "
-                        "point model.path at a local model directory (a hub id needs the config downloaded first)")
+                        "point model.path at a local model directory, or at a hub id Keel keeps the config of "
+                        "(trainer/architectures/models.yaml; other hub ids need the config downloaded first)")
     config = json.loads((p / "config.json").read_text())
     return config
 
