@@ -75,6 +75,12 @@ class ModelShape:
     vocab: int
     layer_params: int  # parameters of one decoder layer
     max_positions: int | None
+    active: int = 0  # parameters a token passes through (a mixture of experts uses top-k of its experts)
+    attention_width: int = 0  # heads x head_dim (what attention scores are computed over)
+
+    def __post_init__(self):
+        self.active = self.active or self.params
+        self.attention_width = self.attention_width or self.hidden
 
 
 @dataclass
@@ -118,9 +124,22 @@ def model_shape(config: dict, peft) -> ModelShape:
                 continue
             if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
                 trainable += peft.r * (module.in_features + module.out_features)
+    intermediate = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    active = params
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    top_k = getattr(text, "num_experts_per_tok", None)
+    if experts and top_k:
+        # A token runs through top_k of the experts: that is what it computes and keeps for
+        # backward (every expert's weights are still held, trained and sharded).
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        active = params - round(expert_params * (1 - top_k / experts))
+        intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
-                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
-                      layer_params=layer_params, max_positions=getattr(text, "max_position_embeddings", None))
+                      intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
+                      max_positions=getattr(text, "max_position_embeddings", None), active=active,
+                      attention_width=heads * head_dim)
 
 
 def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
@@ -168,6 +187,65 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
                     activations_ckpt=ckpt, reference=reference,
                     overhead=OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal, notes=notes)
+
+
+# Dense bf16 peak FLOP/s per GPU (vendor figures, no sparsity) and the model FLOPs utilisation the
+# step time assumes. 40% is typical of well-tuned bf16 training at these sizes; it is an
+# assumption, not a measurement (no GPU calibration here).
+PEAK_BF16_FLOPS = {"h100-80gb": 989e12, "h200-141gb": 989e12, "a100-80gb": 312e12, "a100-40gb": 312e12,
+                   "l40s-48gb": 362e12, "a10g-24gb": 70e12, "l4-24gb": 121e12, "b200-180gb": 2250e12}
+ASSUMED_MFU = 0.40
+# Bytes/s one GPU moves in a collective: NVLink within a node, the network (EFA/InfiniBand,
+# 400 Gb/s per GPU) across nodes.
+INTRA_NODE_BW = 300e9
+INTER_NODE_BW = 50e9
+
+
+@dataclass
+class StepTime:
+    flops: float  # per device per optimizer step
+    compute_s: float
+    comm_s: float
+    tokens: int  # per device per optimizer step
+
+    @property
+    def seconds(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def step_time(recipe, shape: ModelShape, cluster: Cluster) -> StepTime | None:
+    """Seconds per optimizer step on one device: model FLOPs at ASSUMED_MFU of the GPU's peak, plus
+    the collectives of the strategy, not overlapped (an upper bound). None on CPU."""
+    if cluster.gpu not in PEAK_BF16_FLOPS:
+        return None
+    t, d, n = recipe.training, recipe.distributed, cluster.world
+    dpo = recipe.technique == "dpo"
+    tokens = t.micro_batch_size * t.grad_accum * t.seq_len * (2 if dpo else 1)  # DPO: chosen + rejected
+    # forward per token: 2 FLOPs per active parameter + causal attention scores and values
+    forward = 2 * shape.active + 2 * shape.layers * t.seq_len * shape.attention_width
+    passes = 1.0                       # forward
+    passes += 2.0 if recipe.peft.kind == "none" else 1.0  # backward: input grads (+ weight grads if trained)
+    if t.gradient_checkpointing:
+        passes += 1.0                  # each layer's forward again during backward
+    if dpo:
+        passes += 1.0                  # the reference model's forward
+    flops = forward * passes * tokens
+    compute = flops / (PEAK_BF16_FLOPS[cluster.gpu] * ASSUMED_MFU)
+    comm = 0.0
+    if n > 1:
+        bw = INTER_NODE_BW if cluster.nodes > 1 else INTRA_NODE_BW
+        ring = 2 * (n - 1) / n  # a ring all-reduce moves this many bytes per byte reduced
+        grad_bytes = shape.trainable * (2 if compute_dtype(cluster) == "bf16" else 4)
+        comm = ring * grad_bytes / bw
+        if d.strategy in ("zero3", "fsdp2"):
+            # weights all-gathered for forward and again for backward, per micro-batch
+            frozen_and_trained = shape.params * 2
+            comm += 2 * t.grad_accum * (n - 1) / n * frozen_and_trained / bw
+    return StepTime(flops=flops, compute_s=compute, comm_s=comm, tokens=tokens)
+
+
+def compute_dtype(cluster: Cluster) -> str:
+    return "fp32" if cluster.gpu == "cpu" else "bf16"
 
 
 def _apply(recipe, updates: dict[str, dict]):
@@ -239,6 +317,7 @@ class Plan:
     steps: str
     fits: bool
     suggestion: str | None
+    step: StepTime | None = None
 
 
 def load_config(model_path: str) -> dict:
@@ -280,7 +359,8 @@ def plan(recipe, cluster: Cluster, config: dict) -> Plan:
     budget = cluster.memory_gib * GIB
     fits = est.total <= budget
     suggestion = None if fits else smallest_change(recipe, cluster, config, shape, budget)
-    return Plan(recipe, cluster, shape, est, global_batch, steps, fits, suggestion)
+    return Plan(recipe, cluster, shape, est, global_batch, steps, fits, suggestion,
+                step_time(recipe, shape, cluster))
 
 
 def _gib(x: float) -> str:
@@ -316,6 +396,11 @@ def render(p: Plan) -> str:
         lines.append(f"  dpo reference {_gib(e.reference)}")
     lines += [f"  overhead      {_gib(e.overhead)}", f"  total         {_gib(e.total)}   of {c.memory_gib:.1f} GiB",
               *[f"  note: {n}" for n in e.notes], ""]
+    if p.step is not None:
+        st = p.step
+        lines += [f"step time  about {st.seconds:.1f} s per optimizer step ({st.compute_s:.1f} s compute at an assumed "
+                  f"{ASSUMED_MFU:.0%} MFU + {st.comm_s:.1f} s collectives, not overlapped); "
+                  f"{st.tokens * c.world / st.seconds:,.0f} tokens/s for the cluster", ""]
     if p.fits:
         lines.append(f"verdict    fits ({e.total / GIB / c.memory_gib:.0%} of {c.gpu} memory)")
     else:
