@@ -87,7 +87,7 @@ def format_problem(model_path: str, fmt: str) -> str | None:
     if known is None or fmt in known.family.formats:
         return None
     fix = (f"use model.format: {' or '.join(known.family.formats)}" if known.family.formats else
-           "Keel cannot serve this model family with a matching reasoning/tool format yet; plan it with "
-           "`keel plan` (its architecture is known) but train a family that has one (llama, qwen3)")
+           "Keel cannot serve this model family with a matching reasoning/tool format yet; train a family "
+           "that has one (llama with llama3-json, qwen3 with hermes-qwen3)")
     return (f"model.format: {fmt!r} does not fit {known.hub_id} (chat family {known.chat}): {known.family.why_not}; "
             f"{fix}")

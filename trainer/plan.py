@@ -19,11 +19,18 @@ strategy shards over):
     reference    DPO's frozen reference copy (none with peft: the base with adapters disabled)
     overhead     CUDA context, NCCL buffers and allocator fragmentation: 2 GiB + 5%
 
-ZeRO-1 shards the optimizer, ZeRO-2 also gradients, ZeRO-3 and FSDP2 everything (plus the
-gathered weights of ~2 layers at a time); offload moves optimizer (and parameters) to CPU.
+ZeRO-1 shards the optimizer, ZeRO-2 also gradients (plus DeepSpeed's reduce bucket: up to one
+more copy of the gradients), ZeRO-3 and FSDP2 everything (plus the gathered weights: ~2 layers
+under FSDP2; under DeepSpeed up to stage3_max_live_parameters, 1e9, so models under 1e9
+parameters stay whole); offload moves optimizer (and parameters) to CPU.
 
-These are estimates from first principles. They are meant to err on the safe side; the
-calibration against measured peaks on GPUs belongs to the recipe catalogue (issue 8).
+`--gpu cpu` plans a CPU run (fp32 throughout, DDP's gradient buckets, DeepSpeed's fp32 master
+partition, no CUDA context): that model is calibrated against measured peak RSS under torchrun
+(benchmarks/plan_calibration.py, results in benchmarks/results/plan_calibration.md). The GPU
+figures are the same arithmetic in bf16 and have not been measured on GPUs.
+
+Step time: model FLOPs (2 per active parameter per token and pass, plus causal attention) at an
+assumed 40% MFU of the GPU's dense bf16 peak, plus the strategy's collectives, not overlapped.
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ GPUS = {
 OVERHEAD_FIXED = 2 * GIB
 OVERHEAD_FRACTION = 0.05
 NF4_BYTES = 0.5 + 0.5 / 64 * 2  # 4-bit values plus double-quantised block scales
+# A CPU training process's working memory beyond the model's tensors (allocator arenas, oneDNN
+# scratch, the autograd engine, gloo buffers), and what DeepSpeed's engine adds (its buckets and
+# partition bookkeeping). Fitted once each, to the tiny model's full fine-tuning under ddp and
+# zero3, where the tensors are small (benchmarks/plan_calibration.py); every other case is
+# predicted from first principles.
+CPU_RUNTIME = 36 * 1024**2
+CPU_DEEPSPEED_RUNTIME = 68 * 1024**2
+# DeepSpeed's defaults, which Keel's config leaves in place (trainer/parallel.py)
+ZERO3_MAX_LIVE_PARAMS = 10**9
+ZERO_REDUCE_BUCKET = 5 * 10**8
 
 
 @dataclass(frozen=True)
@@ -145,48 +162,85 @@ def model_shape(config: dict, peft) -> ModelShape:
 def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     t, d = recipe.training, recipe.distributed
     n = cluster.world
+    cpu = cluster.gpu == "cpu"
     deepspeed = d.strategy.startswith("zero")
     frozen = shape.params - shape.trainable if recipe.peft.kind != "none" else 0
     notes = []
     # bytes per trainable parameter: weights, gradients, optimizer
-    w_t, g_t, o_t = (2, 2, 12) if deepspeed else (4, 4, 8)
-    w_f = 2 if deepspeed else 4
+    if cpu:
+        # fp32 throughout (no autocast, DeepSpeed's bf16 off): weights, gradients, two AdamW
+        # moments. DDP (gradient_as_bucket_view off, as accelerate leaves it) all-reduces through
+        # buckets that hold a second copy of every gradient; DeepSpeed ZeRO keeps its own fp32
+        # partition of the weights for the optimizer even when the model is fp32 already
+        # (measured: benchmarks/results/plan_calibration.md).
+        ddp_buckets = 4 if d.strategy == "ddp" and n > 1 else 0
+        w_t, g_t, o_t = (4, 4 + ddp_buckets, 8 + (4 if deepspeed else 0))
+        w_f = 4
+    else:
+        w_t, g_t, o_t = (2, 2, 12) if deepspeed else (4, 4, 8)
+        w_f = 2 if deepspeed else 4
     if recipe.peft.kind == "qlora":
         w_f = NF4_BYTES
-    elif recipe.peft.kind == "lora" and not deepspeed:
+    elif recipe.peft.kind == "lora" and not deepspeed and not cpu:
         notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
     weights = shape.trainable * w_t + frozen * w_f
     grads = shape.trainable * g_t
     opt = shape.trainable * o_t
     sharded = {"ddp": set(), "zero1": {"optimizer"}, "zero2": {"optimizer", "gradients"},
                "zero3": {"optimizer", "gradients", "weights"}, "fsdp2": {"optimizer", "gradients", "weights"}}[d.strategy]
+    gathered_bytes = 4 if cpu else 2
     if "optimizer" in sharded:
         opt /= n
     if "gradients" in sharded:
         grads /= n
     if "weights" in sharded:
-        weights = weights / n + 2 * shape.layer_params * 2  # + about two layers gathered in bf16
+        if deepspeed:
+            # DeepSpeed keeps gathered parameters live up to stage3_max_live_parameters (1e9 by
+            # default; Keel does not change it): a model under 1e9 parameters stays whole on
+            # every rank between forward and backward.
+            weights = weights / n + min(shape.params, ZERO3_MAX_LIVE_PARAMS) * gathered_bytes
+        else:
+            weights = weights / n + 2 * shape.layer_params * gathered_bytes  # FSDP2: about two layers gathered
+    if deepspeed and d.strategy != "zero1":
+        # ZeRO-2/3 copy gradients into a reduce bucket of reduce_bucket_size elements (5e8 by
+        # default) before reduce-scattering them: up to every trainable gradient once more.
+        grads += min(shape.trainable, ZERO_REDUCE_BUCKET) * (4 if cpu else 2)
     if d.offload in ("optimizer", "optimizer_and_params"):
         opt = 0.0
         notes.append("optimizer states live in CPU memory (offload)")
     if d.offload == "optimizer_and_params":
-        weights = 2 * shape.layer_params * 2
+        weights = 2 * shape.layer_params * gathered_bytes
         notes.append("parameters live in CPU memory (offload)")
     reference = 0.0
     if recipe.technique == "dpo" and recipe.peft.kind == "none":
         reference = shape.params * w_f / (n if d.strategy in ("zero3", "fsdp2") else 1)
-    # activations: bf16 on GPU
-    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
-    tokens = seqs * t.seq_len
-    per_layer = tokens * (8 * shape.hidden + 4 * shape.intermediate) * 2
-    logits = tokens * shape.vocab * (2 + 4 + 4)
-    no_ckpt = shape.layers * per_layer + logits
-    ckpt = shape.layers * tokens * shape.hidden * 2 + per_layer + logits
+    no_ckpt, ckpt = activation_bytes(recipe, shape, cpu=cpu)
     act = ckpt if t.gradient_checkpointing else no_ckpt
     subtotal = weights + grads + opt + act + reference
+    if cpu:
+        overhead = CPU_RUNTIME + (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
+    else:
+        overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
-                    activations_ckpt=ckpt, reference=reference,
-                    overhead=OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal, notes=notes)
+                    activations_ckpt=ckpt, reference=reference, overhead=overhead, notes=notes)
+
+
+def activation_bytes(recipe, shape: ModelShape, *, cpu: bool) -> tuple[float, float]:
+    """What backward keeps, without and with gradient checkpointing: per layer and token about
+    8*hidden + 4*intermediate values (attention scores are not kept with SDPA/flash attention),
+    in bf16 on GPUs and fp32 on CPU; plus the logits. On GPUs the logits are bf16 with an fp32
+    copy and its gradient (2 + 4 + 4 bytes per vocabulary entry). On CPU everything is fp32 and
+    the model's own cross-entropy keeps the log-softmax too: logits, log-probabilities and the
+    gradient of each, 16 bytes per vocabulary entry at the peak of backward."""
+    t = recipe.training
+    value = 4 if cpu else 2
+    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
+    tokens = seqs * t.seq_len
+    per_layer = tokens * (8 * shape.hidden + 4 * shape.intermediate) * value
+    logits = tokens * shape.vocab * (16 if cpu else 2 + 4 + 4)
+    no_ckpt = shape.layers * per_layer + logits
+    ckpt = shape.layers * tokens * shape.hidden * value + per_layer + logits
+    return no_ckpt, ckpt
 
 
 # Dense bf16 peak FLOP/s per GPU (vendor figures, no sparsity) and the model FLOPs utilisation the
