@@ -121,7 +121,8 @@ def cmd_plan(argv: list[str]) -> int:
 
     p = _parser("plan", "What the recipe will do on a cluster and whether it fits in GPU memory. Reads the model's "
                         "config.json only: no GPU, no weights.")
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU kind (default h100-80gb)")
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS) + ["cpu"],
+                   help="GPU kind (default h100-80gb); cpu: processes on this machine, fp32, sharing its memory")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     a = _recipe_and_overrides(p, argv)

@@ -19,11 +19,18 @@ strategy shards over):
     reference    DPO's frozen reference copy (none with peft: the base with adapters disabled)
     overhead     CUDA context, NCCL buffers and allocator fragmentation: 2 GiB + 5%
 
-ZeRO-1 shards the optimizer, ZeRO-2 also gradients, ZeRO-3 and FSDP2 everything (plus the
-gathered weights of ~2 layers at a time); offload moves optimizer (and parameters) to CPU.
+ZeRO-1 shards the optimizer, ZeRO-2 also gradients (plus DeepSpeed's reduce bucket: up to one
+more copy of the gradients), ZeRO-3 and FSDP2 everything (plus the gathered weights: ~2 layers
+under FSDP2; under DeepSpeed up to stage3_max_live_parameters, 1e9, so models under 1e9
+parameters stay whole); offload moves optimizer (and parameters) to CPU.
 
-These are estimates from first principles. They are meant to err on the safe side; the
-calibration against measured peaks on GPUs belongs to the recipe catalogue (issue 8).
+`--gpu cpu` plans a CPU run (fp32 throughout, DDP's gradient buckets, DeepSpeed's fp32 master
+partition, no CUDA context): that model is calibrated against measured peak RSS under torchrun
+(benchmarks/plan_calibration.py, results in benchmarks/results/plan_calibration.md). The GPU
+figures are the same arithmetic in bf16 and have not been measured on GPUs.
+
+Step time: model FLOPs (2 per active parameter per token and pass, plus causal attention) at an
+assumed 40% MFU of the GPU's dense bf16 peak, plus the strategy's collectives, not overlapped.
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ GPUS = {
 OVERHEAD_FIXED = 2 * GIB
 OVERHEAD_FRACTION = 0.05
 NF4_BYTES = 0.5 + 0.5 / 64 * 2  # 4-bit values plus double-quantised block scales
+# A CPU training process's working memory beyond the model's tensors (allocator arenas, oneDNN
+# scratch, the autograd engine, gloo buffers), and what DeepSpeed's engine adds (its buckets and
+# partition bookkeeping). Fitted once each, to the tiny model's full fine-tuning under ddp and
+# zero3, where the tensors are small (benchmarks/plan_calibration.py); every other case is
+# predicted from first principles.
+CPU_RUNTIME = 36 * 1024**2
+CPU_DEEPSPEED_RUNTIME = 68 * 1024**2
+# DeepSpeed's defaults, which Keel's config leaves in place (trainer/parallel.py)
+ZERO3_MAX_LIVE_PARAMS = 10**9
+ZERO_REDUCE_BUCKET = 5 * 10**8
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,10 @@ class Cluster:
 
     @property
     def memory_gib(self) -> float:
+        if self.gpu == "cpu":  # processes on this machine share its memory
+            import psutil
+
+            return psutil.virtual_memory().total / GIB / self.gpus_per_node
         return GPUS[self.gpu]
 
 
@@ -71,6 +92,12 @@ class ModelShape:
     vocab: int
     layer_params: int  # parameters of one decoder layer
     max_positions: int | None
+    active: int = 0  # parameters a token passes through (a mixture of experts uses top-k of its experts)
+    attention_width: int = 0  # heads x head_dim (what attention scores are computed over)
+
+    def __post_init__(self):
+        self.active = self.active or self.params
+        self.attention_width = self.attention_width or self.hidden
 
 
 @dataclass
@@ -115,56 +142,165 @@ def model_shape(config: dict, peft) -> ModelShape:
                 continue
             if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
                 trainable += peft.r * (module.in_features + module.out_features)
+    intermediate = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    active = params
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    top_k = getattr(text, "num_experts_per_tok", None)
+    if experts and top_k:
+        # A token runs through top_k of the experts: that is what it computes and keeps for
+        # backward (every expert's weights are still held, trained and sharded).
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        active = params - round(expert_params * (1 - top_k / experts))
+        intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
-                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size,
-                      layer_params=layer_params, max_positions=getattr(text, "max_position_embeddings", None))
+                      intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
+                      max_positions=getattr(text, "max_position_embeddings", None), active=active,
+                      attention_width=heads * head_dim)
 
 
 def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     t, d = recipe.training, recipe.distributed
     n = cluster.world
+    cpu = cluster.gpu == "cpu"
     deepspeed = d.strategy.startswith("zero")
     frozen = shape.params - shape.trainable if recipe.peft.kind != "none" else 0
     notes = []
     # bytes per trainable parameter: weights, gradients, optimizer
-    w_t, g_t, o_t = (2, 2, 12) if deepspeed else (4, 4, 8)
-    w_f = 2 if deepspeed else 4
+    if cpu:
+        # fp32 throughout (no autocast, DeepSpeed's bf16 off): weights, gradients, two AdamW
+        # moments. DDP (gradient_as_bucket_view off, as accelerate leaves it) all-reduces through
+        # buckets that hold a second copy of every gradient; DeepSpeed ZeRO keeps its own fp32
+        # partition of the weights for the optimizer even when the model is fp32 already
+        # (measured: benchmarks/results/plan_calibration.md).
+        ddp_buckets = 4 if d.strategy == "ddp" and n > 1 else 0
+        w_t, g_t, o_t = (4, 4 + ddp_buckets, 8 + (4 if deepspeed else 0))
+        w_f = 4
+    else:
+        w_t, g_t, o_t = (2, 2, 12) if deepspeed else (4, 4, 8)
+        w_f = 2 if deepspeed else 4
     if recipe.peft.kind == "qlora":
         w_f = NF4_BYTES
-    elif recipe.peft.kind == "lora" and not deepspeed:
+    elif recipe.peft.kind == "lora" and not deepspeed and not cpu:
         notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
     weights = shape.trainable * w_t + frozen * w_f
     grads = shape.trainable * g_t
     opt = shape.trainable * o_t
     sharded = {"ddp": set(), "zero1": {"optimizer"}, "zero2": {"optimizer", "gradients"},
                "zero3": {"optimizer", "gradients", "weights"}, "fsdp2": {"optimizer", "gradients", "weights"}}[d.strategy]
+    gathered_bytes = 4 if cpu else 2
     if "optimizer" in sharded:
         opt /= n
     if "gradients" in sharded:
         grads /= n
     if "weights" in sharded:
-        weights = weights / n + 2 * shape.layer_params * 2  # + about two layers gathered in bf16
+        if deepspeed:
+            # DeepSpeed keeps gathered parameters live up to stage3_max_live_parameters (1e9 by
+            # default; Keel does not change it): a model under 1e9 parameters stays whole on
+            # every rank between forward and backward.
+            weights = weights / n + min(shape.params, ZERO3_MAX_LIVE_PARAMS) * gathered_bytes
+        else:
+            weights = weights / n + 2 * shape.layer_params * gathered_bytes  # FSDP2: about two layers gathered
+    if deepspeed and d.strategy != "zero1":
+        # ZeRO-2/3 copy gradients into a reduce bucket of reduce_bucket_size elements (5e8 by
+        # default) before reduce-scattering them: up to every trainable gradient once more.
+        grads += min(shape.trainable, ZERO_REDUCE_BUCKET) * (4 if cpu else 2)
     if d.offload in ("optimizer", "optimizer_and_params"):
         opt = 0.0
         notes.append("optimizer states live in CPU memory (offload)")
     if d.offload == "optimizer_and_params":
-        weights = 2 * shape.layer_params * 2
+        weights = 2 * shape.layer_params * gathered_bytes
         notes.append("parameters live in CPU memory (offload)")
     reference = 0.0
     if recipe.technique == "dpo" and recipe.peft.kind == "none":
         reference = shape.params * w_f / (n if d.strategy in ("zero3", "fsdp2") else 1)
-    # activations: bf16 on GPU
-    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
-    tokens = seqs * t.seq_len
-    per_layer = tokens * (8 * shape.hidden + 4 * shape.intermediate) * 2
-    logits = tokens * shape.vocab * (2 + 4 + 4)
-    no_ckpt = shape.layers * per_layer + logits
-    ckpt = shape.layers * tokens * shape.hidden * 2 + per_layer + logits
+    no_ckpt, ckpt = activation_bytes(recipe, shape, cpu=cpu)
     act = ckpt if t.gradient_checkpointing else no_ckpt
     subtotal = weights + grads + opt + act + reference
+    if cpu:
+        overhead = CPU_RUNTIME + (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
+    else:
+        overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
-                    activations_ckpt=ckpt, reference=reference,
-                    overhead=OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal, notes=notes)
+                    activations_ckpt=ckpt, reference=reference, overhead=overhead, notes=notes)
+
+
+def activation_bytes(recipe, shape: ModelShape, *, cpu: bool) -> tuple[float, float]:
+    """What backward keeps, without and with gradient checkpointing: per layer and token about
+    8*hidden + 4*intermediate values (attention scores are not kept with SDPA/flash attention),
+    in bf16 on GPUs and fp32 on CPU; plus the logits. On GPUs the logits are bf16 with an fp32
+    copy and its gradient (2 + 4 + 4 bytes per vocabulary entry). On CPU everything is fp32 and
+    the model's own cross-entropy keeps the log-softmax too: logits, log-probabilities and the
+    gradient of each, 16 bytes per vocabulary entry at the peak of backward."""
+    t = recipe.training
+    value = 4 if cpu else 2
+    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
+    tokens = seqs * t.seq_len
+    per_layer = tokens * (8 * shape.hidden + 4 * shape.intermediate) * value
+    logits = tokens * shape.vocab * (16 if cpu else 2 + 4 + 4)
+    no_ckpt = shape.layers * per_layer + logits
+    ckpt = shape.layers * tokens * shape.hidden * value + per_layer + logits
+    return no_ckpt, ckpt
+
+
+# Dense bf16 peak FLOP/s per GPU (vendor figures, no sparsity) and the model FLOPs utilisation the
+# step time assumes. 40% is typical of well-tuned bf16 training at these sizes; it is an
+# assumption, not a measurement (no GPU calibration here).
+PEAK_BF16_FLOPS = {"h100-80gb": 989e12, "h200-141gb": 989e12, "a100-80gb": 312e12, "a100-40gb": 312e12,
+                   "l40s-48gb": 362e12, "a10g-24gb": 70e12, "l4-24gb": 121e12, "b200-180gb": 2250e12}
+ASSUMED_MFU = 0.40
+# Bytes/s one GPU moves in a collective: NVLink within a node, the network (EFA/InfiniBand,
+# 400 Gb/s per GPU) across nodes.
+INTRA_NODE_BW = 300e9
+INTER_NODE_BW = 50e9
+
+
+@dataclass
+class StepTime:
+    flops: float  # per device per optimizer step
+    compute_s: float
+    comm_s: float
+    tokens: int  # per device per optimizer step
+
+    @property
+    def seconds(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def step_time(recipe, shape: ModelShape, cluster: Cluster) -> StepTime | None:
+    """Seconds per optimizer step on one device: model FLOPs at ASSUMED_MFU of the GPU's peak, plus
+    the collectives of the strategy, not overlapped (an upper bound). None on CPU."""
+    if cluster.gpu not in PEAK_BF16_FLOPS:
+        return None
+    t, d, n = recipe.training, recipe.distributed, cluster.world
+    dpo = recipe.technique == "dpo"
+    tokens = t.micro_batch_size * t.grad_accum * t.seq_len * (2 if dpo else 1)  # DPO: chosen + rejected
+    # forward per token: 2 FLOPs per active parameter + causal attention scores and values
+    forward = 2 * shape.active + 2 * shape.layers * t.seq_len * shape.attention_width
+    passes = 1.0                       # forward
+    passes += 2.0 if recipe.peft.kind == "none" else 1.0  # backward: input grads (+ weight grads if trained)
+    if t.gradient_checkpointing:
+        passes += 1.0                  # each layer's forward again during backward
+    if dpo:
+        passes += 1.0                  # the reference model's forward
+    flops = forward * passes * tokens
+    compute = flops / (PEAK_BF16_FLOPS[cluster.gpu] * ASSUMED_MFU)
+    comm = 0.0
+    if n > 1:
+        bw = INTER_NODE_BW if cluster.nodes > 1 else INTRA_NODE_BW
+        ring = 2 * (n - 1) / n  # a ring all-reduce moves this many bytes per byte reduced
+        grad_bytes = shape.trainable * (2 if compute_dtype(cluster) == "bf16" else 4)
+        comm = ring * grad_bytes / bw
+        if d.strategy in ("zero3", "fsdp2"):
+            # weights all-gathered for forward and again for backward, per micro-batch
+            frozen_and_trained = shape.params * 2
+            comm += 2 * t.grad_accum * (n - 1) / n * frozen_and_trained / bw
+    return StepTime(flops=flops, compute_s=compute, comm_s=comm, tokens=tokens)
+
+
+def compute_dtype(cluster: Cluster) -> str:
+    return "fp32" if cluster.gpu == "cpu" else "bf16"
 
 
 def _apply(recipe, updates: dict[str, dict]):
@@ -236,13 +372,22 @@ class Plan:
     steps: str
     fits: bool
     suggestion: str | None
+    step: StepTime | None = None
 
 
 def load_config(model_path: str) -> dict:
+    """The model's config.json: from a local directory, or kept in trainer/architectures/ for the
+    hub ids Keel knows (never fetched from the hub)."""
+    from trainer.known_models import known_model
+
+    known = known_model(model_path)
+    if known is not None:
+        return known.config()
     p = Path(model_path).expanduser()
     if not (p / "config.json").is_file():
         raise KeelError(f"model.path: {model_path!r}: keel plan reads the model's config.json and found none there; "
-                        "point model.path at a local model directory (a hub id needs the config downloaded first)")
+                        "point model.path at a local model directory, or at a hub id Keel keeps the config of "
+                        "(trainer/architectures/models.yaml; other hub ids need the config downloaded first)")
     config = json.loads((p / "config.json").read_text())
     return config
 
@@ -269,7 +414,8 @@ def plan(recipe, cluster: Cluster, config: dict) -> Plan:
     budget = cluster.memory_gib * GIB
     fits = est.total <= budget
     suggestion = None if fits else smallest_change(recipe, cluster, config, shape, budget)
-    return Plan(recipe, cluster, shape, est, global_batch, steps, fits, suggestion)
+    return Plan(recipe, cluster, shape, est, global_batch, steps, fits, suggestion,
+                step_time(recipe, shape, cluster))
 
 
 def _gib(x: float) -> str:
@@ -305,6 +451,11 @@ def render(p: Plan) -> str:
         lines.append(f"  dpo reference {_gib(e.reference)}")
     lines += [f"  overhead      {_gib(e.overhead)}", f"  total         {_gib(e.total)}   of {c.memory_gib:.1f} GiB",
               *[f"  note: {n}" for n in e.notes], ""]
+    if p.step is not None:
+        st = p.step
+        lines += [f"step time  about {st.seconds:.1f} s per optimizer step ({st.compute_s:.1f} s compute at an assumed "
+                  f"{ASSUMED_MFU:.0%} MFU + {st.comm_s:.1f} s collectives, not overlapped); "
+                  f"{st.tokens * c.world / st.seconds:,.0f} tokens/s for the cluster", ""]
     if p.fits:
         lines.append(f"verdict    fits ({e.total / GIB / c.memory_gib:.0%} of {c.gpu} memory)")
     else:

@@ -184,11 +184,14 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_field(self):
         from data.formats import available_formats
+        from trainer.known_models import format_problem
 
         problems = []
         if self.model.format not in available_formats():
             problems.append(f"model.format: {self.model.format!r} is not a known format; use one of: "
                             + ", ".join(available_formats()))
+        elif problem := format_problem(self.model.path, self.model.format):
+            problems.append(problem)
         if self.model.native_syntax is not None:
             if self.model.format != "native":
                 problems.append(f"model.native_syntax: only for model.format native (the format is "
@@ -386,6 +389,11 @@ def missing_paths(recipe: Recipe) -> list[str]:
               ("data.train", recipe.data.train, data_kinds)]
     if recipe.data.eval:
         checks.append(("data.eval", recipe.data.eval, data_kinds))
+    from trainer.known_models import known_model
+
+    known = known_model(recipe.model.path)
+    if known is not None:  # a hub id whose config Keel keeps: its positions are known offline
+        problems += _model_fit_problems(recipe, known.config_file)
     for key, value, what in checks:
         if path_kind(value) != "local":
             continue

@@ -1,0 +1,253 @@
+"""The recipe catalogue (recipes/<family>/): every recipe validates and plans offline, says how
+to run it, fits where it says it is sized for, and trains: per family, one step on a shrunken
+config of the recipe's own architecture with its technique, LoRA targets and format. A format
+the model family cannot be served with is refused at validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from data.errors import KeelError
+from trainer.known_models import CHAT_FAMILIES, known_models
+from trainer.plan import Cluster, load_config, model_shape, plan
+from trainer.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+CATALOGUE = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name != "quickstart")
+SIZED_FOR = re.compile(r"keel plan (\S+) --gpu (\S+) --nodes (\d+) --gpus-per-node (\d+)")
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+@lru_cache(maxsize=None)
+def shape_of(model_path: str, peft_key: str):
+    recipe_peft = json.loads(peft_key)
+    from trainer.recipe import PeftSection
+
+    return model_shape(load_config(model_path), PeftSection(**recipe_peft))
+
+
+def test_the_catalogue_covers_the_families_keel_serves():
+    names = {rel(p) for p in CATALOGUE}
+    assert len(names) >= 15
+    for family, technique in (("llama", "sft"), ("llama", "dpo"), ("llama", "cpt"), ("qwen3", "sft"),
+                              ("qwen3", "dpo"), ("qwen3", "cpt")):
+        assert any(n.startswith(f"recipes/{family}/") and f"-{technique}-" in n for n in names), (family, technique)
+    for peft in ("lora", "qlora", "full"):
+        assert any(n.endswith(f"-{peft}.yaml") for n in names), peft
+
+
+@pytest.mark.parametrize("path", CATALOGUE, ids=rel)
+def test_recipe_validates_documents_itself_and_fits_where_it_is_sized_for(path):
+    recipe = load_recipe(path)
+    text = path.read_text()
+    head = text.splitlines()[:3]
+    # the name says what it is: <model>-<technique>-<peft>
+    technique, peft = path.stem.rsplit("-", 2)[1:]
+    assert recipe.technique == technique
+    assert recipe.peft.kind == ("none" if peft == "full" else peft)
+    assert head[0].startswith(f"# keel train {rel(path)} ") and head[1].startswith(f"# keel launch {rel(path)} ")
+    assert recipe.model.path in known_models(), "the model's architecture must be kept offline"
+    assert f"({recipe.model.path})" in text and "s3://" in text and "local directory" in text
+    sized = SIZED_FOR.search(text)
+    assert sized and sized[1] == rel(path)
+    cluster = Cluster(gpu=sized[2], nodes=int(sized[3]), gpus_per_node=int(sized[4]))
+    if recipe.peft.kind == "qlora":  # QLoRA runs on one GPU per process, no sharding (validated)
+        assert recipe.distributed.strategy in ("ddp", "zero1", "zero2")
+    result = plan(recipe, cluster, load_config(recipe.model.path))
+    assert result.fits, f"{rel(path)}: {result.estimate.total / 2**30:.1f} GiB; {result.suggestion}"
+    assert result.step is not None and 0 < result.step.seconds < 600
+    assert recipe.training.seq_len <= result.shape.max_positions
+
+
+@pytest.mark.slow  # three CLI processes, each importing torch and transformers
+def test_keel_plan_and_validate_run_offline_on_a_hub_id(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    path = rel(REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml")
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "plan", path, "--gpus-per-node", "8"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Qwen/Qwen3-8B: 8.19B parameters" in out.stdout and "step time" in out.stdout
+    too_long = subprocess.run([sys.executable, "-m", "trainer.cli", "plan", path, "training.seq_len=50000"],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert too_long.returncode == 1 and "beyond the model's 40960 positions" in too_long.stderr
+    ok = subprocess.run([sys.executable, "-m", "trainer.cli", "validate", *map(rel, CATALOGUE)],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+
+# published total parameter counts (billions), from the model cards
+PUBLISHED_B = {"meta-llama/Llama-3.2-1B": 1.24, "meta-llama/Llama-3.2-3B": 3.21, "meta-llama/Llama-3.1-8B": 8.03,
+               "meta-llama/Llama-3.3-70B-Instruct": 70.6, "Qwen/Qwen3-0.6B": 0.6, "Qwen/Qwen3-1.7B": 1.7,
+               "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2, "Qwen/Qwen3-14B": 14.8, "Qwen/Qwen3-32B": 32.8,
+               "Qwen/Qwen3-30B-A3B": 30.5, "mistralai/Mistral-7B-Instruct-v0.3": 7.25,
+               "mistralai/Mistral-Small-24B-Instruct-2501": 23.6, "google/gemma-3-1b-it": 1.0,
+               "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 7.6, "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": 32.8,
+               "openai/gpt-oss-20b": 20.9}
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED_B))
+def test_kept_configs_have_the_published_sizes(hub_id):
+    shape = shape_of(hub_id, json.dumps({}))
+    assert shape.params / 1e9 == pytest.approx(PUBLISHED_B[hub_id], rel=0.02)
+    if hub_id == "Qwen/Qwen3-30B-A3B":
+        assert shape.active / 1e9 == pytest.approx(3.3, rel=0.05)  # "A3B": about 3B active per token
+
+
+# --------------------------------------------------------------------------- format fit
+
+
+def catalogue_recipe(*overrides):
+    return load_recipe(REPO / "recipes" / "llama" / "llama-3.1-8b-sft-lora.yaml", list(overrides))
+
+
+def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
+    with pytest.raises(KeelError) as err:
+        catalogue_recipe("model.format=hermes-qwen3")
+    msg = str(err.value)
+    assert "model.format: 'hermes-qwen3' does not fit meta-llama/Llama-3.1-8B-Instruct" in msg
+    assert "<|im_start|>" in msg and "use model.format: llama3-json or native" in msg
+    with pytest.raises(KeelError, match="does not fit Qwen/Qwen3-8B .*use model.format: hermes-qwen3"):
+        catalogue_recipe("model.path=Qwen/Qwen3-8B", "model.format=llama3-json")
+    # the same model from a local directory is checked at preparation (by its tokenizer), not here
+    assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
+
+
+@pytest.mark.parametrize("hub_id", ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+                                    "mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-3-1b-it", "openai/gpt-oss-20b"])
+def test_families_without_a_keel_format_are_refused_for_every_format_but_still_plan(hub_id):
+    for fmt in ("hermes-qwen3", "llama3-json", "native"):
+        with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*cannot serve"):
+            catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
+    assert load_config(hub_id)["model_type"]  # keel plan still knows the architecture
+    assert CHAT_FAMILIES[known_models()[hub_id].chat].formats == ()
+
+
+def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml").read_text()
+                   .replace("format: hermes-qwen3", "format: llama3-json"))
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "validate", str(bad)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "model.format: 'llama3-json' does not fit Qwen/Qwen3-8B" in out.stderr
+
+
+# --------------------------------------------------------------------------- one step per family
+
+# Shrunken architectures: the kept config with small widths; everything else (rope scaling,
+# tied embeddings, q/k norms, expert routing) as published.
+SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=32, max_position_embeddings=2048)
+SHRINK_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
+                "qwen3/qwen3-30b-a3b-sft-lora.yaml"]
+
+
+@pytest.fixture(scope="module")
+def shrunken_models(tmp_path_factory):
+    """A shrunken random-init model dir per recipe model (tokenizer holding the format's tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from data.formats import load_format
+    from trainer.tiny_model import build_tokenizer
+
+    built = {}
+
+    def get(recipe):
+        key = (recipe.model.path, recipe.model.format)
+        if key not in built:
+            fmt = load_format(recipe.model.format)
+            tok = build_tokenizer(fmt, vocab_size=512)
+            config = load_config(recipe.model.path)
+            shrink = {**SHRINK, **(SHRINK_MOE if "num_experts" in config else {})}
+            eos = tok.convert_tokens_to_ids(fmt.spec.stop_tokens[0])
+            config.update(shrink, vocab_size=len(tok), eos_token_id=eos, bos_token_id=None,
+                          pad_token_id=tok.convert_tokens_to_ids(fmt.spec.pad_token))
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+            out = tmp_path_factory.mktemp(recipe.model.path.replace("/", "--"))
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            built[key] = out
+        return built[key]
+
+    return get
+
+
+def step_data(technique: str, fmt: str, path: Path) -> Path:
+    from data.synthetic import generate_documents, generate_preference_pairs, generate_tool_choice, write_jsonl
+
+    rows = {"sft": generate_tool_choice, "dpo": generate_preference_pairs, "cpt": generate_documents}[technique](8)
+    if fmt == "llama3-json":  # no place for reasoning in that format
+        for row in rows:
+            for turn in row.get("messages", []) + row.get("chosen", []) + row.get("rejected", []):
+                turn.pop("reasoning_content", None)
+    write_jsonl(rows, path)
+    return path
+
+
+@pytest.mark.slow  # a TRL trainer per recipe: about 10 s each on 2 cores
+@pytest.mark.parametrize("name", STEP_RECIPES)
+def test_one_training_step_on_the_recipes_architecture_technique_targets_and_format(name, shrunken_models, tmp_path):
+    import torch
+
+    from trainer.build import build_model, build_peft_config, training_args
+    from trainer.train import prepared_split, recipe_format
+
+    recipe = load_recipe(REPO / "recipes" / name)
+    model_dir = shrunken_models(recipe)
+    recipe = load_recipe(REPO / "recipes" / name, [
+        f"model.path={model_dir}", f"data.train={step_data(recipe.technique, recipe.model.format, tmp_path / 'd.jsonl')}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", "training.max_steps=1", "training.epochs=",
+        "training.seq_len=1024", "training.warmup_ratio=0", "training.micro_batch_size=2", "training.grad_accum=1", "training.precision=fp32",
+        "distributed.strategy=ddp", "checkpoint.every_steps=", "checkpoint.every_minutes="])
+    fmt = recipe_format(recipe)
+    assert fmt.name == recipe.model.format
+    data = prepared_split(recipe, "train", 0, fmt)
+    model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_config = build_peft_config(recipe.peft)
+    args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
+                         model=model, output_dir=str(tmp_path / "out"), has_eval=False)
+    args["ddp_backend"] = None  # one process, no torchrun: no process group to create
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if recipe.technique == "dpo":
+        from trainer.dpo import build_dpo_trainer
+
+        trainer = build_dpo_trainer(model=model, tokenizer=tok, peft_config=peft_config, dpo=recipe.dpo_settings,
+                                    model_path=recipe.model.path, args=args, train_dataset=data.load(),
+                                    eval_dataset=None, callbacks=[])
+    else:
+        from trainer.sft import build_sft_trainer
+
+        trainer = build_sft_trainer(model=model, tokenizer=tok, peft_config=peft_config, args=args,
+                                    packed=data.packed, train_dataset=data.load(), eval_dataset=None, callbacks=[])
+    assert data.packed == recipe.training.packing
+    result = trainer.train()
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+    trained = trainer.model
+    changed = {n for n, p in trained.named_parameters() if p.requires_grad}
+    if recipe.peft.kind == "none":
+        assert all(not torch.equal(before[n], p) for n, p in trained.named_parameters() if "norm" not in n)
+    else:
+        targets = recipe.peft.target_modules
+        wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in changed if ".lora_A" in n}
+        assert wrapped == (set(targets) if targets != "all-linear" else
+                           {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+        moved = [n for n, p in trained.named_parameters() if ".lora_B" in n and p.abs().sum() > 0]
+        assert moved, "the adapters did not change in the step"

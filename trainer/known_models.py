@@ -1,0 +1,93 @@
+"""Models Keel knows offline: their architecture configs and the formats they can be served with.
+
+`trainer/architectures/models.yaml` maps a hub id to a kept config.json (the published values,
+written out: no download) and to the chat family of the model's published tokenizer and
+template. A recipe that names such a hub id is planned (`keel plan`) and checked against the
+model's positions without touching the hub; training still reads the real model.
+
+Which Keel formats fit a chat family follows from the format's single tokens (data/render.py,
+check_tokenizer): every control token and delimiter of the format must be one token of the
+model's tokenizer, or vLLM's parsers cannot match them. A family whose published tokenizer
+lacks them cannot be served with that format; the recipe is refused at validation instead of
+at the first data-preparation step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    formats: tuple[str, ...]  # Keel formats (and `native`) the model can be trained and served with
+    why_not: str  # what the published tokenizer/template has instead, for the error
+
+
+CHAT_FAMILIES = {
+    "llama3": ChatFamily(("llama3-json", "native"),
+                         "its tokenizer has Llama 3's header tokens (<|start_header_id|>, <|eot_id|>) but no ChatML "
+                         "tokens (<|im_start|>, <|im_end|>) nor <think>/<tool_call> tokens"),
+    "qwen3": ChatFamily(("hermes-qwen3", "native"),
+                        "its tokenizer has the ChatML, <think> and <tool_call> tokens but none of Llama 3's header "
+                        "tokens (<|start_header_id|>, <|eot_id|>)"),
+    "mistral": ChatFamily((), "its tokenizer and template use Mistral's [INST] / [TOOL_CALLS] syntax; it holds "
+                              "neither ChatML nor Llama 3 header tokens, and Keel ships no Mistral format yet"),
+    "gemma3": ChatFamily((), "its template uses <start_of_turn>/<end_of_turn> with no tool-call or think tokens, "
+                             "and Keel ships no Gemma format yet"),
+    "deepseek-r1": ChatFamily((), "the distilled tokenizer renames the base model's control tokens to DeepSeek's "
+                                  "(<｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜>) and its template writes "
+                                  "DeepSeek's own tool-call syntax; Keel ships no DeepSeek format yet"),
+    "harmony": ChatFamily((), "gpt-oss speaks OpenAI's harmony format (<|start|>, <|channel|>, <|message|>, "
+                              "analysis/final channels), served by vLLM's harmony path, for which Keel ships no "
+                              "format yet"),
+}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    hub_id: str
+    config_file: Path
+    chat: str
+
+    def config(self) -> dict:
+        return json.loads(self.config_file.read_text(encoding="utf-8"))
+
+    @property
+    def family(self) -> ChatFamily:
+        return CHAT_FAMILIES[self.chat]
+
+
+@lru_cache(maxsize=1)
+def known_models() -> dict[str, KnownModel]:
+    index = yaml.safe_load((ARCHITECTURES_DIR / "models.yaml").read_text(encoding="utf-8"))
+    return {hub_id: KnownModel(hub_id, ARCHITECTURES_DIR / entry["config"], entry["chat"])
+            for hub_id, entry in index.items()}
+
+
+def known_model(model_path: str) -> KnownModel | None:
+    """The kept entry for a hub id (`org/name`); None otherwise. A local directory that happens
+    to be named like a hub id wins (it is what training reads)."""
+    from trainer.recipe import path_kind
+
+    if path_kind(model_path) != "hub":
+        return None
+    return known_models().get(model_path)
+
+
+def format_problem(model_path: str, fmt: str) -> str | None:
+    """Why `fmt` cannot serve the known model at `model_path` (None: it can, or the model is unknown)."""
+    known = known_model(model_path)
+    if known is None or fmt in known.family.formats:
+        return None
+    fix = (f"use model.format: {' or '.join(known.family.formats)}" if known.family.formats else
+           "Keel cannot serve this model family with a matching reasoning/tool format yet; train a family "
+           "that has one (llama with llama3-json, qwen3 with hermes-qwen3)")
+    return (f"model.format: {fmt!r} does not fit {known.hub_id} (chat family {known.chat}): {known.family.why_not}; "
+            f"{fix}")
