@@ -16,6 +16,8 @@ def make_sft_trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
 
+    from trainer.document_attention import trained_positions_loss
+
     class KeelSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real_tokens = inputs.pop(REAL_TOKENS, None)  # from PackedRowsCollator: not a model input
@@ -23,9 +25,16 @@ def make_sft_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
             labels = inputs["labels"]
-            # Trainer.compute_loss: the model's loss over num_items_in_batch (the trained tokens of
-            # every rank and accumulation step), scaled back for DDP's gradient averaging.
-            loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if model.training and flattened(inputs):
+                # Padding-free batch: the logits of the trained positions only (document_attention.py)
+                loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
+                loss = (loss, outputs) if return_outputs else loss
+            else:
+                # Trainer.compute_loss: the model's loss over num_items_in_batch (the trained tokens of
+                # every rank and accumulation step), scaled back for DDP's gradient averaging.
+                loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             if model.training:
                 if real_tokens is not None:
                     seen = real_tokens.to(labels.device)
@@ -45,6 +54,12 @@ def make_sft_trainer_class():
 
 
 REAL_TOKENS = "keel_real_tokens"
+
+
+def flattened(inputs: dict) -> bool:
+    """A padding-free micro-batch: one [1, T] sequence of examples with restarting position ids."""
+    return ("position_ids" in inputs and "attention_mask" not in inputs and "labels" in inputs
+            and inputs["input_ids"].shape[0] == 1)
 
 
 class PackedRowsCollator:
@@ -96,6 +111,13 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
         max_length=None,
     )
     collator = PackedRowsCollator(tokenizer.pad_token_id) if rows_layout else None
+    if packed and not rows_layout:
+        import torch
+
+        if not torch.cuda.is_available():  # GPUs keep flash attention's varlen kernels and TRL's fused head
+            from trainer.document_attention import use_document_attention
+
+            use_document_attention(model)
     return make_sft_trainer_class()(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,

@@ -174,6 +174,7 @@ def test_loss_per_trained_token_is_the_same_packed_or_padded(tiny_model, varied)
 def test_the_trainer_batches_packed_rows_padding_free_and_trains(tiny_model, prepared_pair, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainer.document_attention import ATTENTION
     from trainer.sft import build_sft_trainer
 
     packed = prepared_pair[1]
@@ -185,5 +186,6 @@ def test_the_trainer_batches_packed_rows_padding_free_and_trains(tiny_model, pre
                   disable_tqdm=True),
         train_dataset=packed.load(), eval_dataset=None, callbacks=[])
     assert trainer.data_collator.padding_free
+    assert trainer.model.config._attn_implementation == ATTENTION  # Keel's CPU fast path (test_fast_path.py)
     result = trainer.train()
     assert np.isfinite(result.training_loss) and trainer.state.global_step == 2
