@@ -25,6 +25,7 @@ commands:
   launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
   deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
   pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
+  sync RUN_DIR              send metrics kept locally while the MLflow server was unreachable
   quickstart                tiny model -> train on 2 processes -> serve -> ask for a tool call
 
 `keel COMMAND --help` shows each command's options."""
@@ -344,6 +345,12 @@ def cmd_pull(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_sync(argv: list[str]) -> int:
+    from trainer.metrics_sync import main
+
+    return main(argv)
+
+
 def cmd_quickstart(argv: list[str]) -> int:
     from trainer.quickstart import main
 
@@ -361,6 +368,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "deploy": cmd_deploy,
     "pull": cmd_pull,
+    "sync": cmd_sync,
     "quickstart": cmd_quickstart,
 }
 

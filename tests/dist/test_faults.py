@@ -127,7 +127,8 @@ def test_disk_full_mid_checkpoint_fails_loudly_and_a_damaged_checkpoint_is_skipp
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     steps = 3 * EVERY + 5
     args = (f"training.max_steps={steps}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=5",
-            "tracking.mlflow.system_metrics_every_s=0", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+            "tracking.mlflow.system_metrics_every_s=0",
+            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     cmd = train_cmd(tiny_model, run_dir, data, *args, nproc=1, launcher=("--max-restarts=0",))
     proc = subprocess.Popen(cmd, cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
