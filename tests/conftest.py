@@ -102,24 +102,33 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(session_dir):
-    """A real `mlflow server` process on loopback."""
-    port = free_port()
-    root = session_dir / "mlflow-server"
-    root.mkdir()
+def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on loopback with its store in `root`, up when /health answers. In a
+    session of its own: its workers are its children, and os.killpg(proc.pid, ...) ends them all."""
+    root.mkdir(parents=True, exist_ok=True)
     log = root / "server.log"
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    with open(log, "w") as logf:
+    with open(log, "a") as logf:
         proc = subprocess.Popen(
             [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=root,
+            stdout=logf, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/health", proc, log, timeout_s=120)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_dir):
+    """A real `mlflow server` process on loopback."""
+    proc, url = start_mlflow_server(session_dir / "mlflow-server", free_port())
+    try:
         yield url
     finally:
         stop(proc)

@@ -1,8 +1,11 @@
 """Checkpoints that are either complete or ignored, and the run identity of an output dir.
 
-transformers writes `checkpoint-N/` file by file, so a crash mid-save leaves a directory that
-looks like a checkpoint. Keel writes a completion marker after every rank has finished
-saving; a checkpoint without it is never loaded (it is set aside with a warning).
+transformers writes `checkpoint-N/` file by file, so a crash mid-save (a kill, a full disk)
+leaves a directory that looks like a checkpoint. Keel writes a completion marker after every
+rank has finished saving, last, by rename; a checkpoint without it is never loaded (it is set
+aside with a warning). The marker lists every file of the checkpoint with its size, so a
+checkpoint damaged on disk afterwards (a truncated weights or optimizer file) is set aside too,
+with a warning naming the file, and the run resumes from the one before it.
 
 The output dir is the run's identity: `keel-run.yaml` holds the resolved recipe and whether
 the run finished. Running the same command again resumes an unfinished run; a finished run,
@@ -12,6 +15,7 @@ differences listed.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -41,8 +45,34 @@ def checkpoint_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_complete_marker(ckpt: Path, step: int) -> None:
+    """The marker, written last and renamed into place: every file of the checkpoint and its size."""
+    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+             if f.is_file() and f.name != COMPLETE_MARKER and not f.name.startswith(f".{COMPLETE_MARKER}")}
+    tmp = ckpt / f".{COMPLETE_MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=0) + "\n")
+    tmp.replace(ckpt / COMPLETE_MARKER)
+
+
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """Why a complete checkpoint can no longer be loaded (a file missing, or not the size it was
+    saved with), or None. Markers written before they listed files are trusted."""
+    try:
+        files = json.loads((ckpt / COMPLETE_MARKER).read_text()).get("files")
+    except (ValueError, AttributeError):
+        return None
+    for name, size in (files or {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
 def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:
-    complete = [p for _, p in checkpoint_dirs(ckpt_root) if (p / COMPLETE_MARKER).is_file()]
+    complete = [p for _, p in checkpoint_dirs(ckpt_root)
+                if (p / COMPLETE_MARKER).is_file() and checkpoint_damage(p) is None]
     return complete[-1] if complete else None
 
 
@@ -54,6 +84,18 @@ def set_aside_incomplete(ckpt_root: Path) -> list[Path]:
             target = ckpt_root / f"incomplete-{path.name}-{int(time.time())}"
             path.rename(target)
             moved.append(target)
+    return moved
+
+
+def set_aside_damaged(ckpt_root: Path) -> list[tuple[Path, str]]:
+    """Move complete checkpoints whose files changed on disk out of the way: (new path, why).
+    Moved, not left: the resumed run saves a checkpoint of the same step again."""
+    moved = []
+    for step, path in checkpoint_dirs(ckpt_root):
+        if (path / COMPLETE_MARKER).is_file() and (why := checkpoint_damage(path)):
+            target = ckpt_root / f"damaged-{path.name}-{int(time.time())}"
+            path.rename(target)
+            moved.append((target, why))
     return moved
 
 
@@ -77,7 +119,7 @@ class CheckpointCompletion(TrainerCallback):
         if self.is_main:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                (ckpt / COMPLETE_MARKER).write_text(f"step {state.global_step}\n")
+                write_complete_marker(ckpt, state.global_step)
         _barrier()
         self._last_save = time.time()
 
@@ -93,6 +135,53 @@ class CheckpointCompletion(TrainerCallback):
             dist.all_reduce(due, op=dist.ReduceOp.MAX)
         if due.item() > 0:
             control.should_save = True
+
+
+def _storage_facts(path: Path) -> str:
+    """Free space where the checkpoint goes, and this process's file size limit if it has one:
+    torch.save reports a full disk only as "unexpected pos ...", so the likely cause is spelled out."""
+    import resource
+
+    facts = []
+    try:
+        facts.append(f"{shutil.disk_usage(path).free / 2**30:.2f} GiB free on its filesystem")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        facts.append(f"this process may write files of at most {limit} bytes (ulimit -f)")
+    return "; ".join(facts)
+
+
+class CheckpointWriteFailed(KeelError):
+    pass
+
+
+def fail_loudly_on_save(trainer, ckpt_root: Path) -> None:
+    """A failed checkpoint write (disk full, quota, file size limit, a lost mount) ends the run
+    with an error naming the checkpoint, the cause and the checkpoint a re-run resumes from,
+    instead of a bare serialization traceback. The half-written directory has no completion
+    marker, so it is never loaded.
+
+    Wraps the instance's Trainer._save_checkpoint (transformers 5.19): the one place every
+    trainer (SFT, DPO) writes a checkpoint, and no callback runs when it raises."""
+    save = trainer._save_checkpoint
+
+    def save_or_explain(*args, **kwargs):
+        try:
+            return save(*args, **kwargs)
+        except Exception as exc:
+            ckpt = ckpt_root / f"checkpoint-{trainer.state.global_step}"
+            latest = latest_complete_checkpoint(ckpt_root)
+            resume = (f"the latest complete checkpoint is {latest}; running the same command again resumes from it"
+                      if latest else "no complete checkpoint exists yet")
+            facts = _storage_facts(ckpt_root)
+            raise CheckpointWriteFailed(
+                f"writing checkpoint {ckpt} failed: {type(exc).__name__}: {exc}"
+                + (f" ({facts})" if facts else "") + f". It is incomplete and will not be loaded; {resume}."
+            ) from exc
+
+    trainer._save_checkpoint = save_or_explain
 
 
 # --------------------------------------------------------------------------- run identity
@@ -151,7 +240,7 @@ def _read_run_file(run_file: Path) -> dict:
 
 def clear_run_dir(run_dir: Path) -> None:
     """What --overwrite removes: Keel's own files in the run dir, nothing else."""
-    for name in ("checkpoints", "model", RUN_FILE, "mlflow_run_id", "metrics.jsonl"):
+    for name in ("checkpoints", "model", RUN_FILE, "mlflow_run_id", "metrics.jsonl", "mlflow-pending"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)

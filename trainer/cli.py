@@ -25,6 +25,7 @@ commands:
   launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
   deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
   pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
+  sync RUN_DIR              send metrics kept locally while the MLflow server was unreachable
   quickstart                tiny model -> train on 2 processes -> serve -> ask for a tool call
 
 `keel COMMAND --help` shows each command's options."""
@@ -178,7 +179,40 @@ def cmd_train(argv: list[str]) -> int:
     from trainer.run_facts import redact_text
 
     print("[keel] " + redact_text(" ".join(cmd)), flush=True)
-    return subprocess.run(cmd).returncode
+    return run_torchrun(cmd, Path(recipe.output.dir))
+
+
+def run_torchrun(cmd: list[str], run_dir: Path) -> int:
+    """torchrun, with SIGTERM and SIGINT passed on to it: when `keel train` is the container's
+    main process, it is the one Kubernetes signals. torchrun passes the signal to the workers,
+    which save a checkpoint and stop (trainer/stopping.py)."""
+    import signal
+
+    proc = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        from trainer.checkpoints import latest_complete_checkpoint
+        from trainer.train import CHECKPOINT_DIR
+
+        latest = latest_complete_checkpoint(run_dir / CHECKPOINT_DIR)
+        name = signal.Signals(received[0]).name
+        print(f"keel: stopped by {name}; " + (f"latest complete checkpoint: {latest}; running the same command "
+                                               "again resumes from it" if latest else "no complete checkpoint yet"),
+              file=sys.stderr, flush=True)
+        return returncode or 128 + received[0]
+    return returncode
 
 
 def _gpu_count() -> int:
@@ -312,6 +346,12 @@ def cmd_pull(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_sync(argv: list[str]) -> int:
+    from trainer.metrics_sync import main
+
+    return main(argv)
+
+
 def cmd_quickstart(argv: list[str]) -> int:
     from trainer.quickstart import main
 
@@ -329,6 +369,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "deploy": cmd_deploy,
     "pull": cmd_pull,
+    "sync": cmd_sync,
     "quickstart": cmd_quickstart,
 }
 

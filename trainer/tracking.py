@@ -4,18 +4,26 @@ Only global rank 0 talks to MLflow. Without a tracking URI in the recipe or
 $MLFLOW_TRACKING_URI, MLflow's own default store in the working directory is used (no server
 needed; `mlflow ui` there shows every run). The run id is kept in the run directory so a
 resumed run continues the same MLflow run.
+
+Every record is appended to RUN_DIR/metrics.jsonl before it is sent. When the tracking server
+cannot be reached (at start or mid-run), training goes on with a warning, the tracker retries
+every RETRY_S seconds and once more at the end, and `keel sync RUN_DIR` sends whatever is
+still missing (trainer/metrics_sync.py). System metrics are not kept while the server is away.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-RUN_ID_FILE = "mlflow_run_id"
-METRICS_FILE = "metrics.jsonl"  # the same metrics, kept locally by rank 0 (one JSON object per step)
+from trainer.metrics_sync import (METRICS_FILE, RUN_ID_FILE, append_record, bound_mlflow_retries, save_pending,
+                                  sync_run, tracking_reachable)
+
+RETRY_S = 10.0  # while the tracking server is unreachable: a 2 s connection probe this often
 MAX_PARAM_BATCH = 100  # MLflow accepts at most 100 params per call
 
 
@@ -45,6 +53,9 @@ class RunTracker(TrainerCallback):
         self._tokens_last = self._trained_last = 0.0
         self._metrics_file = run_dir / METRICS_FILE
         self._start_step = 0
+        self.uri = ""
+        self.offline = False  # the server did not answer: records wait in metrics.jsonl
+        self._last_try = 0.0
 
     # -- MLflow run lifecycle -------------------------------------------------
 
@@ -54,7 +65,22 @@ class RunTracker(TrainerCallback):
         self._keep_local_metrics_up_to(self.resume_step)
         import mlflow
 
+        bound_mlflow_retries()
         use_tracking_uri(self.cfg.tracking_uri)
+        self.uri = mlflow.get_tracking_uri()
+        try:
+            if not tracking_reachable(self.uri):
+                raise ConnectionError("no connection")
+            self._start_run()
+        except Exception as exc:  # a tracking failure never stops training
+            self._go_offline(exc)
+            if not (self.run_dir / RUN_ID_FILE).is_file():
+                items = {k: "" if v is None else str(v)[:6000] for k, v in self.params.items()}
+                save_pending(self.run_dir, params=items, tags=self.tags, artifacts=self.artifacts)
+
+    def _start_run(self) -> None:
+        import mlflow
+
         mlflow.set_experiment(self.cfg.experiment)
         id_file = self.run_dir / RUN_ID_FILE
         previous = id_file.read_text().strip() if id_file.is_file() else None
@@ -76,6 +102,52 @@ class RunTracker(TrainerCallback):
               f"{redact_text(mlflow.get_tracking_uri())}",
               flush=True)
 
+    def _go_offline(self, exc: BaseException) -> None:
+        from trainer.run_facts import redact_text
+
+        self._last_try = time.time()
+        if not self.offline:
+            self.offline = True
+            print(f"[keel] warning: MLflow at {redact_text(self.uri)} is unreachable ({type(exc).__name__}: "
+                  f"{redact_text(str(exc))[:300]}); training goes on, metrics are kept in {self._metrics_file} and "
+                  f"sent when the server is back (or by `keel sync {self.run_dir}`)", file=sys.stderr, flush=True)
+
+    def _catch_up(self) -> bool:
+        """Send what the server missed; True when it is back and up to date."""
+        import mlflow
+
+        self._last_try = time.time()
+        if not tracking_reachable(self.uri):
+            return False
+        try:
+            run_id, sent = sync_run(self.run_dir, experiment=self.cfg.experiment, run_name=self.cfg.run_name)
+            if mlflow.active_run() is None:
+                mlflow.start_run(run_id=run_id)
+        except Exception:
+            return False
+        self.run_id, self.offline = run_id, False
+        from trainer.run_facts import redact_text
+
+        print(f"[keel] MLflow at {redact_text(self.uri)} is back: sent {sent} metric points kept while it was away",
+              flush=True)
+        return True
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """Keep the record locally, then send it (or retry sending what is pending)."""
+        now = time.time()
+        append_record(self.run_dir, {"step": step, "timestamp": int(now * 1000), **metrics})
+        if self.offline:
+            if now - self._last_try >= RETRY_S:
+                self._catch_up()
+            return
+        if self.run_id:
+            import mlflow
+
+            try:
+                mlflow.log_metrics(metrics, step=step)
+            except Exception as exc:
+                self._go_offline(exc)
+
     def _keep_local_metrics_up_to(self, step: int) -> None:
         """On resume, steps after the checkpoint are trained again: drop their old records."""
         import json
@@ -96,7 +168,11 @@ class RunTracker(TrainerCallback):
         `upload` (output.register_upload) the weights themselves are logged as run artifacts,
         so the version works without access to the output dir. Either way the version carries
         the location as the tag keel.model_location."""
-        if not (self.is_main and self.run_id and name):
+        if not (self.is_main and name):
+            return
+        if self.offline or not self.run_id:
+            print(f"[keel] warning: not registered as {name!r}: MLflow at {self.uri} is unreachable; "
+                  f"register {model_location} once it is back", file=sys.stderr, flush=True)
             return
         import json
 
@@ -124,29 +200,45 @@ class RunTracker(TrainerCallback):
         print(f"[keel] registered {model_location} as models:/{name}/{version.version}", flush=True)
 
     def log_stats(self, prefix: str, stats: dict) -> None:
-        if self.is_main and self.run_id:
-            import mlflow
-
-            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in stats.items()}, step=0)
+        """Data statistics at step 0, once per run (a resumed run has them already)."""
+        if self.is_main and self.resume_step == 0:
+            self._log({f"{prefix}.{k}": float(v) for k, v in stats.items()}, step=0)
 
     def log_files(self, directory: str, files: list[Path]) -> None:
         """Upload local files as artifacts under `directory`, keeping their names."""
-        if self.is_main and self.run_id:
+        if not self.is_main:
+            return
+        if self.run_id and not self.offline:
             import mlflow
 
-            for local in files:
-                mlflow.log_artifact(str(local), artifact_path=directory)
+            try:
+                for local in files:
+                    mlflow.log_artifact(str(local), artifact_path=directory)
+                return
+            except Exception as exc:
+                self._go_offline(exc)
+        save_pending(self.run_dir, files=(directory, files))
 
     def finish(self, status: str = "FINISHED", tags: dict | None = None) -> None:
-        if not (self.is_main and self.run_id):
+        if not self.is_main:
+            return
+        if self.offline and not self._catch_up():
+            print(f"[keel] warning: MLflow at {self.uri} is still unreachable: the run's metrics are in "
+                  f"{self._metrics_file}; send them with `keel sync {self.run_dir}` when it is back",
+                  file=sys.stderr, flush=True)
+            return
+        if not self.run_id:
             return
         import mlflow
 
-        if tags:
-            mlflow.set_tags(tags)
-        if self.history:
-            mlflow.log_figure(self._loss_figure(), "loss_curve.png")
-        mlflow.end_run(status=status)
+        try:
+            if tags:
+                mlflow.set_tags(tags)
+            if self.history:
+                mlflow.log_figure(self._loss_figure(), "loss_curve.png")
+            mlflow.end_run(status=status)
+        except Exception as exc:
+            self._go_offline(exc)
 
     def _loss_figure(self):
         import matplotlib
@@ -195,15 +287,7 @@ class RunTracker(TrainerCallback):
         self._t_last = now
         if "loss" in metrics:
             self.history.append((state.global_step, metrics["loss"]))
-        if "loss" in metrics or "eval_loss" in metrics:
-            import json
-
-            with self._metrics_file.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
-        if self.run_id:
-            import mlflow
-
-            mlflow.log_metrics(metrics, step=state.global_step)
+        self._log(metrics, state.global_step)
         if "loss" in metrics and (state.global_step % self.log_every == 0 or state.global_step == state.max_steps):
             done = state.global_step - self._start_step
             elapsed = now - self._t_start
@@ -280,6 +364,7 @@ def use_tracking_uri(uri: str | None) -> None:
 
     import mlflow
 
+    bound_mlflow_retries()
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return

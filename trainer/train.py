@@ -147,16 +147,21 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     from data.model_loading import load_tokenizer
 
     from trainer.build import build_model, build_peft_config, compute_precision, training_args
-    from trainer.checkpoints import CheckpointCompletion, latest_complete_checkpoint, set_aside_incomplete
+    from trainer.checkpoints import (CheckpointCompletion, fail_loudly_on_save, latest_complete_checkpoint,
+                                     set_aside_damaged, set_aside_incomplete)
     from trainer.export import export_trained
     from trainer.heartbeat import Heartbeat, is_collective_timeout
     from trainer.sft import build_sft_trainer
     from trainer.run_facts import redact, run_environment
+    from trainer.stopping import StopOnSigterm, StoppedBySignal
     from trainer.tracking import NodeSystemMetrics, RunTracker, share_run
 
     rank, local_rank, world = dist_env()
     is_main = rank == 0
     run_dir = Path(recipe.output.dir)
+    ckpt_root = run_dir / CHECKPOINT_DIR
+    stopper = StopOnSigterm(rank=rank, ckpt_root=ckpt_root)
+    stopper.install()
     fmt = recipe_format(recipe)
     t0 = time.time()
     if is_main:
@@ -172,10 +177,15 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     tokenizer = load_tokenizer(recipe.model.path, recipe.model.load_policy)
     model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
     peft_config = build_peft_config(recipe.peft)
-    ckpt_root = run_dir / CHECKPOINT_DIR
     if is_main:
         for path in set_aside_incomplete(ckpt_root):
             log(f"warning: checkpoint without completion marker set aside, not loaded: {path}")
+        for path, why in set_aside_damaged(ckpt_root):
+            log(f"warning: checkpoint damaged since it was saved ({why}) set aside, not loaded: {path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank picks its checkpoint after rank 0 set the unusable ones aside
     resume_from = latest_complete_checkpoint(ckpt_root)
     resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
 
@@ -211,7 +221,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                              model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
         heartbeat = Heartbeat(rank, world)
         callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes),
-                     heartbeat]
+                     heartbeat, stopper]
         datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
         if recipe.technique == "dpo":
             from trainer.dpo import build_dpo_trainer
@@ -226,6 +236,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
         # also print every log dict.
         trainer.remove_callback(PrinterCallback)
+        fail_loudly_on_save(trainer, ckpt_root)
         if resume_from is not None and is_main:
             log(f"resumed from checkpoint step {resume_step} ({resume_from})")
         try:
@@ -238,6 +249,11 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                     f"complete checkpoint in {ckpt_root}."
                 ) from exc
             raise
+        if stopper.stopped_at is not None:
+            status = "KILLED"
+            raise StoppedBySignal(f"stopped by SIGTERM, checkpoint at step {stopper.stopped_at} "
+                                  f"({ckpt_root / f'checkpoint-{stopper.stopped_at}'}); running the same command "
+                                  "again resumes from it")
 
         out = run_dir / MODEL_DIR
         precision = compute_precision(recipe.training)
@@ -297,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe, overwrite=overwrite, recipe_file=source, remote=remote)
     except KeelError as exc:
         rank = dist_env()[0]
+        from trainer.stopping import EXIT_STATUS, StoppedBySignal  # transformers is loaded by now
+
+        if isinstance(exc, StoppedBySignal):
+            if rank == 0:
+                print(f"keel: {exc}", file=sys.stderr, flush=True)
+            return EXIT_STATUS
         print(f"keel: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -93,3 +93,20 @@ def test_clear_removes_only_keels_files(tmp_path):
     clear_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
     assert not (run / RUN_FILE).exists()
+
+
+def test_a_checkpoint_changed_on_disk_after_its_marker_is_set_aside_naming_the_file(tmp_path):
+    from trainer.checkpoints import set_aside_damaged, write_complete_marker
+
+    root = tmp_path / "checkpoints"
+    first = make_ckpt(root, 100, False)
+    write_complete_marker(first, 100)
+    second = make_ckpt(root, 200, False)
+    (second / "optimizer.pt").write_bytes(b"0123456789")
+    write_complete_marker(second, 200)
+    assert latest_complete_checkpoint(root) == second
+    (second / "optimizer.pt").write_bytes(b"01234")  # truncated on disk
+    assert latest_complete_checkpoint(root) == first
+    [(moved, why)] = set_aside_damaged(root)
+    assert moved.name.startswith("damaged-checkpoint-200-") and why == "optimizer.pt is 5 bytes, 10 when it was saved"
+    assert latest_complete_checkpoint(root) == first and set_aside_damaged(root) == []

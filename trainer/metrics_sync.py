@@ -1,0 +1,186 @@
+"""What MLflow should hold for a run, kept in the run dir, and `keel sync RUN_DIR` to send it.
+
+Training must not stop or stall because the tracking server is down (restarting, a network
+partition, a wrong port). Rank 0 appends every metric record it logs to RUN_DIR/metrics.jsonl
+before it sends anything; when the server cannot be reached, the run goes on with the records
+kept there (and, if the MLflow run could not even be created, its params, tags and artifacts
+in RUN_DIR/mlflow-pending/). The tracker retries while training and once more at the end;
+`keel sync RUN_DIR` sends whatever is still missing later. Sending is idempotent: the server's
+history of each metric is read first and only (step, value) pairs it lacks are logged, so
+syncing twice, or after a partial send, never duplicates a point.
+
+MLflow's own client retries a failed request 7 times with exponential backoff (minutes in
+all); with the local record that is not needed, so the retries are bounded here and a dead
+server costs training a few seconds once, not minutes per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+METRICS_FILE = "metrics.jsonl"
+PENDING_DIR = "mlflow-pending"  # params, tags and artifacts of a run the server has not seen yet
+RUN_ID_FILE = "mlflow_run_id"
+NOT_METRICS = ("step", "timestamp")
+MAX_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+
+
+def bound_mlflow_retries() -> None:
+    """Fail fast instead of MLflow's minutes of retries; an operator's explicit setting wins."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def tracking_reachable(uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether an http(s) tracking server accepts connections (other stores are local: True)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return True
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def append_record(run_dir: Path, record: dict) -> None:
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def local_points(run_dir: Path) -> dict[str, set[tuple[int, float]]]:
+    """metric key -> {(step, value)} from the run's local record."""
+    points: dict[str, set[tuple[int, float]]] = {}
+    path = run_dir / METRICS_FILE
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        if line.strip():
+            rec = json.loads(line)
+            for key, value in rec.items():
+                if key not in NOT_METRICS:
+                    points.setdefault(key, set()).add((int(rec["step"]), float(value)))
+    return points
+
+
+def local_timestamps(run_dir: Path) -> dict[int, int]:
+    path = run_dir / METRICS_FILE
+    out = {}
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        if line.strip():
+            rec = json.loads(line)
+            if "timestamp" in rec:
+                out.setdefault(int(rec["step"]), int(rec["timestamp"]))
+    return out
+
+
+def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None = None,
+                 artifacts: dict[str, str] | None = None, files: tuple[str, list[Path]] | None = None) -> None:
+    """Keep what the MLflow run should have been created with, for a later sync."""
+    pending = run_dir / PENDING_DIR
+    (pending / "artifacts").mkdir(parents=True, exist_ok=True)
+    for name, values in (("params.json", params), ("tags.json", tags)):
+        if values:
+            (pending / name).write_text(json.dumps(values, indent=1))
+    for path, text in (artifacts or {}).items():
+        dst = pending / "artifacts" / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(text)
+    if files:
+        directory, paths = files
+        for local in paths:
+            dst = pending / "artifacts" / directory / Path(local).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, dst)
+
+
+def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[str, int]:
+    """Send what the server lacks to the run's MLflow run (creating it from mlflow-pending/ if
+    the server never saw it), at the tracking URI MLflow is pointed at. (run id, points sent).
+    Raises what MLflow raises when the server is unreachable."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    id_file = run_dir / RUN_ID_FILE
+    pending = run_dir / PENDING_DIR
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+        id_file.write_text(run_id + "\n")
+    if pending.is_dir():
+        params = json.loads((pending / "params.json").read_text()) if (pending / "params.json").is_file() else {}
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # at most 100 params per call
+            client.log_batch(run_id, params=[_param(k, v) for k, v in items[i:i + 100]])
+        if (pending / "tags.json").is_file():
+            for key, value in json.loads((pending / "tags.json").read_text()).items():
+                client.set_tag(run_id, key, value)
+        if (pending / "artifacts").is_dir() and any((pending / "artifacts").iterdir()):
+            client.log_artifacts(run_id, str(pending / "artifacts"))
+        shutil.rmtree(pending)
+    stamps = local_timestamps(run_dir)
+    missing = []
+    for key, points in local_points(run_dir).items():
+        on_server = {(m.step, m.value) for m in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, value, stamps.get(step, 0), step) for step, value in sorted(points - on_server)]
+    for i in range(0, len(missing), MAX_BATCH):
+        client.log_batch(run_id, metrics=missing[i:i + MAX_BATCH])
+    return run_id, len(missing)
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="keel sync", description="Send a run's metrics (and, if its MLflow run was "
+                                "never created, its params and artifacts) that did not reach the tracking server "
+                                "while it trained. Safe to run more than once.")
+    p.add_argument("run_dir", help="the run's output.dir")
+    p.add_argument("--tracking-uri", help="default: the recipe's tracking.mlflow.tracking_uri, else "
+                   "$MLFLOW_TRACKING_URI")
+    a = p.parse_args(argv)
+    import yaml
+
+    from data.errors import KeelError
+    from trainer.checkpoints import RUN_FILE
+
+    run_dir = Path(a.run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise KeelError(f"{run_dir} is not a Keel run dir (no {RUN_FILE}): pass the output.dir of a `keel train` run")
+    saved = yaml.safe_load((run_dir / RUN_FILE).read_text(encoding="utf-8")) or {}
+    mlflow_cfg = (saved.get("recipe") or {}).get("tracking", {}).get("mlflow", {})
+    import mlflow
+
+    from trainer.run_facts import redact_text
+    from trainer.tracking import use_tracking_uri
+
+    bound_mlflow_retries()
+    use_tracking_uri(a.tracking_uri or mlflow_cfg.get("tracking_uri"))
+    uri = mlflow.get_tracking_uri()
+    if not tracking_reachable(uri):
+        raise KeelError(f"the tracking server {redact_text(uri)} is not reachable; nothing was sent. Run "
+                        f"`keel sync {run_dir}` again when it is back.")
+    run_id, sent = sync_run(run_dir, experiment=mlflow_cfg.get("experiment", "keel"),
+                            run_name=mlflow_cfg.get("run_name"))
+    if saved.get("status") == "finished":
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_terminated(run_id, "FINISHED")
+    print(f"[keel] synced {run_dir} to MLflow run {run_id} at {redact_text(uri)}: {sent} metric points sent",
+          file=sys.stdout, flush=True)
+    return 0
