@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from data.errors import KeelError
 from trainer.recipe import Recipe, flatten
+from trainer.run_facts import redact
 
 COMPLETE_MARKER = "keel-complete"
 RUN_FILE = "keel-run.yaml"
@@ -215,7 +216,8 @@ def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
             f"output.dir {run_dir} holds a finished run (model in {run_dir / 'model'}). Choose a new output.dir, "
             "or pass --overwrite to train it again from the start."
         )
-    before, now = _math_view(saved.get("recipe", {})), _math_view(recipe.to_dict())
+    # The run file holds the recipe redacted (see write_run_file): compare like with like.
+    before, now = _math_view(saved.get("recipe", {})), _math_view(redact(recipe.to_dict()))
     diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diffs:
         lines = "\n".join(f"  - {k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in diffs)
@@ -252,5 +254,9 @@ def write_run_file(recipe: Recipe, status: str) -> None:
     run_dir = Path(recipe.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump({"status": status, "recipe": recipe.to_dict()}, sort_keys=False), encoding="utf-8")
+    # Redacted: the run dir is shared, copied and uploaded; a tracking URI's password or a
+    # presigned URL's signature must not sit there in plain text (`keel sync` takes them from the
+    # environment or --tracking-uri instead).
+    record = {"status": status, "recipe": redact(recipe.to_dict())}
+    tmp.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
     tmp.replace(run_dir / RUN_FILE)

@@ -144,6 +144,22 @@ def _param(key: str, value):
     return Param(key, value)
 
 
+def without_redacted_password(uri: str | None) -> str | None:
+    """The run file's tracking URI with its redacted password removed (the user name stays), so
+    the password comes from $MLFLOW_TRACKING_PASSWORD rather than being sent as '***'."""
+    from urllib.parse import urlunsplit
+
+    from trainer.run_facts import REDACTED
+
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password != REDACTED:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -152,7 +168,8 @@ def main(argv: list[str]) -> int:
                                 "while it trained. Safe to run more than once.")
     p.add_argument("run_dir", help="the run's output.dir")
     p.add_argument("--tracking-uri", help="default: the recipe's tracking.mlflow.tracking_uri, else "
-                   "$MLFLOW_TRACKING_URI")
+                   "$MLFLOW_TRACKING_URI (a password in it is not kept in the run dir: set "
+                   "$MLFLOW_TRACKING_PASSWORD, or pass the whole URI here)")
     a = p.parse_args(argv)
     import yaml
 
@@ -170,7 +187,7 @@ def main(argv: list[str]) -> int:
     from trainer.tracking import use_tracking_uri
 
     bound_mlflow_retries()
-    use_tracking_uri(a.tracking_uri or mlflow_cfg.get("tracking_uri"))
+    use_tracking_uri(a.tracking_uri or without_redacted_password(mlflow_cfg.get("tracking_uri")))
     uri = mlflow.get_tracking_uri()
     if not tracking_reachable(uri):
         raise KeelError(f"the tracking server {redact_text(uri)} is not reachable; nothing was sent. Run "

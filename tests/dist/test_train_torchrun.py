@@ -98,10 +98,12 @@ def test_mlflow_run_records_environment_and_node_metrics_but_no_secret(trained_r
     assert f"torch=={torch.__version__}" in freeze.splitlines()
     assert "keel.git_commit" in run.data.tags or "not in a git work tree" in open(
         client.download_artifacts(run.info.run_id, "environment/git.txt")).read()
-    # no planted secret anywhere: params, tags, any artifact, the training log
+    # no planted secret anywhere: params, tags, any artifact, the training log, and every file of
+    # the run dir (keel-run.yaml, local metrics, checkpoints, the exported model)
     texts = [repr(run.data.params), repr(run.data.tags), trained_run.output]
     local = client.download_artifacts(run.info.run_id, "", str(tmp_path))
     texts += [p.read_bytes().decode("utf-8", "replace") for p in Path(local).rglob("*") if p.is_file()]
+    texts += [p.read_bytes().decode("utf-8", "replace") for p in trained_run.run_dir.rglob("*") if p.is_file()]
     for secret in (TRACKING_PASSWORD, HF_TOKEN):
         assert not any(secret in t for t in texts), secret
 

@@ -110,3 +110,19 @@ def test_a_checkpoint_changed_on_disk_after_its_marker_is_set_aside_naming_the_f
     [(moved, why)] = set_aside_damaged(root)
     assert moved.name.startswith("damaged-checkpoint-200-") and why == "optimizer.pt is 5 bytes, 10 when it was saved"
     assert latest_complete_checkpoint(root) == first and set_aside_damaged(root) == []
+
+
+def test_run_file_keeps_no_credentials_and_the_run_still_resumes(tmp_path):
+    """keel-run.yaml lives in a run dir people share and upload: a tracking URI's password and a
+    presigned URL's signature are redacted there, and resuming compares like with like."""
+    from trainer.metrics_sync import without_redacted_password
+
+    r = recipe(tmp_path, "tracking.mlflow.tracking_uri=http://keel:hunter2-planted@127.0.0.1:5000",
+               "data.train=https://bucket.example/train.jsonl?X-Amz-Signature=planted-sig&x=1")
+    write_run_file(r, "running")
+    text = (tmp_path / "run" / "keel-run.yaml").read_text()
+    assert "hunter2-planted" not in text and "planted-sig" not in text
+    assert check_run_dir(r, overwrite=False) == "resume"
+    # keel sync sends the user name and takes the password from $MLFLOW_TRACKING_PASSWORD
+    assert without_redacted_password("http://keel:***@127.0.0.1:5000") == "http://keel@127.0.0.1:5000"
+    assert without_redacted_password("http://keel:real@h:1") == "http://keel:real@h:1"
