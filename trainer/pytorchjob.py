@@ -176,6 +176,25 @@ def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str],
             "spec": spec}
 
 
+def refuse_inlined_secrets(recipe: dict, mlflow_uri: str | None) -> None:
+    """A manifest is printed, committed and kept by the API server in plain text: a password in a
+    URL or a secret-named recipe key (the recipe file travels in a ConfigMap, overrides in the
+    pod's args) would be readable by anyone who can read the job. Refused, with where it goes
+    instead: a Kubernetes Secret passed by --secret, whose keys become the pod's environment."""
+    from trainer.recipe import flatten
+    from trainer.run_facts import redact, redact_text
+
+    found = [k for k, v in flatten(redact(recipe)).items() if v != flatten(recipe).get(k)]
+    if mlflow_uri and redact_text(mlflow_uri) != mlflow_uri:
+        found.append("$MLFLOW_TRACKING_URI")
+    if found:
+        raise KeelError(
+            f"{', '.join(sorted(found))} carries a credential, which the manifests would hold in plain text. "
+            "Remove it from the recipe, overrides and URI; put it in a Kubernetes Secret (for MLflow: "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; for S3: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY; for the hub: HF_TOKEN) and pass --secret SECRET_NAME")
+
+
 def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: str, nodes: int, gpus_per_node: int,
                      name: str | None = None, namespace: str | None = None, volume: str | None = None,
                      volume_size: str | None = None, storage_class: str | None = None, queue: str | None = None,
@@ -209,7 +228,8 @@ def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: st
             check_object_name(value, flag)
     path = Path(recipe_path)
     args = [f"{RECIPE_DIR}/{RECIPE_KEY}", *cluster_overrides(name=name, mount=shared.mount), *overrides]
-    load_recipe(path, args[1:])  # raises KeelError with every problem, as `keel validate` does
+    recipe = load_recipe(path, args[1:])  # raises KeelError with every problem, as `keel validate` does
+    refuse_inlined_secrets(recipe.to_dict(), mlflow_uri)
     docs = []
     if volume_size:
         docs.append(shared_volume_claim(claim=shared.claim, namespace=namespace,

@@ -260,3 +260,24 @@ def test_mlflow_server_from_the_environment_reaches_the_pods(monkeypatch, capsys
     assert env.get("MLFLOW_TRACKING_URI") == (uri if passed else None)
     # a store on this machine means nothing in a pod: said, not silently dropped
     assert ("names storage on this machine" in out.err) == (not passed)
+
+
+@pytest.mark.parametrize("where", ["override", "recipe file", "environment"])
+def test_credentials_are_refused_rather_than_written_into_manifests(where, tmp_path, monkeypatch, capsys):
+    """Manifests are kept in plain text (ConfigMap, pod args, env values): a planted password is
+    refused with the way to pass it as a Secret, and nothing is printed."""
+    planted = "planted-launch-secret"
+    recipe, extra = RECIPE, []
+    uri = f"http://keel:{planted}@mlflow.mlflow:5000"
+    if where == "override":
+        extra = [f"tracking.mlflow.tracking_uri={uri}"]
+    elif where == "recipe file":
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(RECIPE.read_text().replace("experiment: keel-quickstart",
+                                                     f"experiment: keel-quickstart\n    tracking_uri: {uri}"))
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rc = keel(["launch", str(recipe), "--image", "i:1", "--nodes", "1", "--gpus-per-node", "0", *extra])
+    out = capsys.readouterr()
+    assert rc != 0 and out.out == ""
+    assert "carries a credential" in out.err and "--secret" in out.err and planted not in out.err + out.out
