@@ -155,3 +155,21 @@ def test_client_errors_through_the_openai_client(openai_client, base_model_name)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         openai_client.chat.completions.create(model=base_model_name, messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=-1)
+
+
+def test_api_keys_appear_in_no_answer_and_no_server_log(served_model, api_key, base_model_name, session_dir):
+    """The server's key and a client's wrong key are never echoed: not in the 401 (nor in a 4xx
+    for a bad body sent with the right key), not in the server log, which collects vLLM's own
+    startup lines (its non-default arguments included: the key travels by environment)."""
+    import requests
+
+    planted = "planted-wrong-key-4f1d"
+    wrong = requests.post(served_model + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {planted}"},
+                          json={"model": base_model_name, "messages": [{"role": "user", "content": "hi"}]})
+    bad = requests.post(served_model + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {api_key}"},
+                        json={"model": base_model_name, "messages": "not a list"})
+    assert wrong.status_code == 401 and 400 <= bad.status_code < 500
+    log = (session_dir / "vllm-server.log").read_text(errors="replace")
+    assert "non-default args" in log  # the log is the server's, with its startup arguments
+    for text in (wrong.text, bad.text, log):
+        assert api_key not in text and planted not in text
