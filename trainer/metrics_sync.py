@@ -56,28 +56,23 @@ def append_record(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def local_points(run_dir: Path) -> dict[str, set[tuple[int, float]]]:
-    """metric key -> {(step, value)} from the run's local record."""
+def read_local(run_dir: Path) -> tuple[dict[str, set[tuple[int, float]]], dict[int, int]]:
+    """From the run's local record, in one pass: metric key -> {(step, value)}, and step -> the
+    timestamp first logged for it."""
     points: dict[str, set[tuple[int, float]]] = {}
+    stamps: dict[int, int] = {}
     path = run_dir / METRICS_FILE
     for line in path.read_text().splitlines() if path.is_file() else ():
-        if line.strip():
-            rec = json.loads(line)
-            for key, value in rec.items():
-                if key not in NOT_METRICS:
-                    points.setdefault(key, set()).add((int(rec["step"]), float(value)))
-    return points
-
-
-def local_timestamps(run_dir: Path) -> dict[int, int]:
-    path = run_dir / METRICS_FILE
-    out = {}
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        if line.strip():
-            rec = json.loads(line)
-            if "timestamp" in rec:
-                out.setdefault(int(rec["step"]), int(rec["timestamp"]))
-    return out
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        step = int(rec["step"])
+        if "timestamp" in rec:
+            stamps.setdefault(step, int(rec["timestamp"]))
+        for key, value in rec.items():
+            if key not in NOT_METRICS:
+                points.setdefault(key, set()).add((step, float(value)))
+    return points, stamps
 
 
 def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None = None,
@@ -104,7 +99,7 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
     """Send what the server lacks to the run's MLflow run (creating it from mlflow-pending/ if
     the server never saw it), at the tracking URI MLflow is pointed at. (run id, points sent).
     Raises what MLflow raises when the server is unreachable."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -121,27 +116,22 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
         params = json.loads((pending / "params.json").read_text()) if (pending / "params.json").is_file() else {}
         items = list(params.items())
         for i in range(0, len(items), 100):  # at most 100 params per call
-            client.log_batch(run_id, params=[_param(k, v) for k, v in items[i:i + 100]])
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
         if (pending / "tags.json").is_file():
             for key, value in json.loads((pending / "tags.json").read_text()).items():
                 client.set_tag(run_id, key, value)
         if (pending / "artifacts").is_dir() and any((pending / "artifacts").iterdir()):
             client.log_artifacts(run_id, str(pending / "artifacts"))
         shutil.rmtree(pending)
-    stamps = local_timestamps(run_dir)
+    local, stamps = read_local(run_dir)
     missing = []
-    for key, points in local_points(run_dir).items():
+    for key, points in local.items():
         on_server = {(m.step, m.value) for m in client.get_metric_history(run_id, key)}
         missing += [Metric(key, value, stamps.get(step, 0), step) for step, value in sorted(points - on_server)]
     for i in range(0, len(missing), MAX_BATCH):
         client.log_batch(run_id, metrics=missing[i:i + MAX_BATCH])
     return run_id, len(missing)
 
-
-def _param(key: str, value):
-    from mlflow.entities import Param
-
-    return Param(key, value)
 
 
 def without_redacted_password(uri: str | None) -> str | None:
