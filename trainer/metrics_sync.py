@@ -29,6 +29,7 @@ PENDING_DIR = "mlflow-pending"  # params, tags and artifacts of a run the server
 RUN_ID_FILE = "mlflow_run_id"
 NOT_METRICS = ("step", "timestamp")
 MAX_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
+MAX_PARAM_BATCH = 100  # and at most 100 params
 
 
 def bound_mlflow_retries() -> None:
@@ -115,8 +116,8 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
     if pending.is_dir():
         params = json.loads((pending / "params.json").read_text()) if (pending / "params.json").is_file() else {}
         items = list(params.items())
-        for i in range(0, len(items), 100):  # at most 100 params per call
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        for i in range(0, len(items), MAX_PARAM_BATCH):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + MAX_PARAM_BATCH]])
         if (pending / "tags.json").is_file():
             for key, value in json.loads((pending / "tags.json").read_text()).items():
                 client.set_tag(run_id, key, value)

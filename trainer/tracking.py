@@ -20,11 +20,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trainer.metrics_sync import (METRICS_FILE, RUN_ID_FILE, append_record, bound_mlflow_retries, save_pending,
+from trainer.metrics_sync import (MAX_PARAM_BATCH, METRICS_FILE, RUN_ID_FILE, append_record, bound_mlflow_retries, save_pending,
                                   sync_run, tracking_reachable)
+from trainer.run_facts import redact_text
 
 RETRY_S = 10.0  # while the tracking server is unreachable: a 2 s connection probe this often
-MAX_PARAM_BATCH = 100  # MLflow accepts at most 100 params per call
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -96,15 +96,11 @@ class RunTracker(TrainerCallback):
             mlflow.log_text(text, path)
         if self.tags:
             mlflow.set_tags(self.tags)
-        from trainer.run_facts import redact_text
-
         print(f"[keel] MLflow run {self.run_id} in experiment {self.cfg.experiment!r} at "
               f"{redact_text(mlflow.get_tracking_uri())}",
               flush=True)
 
     def _go_offline(self, exc: BaseException) -> None:
-        from trainer.run_facts import redact_text
-
         self._last_try = time.time()
         if not self.offline:
             self.offline = True
@@ -126,8 +122,6 @@ class RunTracker(TrainerCallback):
         except Exception:
             return False
         self.run_id, self.offline = run_id, False
-        from trainer.run_facts import redact_text
-
         print(f"[keel] MLflow at {redact_text(self.uri)} is back: sent {sent} metric points kept while it was away",
               flush=True)
         return True
@@ -171,7 +165,7 @@ class RunTracker(TrainerCallback):
         if not (self.is_main and name):
             return
         if self.offline or not self.run_id:
-            print(f"[keel] warning: not registered as {name!r}: MLflow at {self.uri} is unreachable; "
+            print(f"[keel] warning: not registered as {name!r}: MLflow at {redact_text(self.uri)} is unreachable; "
                   f"register {model_location} once it is back", file=sys.stderr, flush=True)
             return
         import json
@@ -223,7 +217,7 @@ class RunTracker(TrainerCallback):
         if not self.is_main:
             return
         if self.offline and not self._catch_up():
-            print(f"[keel] warning: MLflow at {self.uri} is still unreachable: the run's metrics are in "
+            print(f"[keel] warning: MLflow at {redact_text(self.uri)} is still unreachable: the run's metrics are in "
                   f"{self._metrics_file}; send them with `keel sync {self.run_dir}` when it is back",
                   file=sys.stderr, flush=True)
             return
