@@ -212,7 +212,9 @@ def served_process(session_dir, trained_run, lora_run, keel_env):
     proc, url = start_server(
         keel_cmd("serve", str(trained_run.model_dir), "--host", "127.0.0.1", "--port", str(port),
                  "--api-key", API_KEY, "--adapter", f"{ADAPTER_NAME}={lora_run.model_dir}"),
-        log=session_dir / "vllm-server.log", env=keel_env, port=port)
+        # vLLM's INFO lines (its startup arguments among them) in the log whatever the caller's
+        # environment sets: the API-key test reads them.
+        log=session_dir / "vllm-server.log", env={**keel_env, "VLLM_LOGGING_LEVEL": "INFO"}, port=port)
     try:
         yield proc, url
     finally:
