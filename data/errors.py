@@ -7,3 +7,10 @@ class KeelError(Exception):
     The message says what is wrong, where (file, key, row) and how to fix it. The CLI prints
     it without a traceback and exits non-zero.
     """
+
+    def __init__(self, *args):
+        # A message that names a location never carries the credentials it held (see
+        # data/redaction.py): every place that prints or logs a KeelError shows it redacted.
+        from data.redaction import redact_text
+
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))

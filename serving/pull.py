@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from data.errors import KeelError
+from data.redaction import redact_text
 from data.model_dir import MODEL_REF_FILE
 
 PULLED_MARKER = ".keel-pulled"
@@ -28,7 +29,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     marker = dest / PULLED_MARKER
     # An emptyDir outlives a restarted init container: a finished pull is not repeated.
     if marker.is_file() and marker.read_text().strip() == uri and (dest / "config.json").is_file():
-        print(f"[keel] {dest} already holds {uri}", flush=True)
+        print(f"[keel] {dest} already holds {redact_text(uri)}", flush=True)
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest / ".keel-pull"
@@ -71,7 +72,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
         entry.rename(dest / entry.name)
     shutil.rmtree(staging, ignore_errors=True)
     marker.write_text(uri + "\n")
-    print(f"[keel] pulled {uri} into {dest}", flush=True)
+    print(f"[keel] pulled {redact_text(uri)} into {dest}", flush=True)
     return dest
 
 

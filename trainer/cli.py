@@ -176,7 +176,7 @@ def cmd_train(argv: list[str]) -> int:
     cmd_prepare([a.recipe, *a.overrides])
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
                            master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts)
-    from trainer.run_facts import redact_text
+    from data.redaction import redact_text
 
     print("[keel] " + redact_text(" ".join(cmd)), flush=True)
     return run_torchrun(cmd, Path(recipe.output.dir))

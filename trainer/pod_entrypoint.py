@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeelError as exc:
         print(f"keel: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    from trainer.run_facts import redact_text
+    from data.redaction import redact_text
 
     print("[keel] " + redact_text(" ".join(cmd)), flush=True)
     # exec: torchrun becomes the container's main process and receives the kubelet's SIGTERM

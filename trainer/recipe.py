@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data.errors import KeelError
+from data.redaction import URL_USERINFO, redact_text
 
 
 class Section(BaseModel):
@@ -199,6 +200,17 @@ class Recipe(Section):
             elif self.model.native_syntax not in available_formats() or self.model.native_syntax == "native":
                 problems.append(f"model.native_syntax: {self.model.native_syntax!r} is not a shipped format; use one "
                                 "of: " + ", ".join(f for f in available_formats() if f != "native"))
+        for key, location in (("model.path", self.model.path), ("data.train", self.data.train),
+                              ("data.eval", self.data.eval), ("data.cache_dir", self.data.cache_dir),
+                              ("output.dir", self.output.dir)):
+            # http(s) sends user:password@ as basic auth (and Keel redacts it wherever it shows the
+            # URL); object stores' fsspec drivers ignore it, so it could only leak
+            if location and URL_USERINFO.match(location) and not location.lower().startswith(("http://", "https://")):
+                problems.append(f"{key}: {redact_text(location)} carries credentials in the URL, which s3fs/gcsfs do "
+                                "not read (and the URL is printed, and stored in keel-run.yaml); remove them and "
+                                "use the store's usual credentials "
+                                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a pod role, or a Secret "
+                                "passed with `keel launch --secret NAME`)")
         if self.dpo is not None and self.technique != "dpo":
             problems.append(f"dpo: set, but technique is {self.technique!r}; remove it or set technique: dpo")
         if self.peft.kind == "qlora" and self.distributed.strategy in ("zero3", "fsdp2"):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from data.errors import KeelError
+from data.redaction import redact_text
 
 FETCHED_MARKER = ".keel-fetched"
 UPLOADED_MARKER = ".keel-upload-complete"
@@ -85,7 +86,7 @@ def fetch_model(uri: str, *, local_rank: int, timeout_s: float = 3600, key: str 
     shutil.rmtree(tmp, ignore_errors=True)
     total = sum(listing.values())
     done, t0, last = 0, time.time(), 0.0
-    print(f"[keel] fetching {uri} ({len(files)} files, {total / 1e6:.1f} MB) into {dest}", flush=True)
+    print(f"[keel] fetching {redact_text(uri)} ({len(files)} files, {total / 1e6:.1f} MB) into {dest}", flush=True)
     for f in files:
         target = tmp / f[len(root) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def _wait_for(marker: Path, uri: str, timeout_s: float) -> Path:
         if time.time() - t0 > timeout_s:
             raise KeelError(f"waited {timeout_s:.0f}s for this node's first process to fetch {uri}; see its log")
         if time.time() - last > 30:
-            print(f"[keel] waiting for {uri} to be fetched ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[keel] waiting for {redact_text(uri)} to be fetched ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
             last = time.time()
         time.sleep(0.5)
     return marker.parent
@@ -123,7 +124,7 @@ def upload_dir(local: Path, uri: str) -> None:
     if fs.exists(f"{root}/{UPLOADED_MARKER}"):
         fs.rm_file(f"{root}/{UPLOADED_MARKER}")
     files = sorted(p for p in local.rglob("*") if p.is_file())
-    print(f"[keel] uploading {local} to {uri} ({len(files)} files)", flush=True)
+    print(f"[keel] uploading {local} to {redact_text(uri)} ({len(files)} files)", flush=True)
     for p in files:
         fs.put_file(str(p), f"{root}/{p.relative_to(local).as_posix()}")
     with fs.open(f"{root}/{UPLOADED_MARKER}", "w") as f:

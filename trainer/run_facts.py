@@ -14,21 +14,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-REDACTED = "***"
+from data.redaction import REDACTED, redact_text
+
 SECRET_KEY = re.compile(r"(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credential|auth)", re.IGNORECASE)
-URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s:]+(:[^/@\s]*)?)@")
-# query parameters that carry credentials in presigned or tokened URLs
-URL_SECRET_QUERY = re.compile(r"(?P<key>[?&](X-Amz-Signature|X-Amz-Credential|sig|signature|token|access_token|"
-                              r"api_key|key)=)[^&\s]+", re.IGNORECASE)
-
-
-def redact_text(text: str) -> str:
-    """URLs keep their user name and lose their password and credential query parameters."""
-    def userinfo(m: re.Match) -> str:
-        user = m.group("userinfo").split(":", 1)
-        return f"{m.group('scheme')}{user[0]}:{REDACTED}@" if len(user) == 2 else f"{m.group('scheme')}{REDACTED}@"
-
-    return URL_SECRET_QUERY.sub(lambda m: m.group("key") + REDACTED, URL_USERINFO.sub(userinfo, text))
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -16,6 +16,7 @@ from dist_helpers import run, small_data, train_cmd
 
 pytestmark = pytest.mark.dist
 BUCKET = "keel-test"
+AWS_SECRET = "planted-aws-secret-6d1f"  # moto accepts any key pair; this one must show up nowhere
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_env(s3_server, keel_env, tmp_path_factory):
     env = {**keel_env, "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "KEEL_CACHE": str(tmp_path_factory.mktemp("keel-cache"))}
     return env
 
@@ -78,11 +79,21 @@ def test_model_from_s3_and_export_to_s3(s3_env, tiny_model, tmp_path):
     fs.get(f"{BUCKET}/runs/first/model/", str(local) + "/", recursive=True)
     AutoModelForCausalLM.from_pretrained(local)  # a complete, loadable model
 
-    # a second run on the same node reuses the fetched base model
-    again = run(train_cmd(Path("unused"), Path("unused"), data, f"model.path=s3://{BUCKET}/models/tiny-base",
-                          f"output.dir=s3://{BUCKET}/runs/second", "training.max_steps=1"), s3_env)
+    # a second run on the same node reuses the fetched base model, and reads its data from S3
+    fs.put(str(data), f"{BUCKET}/data/train.jsonl")
+    again = run(train_cmd(Path("unused"), Path("unused"), Path("unused"), f"model.path=s3://{BUCKET}/models/tiny-base",
+                          f"data.train=s3://{BUCKET}/data/train.jsonl", f"output.dir=s3://{BUCKET}/runs/second",
+                          "training.max_steps=1"), s3_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert "fetching" not in again.stdout
+
+    # the AWS secret the runs used appears in no output of either run (every rank's lines are in
+    # it), in nothing they wrote to S3, nor in the node's cache of fetched models and prepared data
+    stored = [fs.cat_file(p) for p in fs.find(f"{BUCKET}/runs")]
+    cached = [p.read_bytes() for p in Path(s3_env["KEEL_CACHE"]).rglob("*") if p.is_file()]
+    assert stored and cached
+    for text in (out.stdout, again.stdout, *stored, *cached):
+        assert (AWS_SECRET if isinstance(text, str) else AWS_SECRET.encode()) not in text
 
 
 def test_missing_model_on_s3_fails_before_any_worker_starts(s3_env, tmp_path):
@@ -94,3 +105,19 @@ def test_missing_model_on_s3_fails_before_any_worker_starts(s3_env, tmp_path):
     assert f"model.path: s3://{BUCKET}/models/nope holds no config.json" in out.stdout, out.stdout[-2000:]
     assert "torch.distributed.run" not in out.stdout  # no worker was launched
     assert not (tmp_path / "run").exists()
+
+
+def test_credentials_inside_s3_urls_are_refused_and_never_shown(s3_env, tmp_path):
+    """s3fs does not read user:password@ from an s3:// URL, and Keel would print and store the
+    URL: such a run stops at the recipe, naming each key, before any worker or upload, and the
+    planted secret is in none of its output."""
+    planted = "planted-url-secret-0b7a"
+    data = small_data(tmp_path / "train.jsonl", rows=4)
+    out = run(train_cmd(Path("unused"), Path("unused"), data, f"model.path=s3://AKIAKEEL:{planted}@{BUCKET}/models/x",
+                        f"data.train=s3://AKIAKEEL:{planted}@{BUCKET}/data/train.jsonl",
+                        f"output.dir=s3://AKIAKEEL:{planted}@{BUCKET}/runs/leak"), s3_env, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:]
+    for key in ("model.path", "data.train", "output.dir"):
+        assert f"{key}: s3://AKIAKEEL:***@{BUCKET}/" in out.stdout and "carries credentials" in out.stdout, out.stdout
+    assert planted not in out.stdout and "torch.distributed.run" not in out.stdout
+    assert not s3(s3_env).exists(f"{BUCKET}/runs/leak")

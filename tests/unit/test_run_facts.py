@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from trainer.recipe import flatten, load_recipe
-from trainer.run_facts import REDACTED, installed_packages, redact, redact_text, run_environment
+from data.redaction import REDACTED, redact_text
+from trainer.run_facts import installed_packages, redact, run_environment
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 

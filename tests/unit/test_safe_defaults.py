@@ -306,3 +306,28 @@ def test_serving_on_every_interface_without_a_key_is_warned_about():
 
     assert "anyone who can reach this port" in exposure_warning("0.0.0.0", None)
     assert exposure_warning("0.0.0.0", "k") is None and exposure_warning("127.0.0.1", None) is None
+
+
+@pytest.mark.parametrize("location", ["memory://AKIAKEEL:planted-secret-3e@bucket/train.jsonl",
+                                      "memory://bucket/train.jsonl?X-Amz-Signature=planted-secret-3e&x=1"])
+def test_an_error_naming_a_location_does_not_carry_its_credentials(location):
+    """Every KeelError is redacted where it is made, so no message that echoes a URL (here the
+    data reader's "does not exist") can show a password or a presigned signature."""
+    from data.sources import open_source
+
+    with pytest.raises(KeelError) as err:
+        open_source(location)
+    assert "does not exist" in str(err.value) and "***" in str(err.value)
+    assert "planted-secret-3e" not in str(err.value) and "planted-secret-3e" not in repr(err.value)
+
+
+def test_credentials_in_a_storage_url_are_refused_by_the_recipe(tmp_path):
+    from trainer.recipe import load_recipe
+
+    with pytest.raises(KeelError) as err:
+        load_recipe(QUICKSTART, ["model.path=gs://user:planted-secret-3e@bucket/model", f"output.dir={tmp_path}"])
+    assert "model.path: gs://user:***@bucket/model carries credentials" in str(err.value)
+    assert "planted-secret-3e" not in str(err.value)
+    # a tracking URI may carry a user and password (MLflow sends them): redacted, not refused
+    recipe = load_recipe(QUICKSTART, ["tracking.mlflow.tracking_uri=http://keel:pw@127.0.0.1:5000"])
+    assert recipe.tracking.mlflow.tracking_uri == "http://keel:pw@127.0.0.1:5000"
