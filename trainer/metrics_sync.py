@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 METRICS_FILE = "metrics.jsonl"
 PENDING_DIR = "mlflow-pending"  # params, tags and artifacts of a run the server has not seen yet
+REGISTRATION_FILE = "register.json"  # in PENDING_DIR: a registry entry the run could not make
 RUN_ID_FILE = "mlflow_run_id"
 NOT_METRICS = ("step", "timestamp")
 MAX_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -77,11 +78,13 @@ def read_local(run_dir: Path) -> tuple[dict[str, set[tuple[int, float]]], dict[i
 
 
 def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None = None,
-                 artifacts: dict[str, str] | None = None, files: tuple[str, list[Path]] | None = None) -> None:
-    """Keep what the MLflow run should have been created with, for a later sync."""
+                 artifacts: dict[str, str] | None = None, files: tuple[str, list[Path]] | None = None,
+                 registration: dict | None = None) -> None:
+    """Keep what the MLflow run should have been created with (or, for `registration`, what
+    should have been registered at its end), for a later sync."""
     pending = run_dir / PENDING_DIR
     (pending / "artifacts").mkdir(parents=True, exist_ok=True)
-    for name, values in (("params.json", params), ("tags.json", tags)):
+    for name, values in (("params.json", params), ("tags.json", tags), (REGISTRATION_FILE, registration)):
         if values:
             (pending / name).write_text(json.dumps(values, indent=1))
     for path, text in (artifacts or {}).items():
@@ -96,9 +99,40 @@ def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None
             shutil.copyfile(local, dst)
 
 
-def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[str, int]:
+def register_export(client, run_id: str, name: str, model_location: str, *, upload: bool = False) -> str:
+    """Register an export in MLflow's model registry under `name`; returns models:/NAME/VERSION.
+
+    By reference to where the export lives: an s3:// URI is the version's source itself; a path
+    (a shared volume) is recorded in a small `model-ref` artifact of the run (MLflow 3's server
+    refuses bare local paths as sources) that `keel pull` / `keel serve` follow. With `upload`
+    (output.register_upload) the weights themselves are logged as run artifacts, so the version
+    works without access to the output dir. Either way the version carries the location as the
+    tag keel.model_location."""
+    from mlflow.exceptions import MlflowException
+
+    from data.model_dir import MODEL_REF_FILE
+
+    if "://" in model_location:
+        source = model_location
+    elif upload:
+        client.log_artifacts(run_id, model_location, "model")
+        source = f"runs:/{run_id}/model"
+    else:
+        client.log_text(run_id, json.dumps({"location": model_location}) + "\n", f"model-ref/{MODEL_REF_FILE}")
+        source = f"runs:/{run_id}/model-ref"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={"keel.model_location": model_location})
+    return f"models:/{name}/{version.version}"
+
+
+def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[str, int, str | None]:
     """Send what the server lacks to the run's MLflow run (creating it from mlflow-pending/ if
-    the server never saw it), at the tracking URI MLflow is pointed at. (run id, points sent).
+    the server never saw it), at the tracking URI MLflow is pointed at, and make the registry
+    entry the run could not make. (run id, points sent, models:/NAME/VERSION registered or None).
     Raises what MLflow raises when the server is unreachable."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
@@ -123,7 +157,6 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
                 client.set_tag(run_id, key, value)
         if (pending / "artifacts").is_dir() and any((pending / "artifacts").iterdir()):
             client.log_artifacts(run_id, str(pending / "artifacts"))
-        shutil.rmtree(pending)
     local, stamps = read_local(run_dir)
     missing = []
     for key, points in local.items():
@@ -131,7 +164,14 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
         missing += [Metric(key, value, stamps.get(step, 0), step) for step, value in sorted(points - on_server)]
     for i in range(0, len(missing), MAX_BATCH):
         client.log_batch(run_id, metrics=missing[i:i + MAX_BATCH])
-    return run_id, len(missing)
+    registered = None
+    if (pending / REGISTRATION_FILE).is_file():
+        entry = json.loads((pending / REGISTRATION_FILE).read_text())
+        registered = register_export(client, run_id, entry["name"], entry["model_location"],
+                                     upload=bool(entry.get("upload")))
+        (pending / REGISTRATION_FILE).unlink()  # at once: a sync that dies after this does not register twice
+    shutil.rmtree(pending, ignore_errors=True)
+    return run_id, len(missing), registered
 
 
 
@@ -140,7 +180,7 @@ def without_redacted_password(uri: str | None) -> str | None:
     the password comes from $MLFLOW_TRACKING_PASSWORD rather than being sent as '***'."""
     from urllib.parse import urlunsplit
 
-    from trainer.run_facts import REDACTED
+    from data.redaction import REDACTED
 
     if not uri:
         return uri
@@ -174,7 +214,7 @@ def main(argv: list[str]) -> int:
     mlflow_cfg = (saved.get("recipe") or {}).get("tracking", {}).get("mlflow", {})
     import mlflow
 
-    from trainer.run_facts import redact_text
+    from data.redaction import redact_text
     from trainer.tracking import use_tracking_uri
 
     bound_mlflow_retries()
@@ -183,12 +223,14 @@ def main(argv: list[str]) -> int:
     if not tracking_reachable(uri):
         raise KeelError(f"the tracking server {redact_text(uri)} is not reachable; nothing was sent. Run "
                         f"`keel sync {run_dir}` again when it is back.")
-    run_id, sent = sync_run(run_dir, experiment=mlflow_cfg.get("experiment", "keel"),
-                            run_name=mlflow_cfg.get("run_name"))
+    run_id, sent, registered = sync_run(run_dir, experiment=mlflow_cfg.get("experiment", "keel"),
+                                        run_name=mlflow_cfg.get("run_name"))
     if saved.get("status") == "finished":
         from mlflow.tracking import MlflowClient
 
         MlflowClient().set_terminated(run_id, "FINISHED")
     print(f"[keel] synced {run_dir} to MLflow run {run_id} at {redact_text(uri)}: {sent} metric points sent",
           file=sys.stdout, flush=True)
+    if registered:
+        print(f"[keel] registered the run's export as {registered}", flush=True)
     return 0

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trainer.metrics_sync import (MAX_PARAM_BATCH, METRICS_FILE, RUN_ID_FILE, append_record, bound_mlflow_retries, save_pending,
-                                  sync_run, tracking_reachable)
-from trainer.run_facts import redact_text
+from data.redaction import redact_text
+from trainer.metrics_sync import (MAX_PARAM_BATCH, METRICS_FILE, PENDING_DIR, RUN_ID_FILE, append_record,
+                                  bound_mlflow_retries, register_export, save_pending, sync_run, tracking_reachable)
 
 RETRY_S = 10.0  # while the tracking server is unreachable: a 2 s connection probe this often
 
@@ -116,14 +116,15 @@ class RunTracker(TrainerCallback):
         if not tracking_reachable(self.uri):
             return False
         try:
-            run_id, sent = sync_run(self.run_dir, experiment=self.cfg.experiment, run_name=self.cfg.run_name)
+            run_id, sent, registered = sync_run(self.run_dir, experiment=self.cfg.experiment,
+                                                run_name=self.cfg.run_name)
             if mlflow.active_run() is None:
                 mlflow.start_run(run_id=run_id)
         except Exception:
             return False
         self.run_id, self.offline = run_id, False
-        print(f"[keel] MLflow at {redact_text(self.uri)} is back: sent {sent} metric points kept while it was away",
-              flush=True)
+        print(f"[keel] MLflow at {redact_text(self.uri)} is back: sent {sent} metric points kept while it was away"
+              + (f"; registered the export as {registered}" if registered else ""), flush=True)
         return True
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -154,44 +155,24 @@ class RunTracker(TrainerCallback):
         self.history = [(r["step"], r["loss"]) for r in map(json.loads, kept) if "loss" in r]
 
     def register_model(self, model_location: str, name: str | None, *, upload: bool = False) -> None:
-        """Register the export in MLflow's model registry.
-
-        By reference to where the export lives: an s3:// URI is the version's source itself; a
-        path (a shared volume) is recorded in a small `model-ref` artifact of the run (MLflow 3's
-        server refuses bare local paths as sources) that `keel pull` / `keel serve` follow. With
-        `upload` (output.register_upload) the weights themselves are logged as run artifacts,
-        so the version works without access to the output dir. Either way the version carries
-        the location as the tag keel.model_location."""
+        """Register the export in MLflow's model registry (see metrics_sync.register_export).
+        With the server away, the entry is kept in the run dir and made by the catch-up at
+        the end of the run or by `keel sync RUN_DIR`."""
         if not (self.is_main and name):
             return
-        if self.offline or not self.run_id:
-            print(f"[keel] warning: not registered as {name!r}: MLflow at {redact_text(self.uri)} is unreachable; "
-                  f"register {model_location} once it is back", file=sys.stderr, flush=True)
-            return
-        import json
+        if not self.offline and self.run_id:
+            from mlflow.tracking import MlflowClient
 
-        import mlflow
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        from data.model_dir import MODEL_REF_FILE
-
-        if "://" in model_location:
-            source = model_location
-        elif upload:
-            mlflow.log_artifacts(model_location, "model")
-            source = f"runs:/{self.run_id}/model"
-        else:
-            mlflow.log_text(json.dumps({"location": model_location}) + "\n", f"model-ref/{MODEL_REF_FILE}")
-            source = f"runs:/{self.run_id}/model-ref"
-        client = MlflowClient()
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name)
-        version = client.create_model_version(name, source=source, run_id=self.run_id,
-                                              tags={"keel.model_location": model_location})
-        print(f"[keel] registered {model_location} as models:/{name}/{version.version}", flush=True)
+            try:
+                registered = register_export(MlflowClient(), self.run_id, name, model_location, upload=upload)
+                print(f"[keel] registered {model_location} as {registered}", flush=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure of the server's: keep it for a later sync
+                self._go_offline(exc)
+        save_pending(self.run_dir, registration={"name": name, "model_location": model_location, "upload": upload})
+        print(f"[keel] warning: not registered as {name!r} yet: MLflow at {redact_text(self.uri)} is unreachable; "
+              f"kept in {self.run_dir / PENDING_DIR}, registered when the server is back (or by "
+              f"`keel sync {self.run_dir}`)", file=sys.stderr, flush=True)
 
     def log_stats(self, prefix: str, stats: dict) -> None:
         """Data statistics at step 0, once per run (a resumed run has them already)."""

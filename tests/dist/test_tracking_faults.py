@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 30
 EXPERIMENT = "keel-faults"
+REGISTERED = "keel-faults-model"
 
 
 def kill_server(proc: subprocess.Popen) -> None:
@@ -72,12 +73,12 @@ def tracker_away_at_start(run_dir: Path, uri: str):
 def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reaches_the_server(
         tmp_path, tiny_model, keel_env, monkeypatch):
     """One server, killed and started again, for three runs (a server start is the slow part):
-    1. `keel train` while the server is killed mid-run: the run finishes, says so, and names
-       `keel sync`;
+    1. `keel train` with output.register_as while the server is killed mid-run: the run
+       finishes, says so, names `keel sync`, and keeps the registry entry it could not make;
     2. a tracker started while the port is dead (rank 0's callback, in this process), whose
        server comes back before the end: its run is created and its metrics sent at the end;
     3. `keel sync` for run 1 once the server is back: the server then holds exactly what the run
-       logged locally; a second sync sends nothing."""
+       logged locally and the registry holds its export, once; a second sync sends nothing."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -87,7 +88,7 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
     trained = tmp_path / "trained"
     args = (f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
             f"tracking.mlflow.tracking_uri={uri}", f"tracking.mlflow.experiment={EXPERIMENT}")
-    proc = subprocess.Popen(train_cmd(tiny_model, trained, data, *args, nproc=1), cwd=REPO, env=keel_env,
+    proc = subprocess.Popen(train_cmd(tiny_model, trained, data, *args, f"output.register_as={REGISTERED}", nproc=1), cwd=REPO, env=keel_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (trained / "metrics.jsonl").is_file() and len(losses(trained)) >= 2, 600,
@@ -101,6 +102,7 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
             kill_server(server)
     assert proc.returncode == 0, out[-4000:]  # the run finished and exported without its server
     assert f"MLflow at {uri} is unreachable" in out and f"keel sync {trained}" in out, out[-4000:]
+    assert f"not registered as {REGISTERED!r} yet" in out, out[-4000:]
     assert sorted(losses(trained)) == list(range(1, STEPS + 1))
     trained_id = (trained / "mlflow_run_id").read_text().strip()
 
@@ -133,9 +135,14 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
         assert synced.returncode == 0, synced.stdout[-4000:]
         local = local_points(trained)
         assert len(local["loss"]) == STEPS and server_points(uri, trained_id, local) == local
+        assert f"registered the run's export as models:/{REGISTERED}/1" in synced.stdout, synced.stdout[-4000:]
+        versions = client.search_model_versions(f"name='{REGISTERED}'")
+        assert [(v.run_id, v.tags["keel.model_location"]) for v in versions] == [
+            (trained_id, str((trained / "model").resolve()))]
         again = subprocess.run(keel_cmd("sync", str(trained)), cwd=REPO, env=keel_env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, timeout=300)
         assert again.returncode == 0 and "0 metric points sent" in again.stdout, again.stdout[-4000:]
+        assert "registered" not in again.stdout and len(client.search_model_versions(f"name='{REGISTERED}'")) == 1
         assert client.get_run(trained_id).info.status == "FINISHED"
     finally:
         if server is not None:
