@@ -107,6 +107,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (a collective: every rank calls it at the same point),
+    so that every rank takes the same decision. The flag travels on the device the process
+    group reduces on: NCCL reduces only GPU tensors, gloo only CPU ones."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
+
+
 class CheckpointCompletion(TrainerCallback):
     """Marks a checkpoint complete once every rank has saved; saves on a time budget too."""
 
@@ -127,14 +143,8 @@ class CheckpointCompletion(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_s is None:
             return
-        import torch
-        import torch.distributed as dist
-
-        due = torch.tensor([1.0 if time.time() - self._last_save >= self.every_s else 0.0])
-        if dist.is_available() and dist.is_initialized():
-            # every rank must agree, or a sharded save would wait forever for the ranks that skip it
-            dist.all_reduce(due, op=dist.ReduceOp.MAX)
-        if due.item() > 0:
+        # every rank must agree, or a sharded save would wait forever for the ranks that skip it
+        if any_rank(time.time() - self._last_save >= self.every_s):
             control.should_save = True
 
 

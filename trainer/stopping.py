@@ -69,14 +69,9 @@ class StopOnSigterm(TrainerCallback):
         os._exit(EXIT_STATUS)
 
     def on_step_end(self, args, state, control, **kwargs):
-        import torch
-        import torch.distributed as dist
+        from trainer.checkpoints import any_rank
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces GPU tensors only
-        stop = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step
-        if stop.item() > 0:
+        if any_rank(self.requested):  # every rank stops after the same step
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
