@@ -38,6 +38,14 @@ def keel_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer.cli", *args]
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_not_carried_between_tests(monkeypatch):
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, so a test that points MLflow at its
+    own server (or back at the default store) would point every later test there: each test
+    starts without it, and whatever it sets is undone after it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("keel-session")
