@@ -316,8 +316,9 @@ def write_markdown(path: Path, *, summary: dict, record: dict, headline_cell: st
              f"over the best TRL configuration's in the same repeat (range {head[1]:.2f}-{head[2]:.2f}).", "",
              f"- command: `{record['command']}`",
              f"- machine: {record['machine']}. Runs were interleaved (keel, trl_default, trl_packing, "
-             "trl_padding_free, keel, ...) on a shared 2-core machine (other agents' jobs ran beside it; each "
-             "benchmark held /tmp/keel-bench.lock while measuring), so single runs are noisy; read medians.",
+             "trl_padding_free, keel, ...), so drift of the machine hits every configuration alike; the "
+             "benchmark held /tmp/keel-bench.lock while measuring, but other work on the machine can still add "
+             "noise to single runs: read medians.",
              f"- versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
              f"- settings: {json.dumps(record['settings'])}", ""]
     for cell, s in summary.items():
@@ -402,14 +403,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells", default="tiny:chat,tiny:cpt,llama60m:chat",
                    help="model:data pairs; models tiny, llama60m; data chat, cpt")
-    p.add_argument("--examples", default="tiny:chat=32,tiny:cpt=60,llama60m:chat=12,llama60m:cpt=30",
+    p.add_argument("--examples", default="tiny:chat=32,tiny:cpt=60,llama60m:chat=6,llama60m:cpt=30",
                    help="examples (chat) or documents (cpt) per cell")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tokens-per-step", type=int, default=2048)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 by default: on a shared machine a descheduled second thread stalls every op")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads; default: every CPU this process may use. On a machine other jobs share, "
+                        "pass 1: a descheduled second thread stalls every op")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", default=time.strftime("%Y%m%d"))
     p.add_argument("--report", action="store_true",
