@@ -58,23 +58,20 @@ def append_record(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_local(run_dir: Path) -> tuple[dict[str, set[tuple[int, float]]], dict[int, int]]:
-    """From the run's local record, in one pass: metric key -> {(step, value)}, and step -> the
-    timestamp first logged for it."""
-    points: dict[str, set[tuple[int, float]]] = {}
-    stamps: dict[int, int] = {}
+def read_local(run_dir: Path) -> dict[str, dict[tuple[int, float], int]]:
+    """From the run's local record, in one pass: metric key -> {(step, value): the timestamp it
+    was first recorded at}."""
+    points: dict[str, dict[tuple[int, float], int]] = {}
     path = run_dir / METRICS_FILE
     for line in path.read_text().splitlines() if path.is_file() else ():
         if not line.strip():
             continue
         rec = json.loads(line)
-        step = int(rec["step"])
-        if "timestamp" in rec:
-            stamps.setdefault(step, int(rec["timestamp"]))
+        step, stamp = int(rec["step"]), int(rec.get("timestamp", 0))
         for key, value in rec.items():
             if key not in NOT_METRICS:
-                points.setdefault(key, set()).add((step, float(value)))
-    return points, stamps
+                points.setdefault(key, {}).setdefault((step, float(value)), stamp)
+    return points
 
 
 def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None = None,
@@ -157,11 +154,10 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
                 client.set_tag(run_id, key, value)
         if (pending / "artifacts").is_dir() and any((pending / "artifacts").iterdir()):
             client.log_artifacts(run_id, str(pending / "artifacts"))
-    local, stamps = read_local(run_dir)
     missing = []
-    for key, points in local.items():
+    for key, points in read_local(run_dir).items():
         on_server = {(m.step, m.value) for m in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, value, stamps.get(step, 0), step) for step, value in sorted(points - on_server)]
+        missing += [Metric(key, value, points[step, value], step) for step, value in sorted(points.keys() - on_server)]
     for i in range(0, len(missing), MAX_BATCH):
         client.log_batch(run_id, metrics=missing[i:i + MAX_BATCH])
     registered = None

@@ -56,6 +56,10 @@ class RunTracker(TrainerCallback):
         self.uri = ""
         self.offline = False  # the server did not answer: records wait in metrics.jsonl
         self._last_try = 0.0
+        self._step = resume_step  # the training step now: system metrics sampled between logs carry it
+        import threading
+
+        self._lock = threading.RLock()  # the system-metrics sampler records from its own thread
 
     # -- MLflow run lifecycle -------------------------------------------------
 
@@ -129,19 +133,42 @@ class RunTracker(TrainerCallback):
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         """Keep the record locally, then send it (or retry sending what is pending)."""
-        now = time.time()
-        append_record(self.run_dir, {"step": step, "timestamp": int(now * 1000), **metrics})
-        if self.offline:
-            if now - self._last_try >= RETRY_S:
-                self._catch_up()
-            return
-        if self.run_id:
-            import mlflow
+        with self._lock:
+            now = time.time()
+            self._step = step
+            append_record(self.run_dir, {"step": step, "timestamp": int(now * 1000), **metrics})
+            if self.offline:
+                if now - self._last_try >= RETRY_S:
+                    self._catch_up()
+                return
+            if self.run_id:
+                import mlflow
+
+                try:
+                    mlflow.log_metrics(metrics, step=step)
+                except Exception as exc:
+                    self._go_offline(exc)
+
+    def log_system(self, metrics: dict[str, float]) -> None:
+        """A system-metrics sample (from NodeSystemMetrics' thread), at the current training step:
+        kept in the local record like every metric, sent now if the server is there, and
+        otherwise by the next catch-up or `keel sync`."""
+        with self._lock:
+            now = int(time.time() * 1000)
+            append_record(self.run_dir, {"step": self._step, "timestamp": now, **metrics})
+            if self.offline or not self.run_id:
+                return
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
 
             try:
-                mlflow.log_metrics(metrics, step=step)
+                MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, self._step)
+                                                               for k, v in metrics.items()])
             except Exception as exc:
                 self._go_offline(exc)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step = state.global_step
 
     def _keep_local_metrics_up_to(self, step: int) -> None:
         """On resume, steps after the checkpoint are trained again: drop their old records."""
@@ -305,26 +332,60 @@ def _memory_metrics() -> dict[str, float]:
 
 class NodeSystemMetrics:
     """System metrics (CPU, memory, disk, network, GPU when present) from one process per node,
-    logged to the run as system/node_<N>/<metric> by MLflow's own monitor.
+    logged to the run as system/node_<N>/<metric>, sampled by MLflow's own monitors.
 
-    Rank 0 owns the run; its id and tracking URI reach the first process of every other node
-    through the process group. Nodes other than node 0 log only to a tracking server they can
-    reach (an http(s) URI): a local store on node 0's disk is not theirs to write.
+    Node 0's first process is rank 0, which owns the run: its samples go through the tracker
+    (`sink`), so they are kept in the run's local record like every metric and reach the
+    server after an outage. (MLflow's monitor thread, which sends directly, stops for good at
+    the first request that fails.) Rank 0's id and tracking URI reach the first process of every
+    other node through the process group; those nodes use MLflow's monitor, and log only to a
+    tracking server they can reach (an http(s) URI): a local store on node 0's disk is not theirs
+    to write, and their samples while the server is away are lost.
     """
 
-    def __init__(self, run_id: str | None, tracking_uri: str | None, *, node: int, every_s: float):
-        self.monitor = None
-        if not run_id or every_s <= 0:
-            return
-        if node > 0 and not str(tracking_uri).startswith(("http://", "https://")):
+    def __init__(self, run_id: str | None, tracking_uri: str | None, *, node: int, every_s: float,
+                 sink=None):
+        self.monitor = self._thread = None
+        if every_s <= 0:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        if sink is not None:
+            import threading
+
+            # never started: its monitors (MLflow's metric names, GPU when present) are sampled here
+            self._sampler = SystemMetricsMonitor(run_id or "", sampling_interval=every_s, node_id=f"node_{node}")
+            self._prefix, self._sink, self._every_s = f"system/node_{node}/", sink, every_s
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, name="keel-system-metrics", daemon=True)
+            self._thread.start()
+            return
+        if not run_id or (node > 0 and not str(tracking_uri).startswith(("http://", "https://"))):
+            return
         self.monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, node_id=f"node_{node}",
                                             resume_logging=True, tracking_uri=tracking_uri)
         self.monitor.start()
 
+    def _sample(self) -> None:
+        while True:
+            self._sampler.collect_metrics()
+            if self._stop.wait(self._every_s):
+                return
+            metrics = {self._prefix + k: float(v) for k, v in self._sampler.aggregate_metrics().items()}
+            for monitor in self._sampler.monitors:
+                monitor.clear_metrics()
+            try:
+                self._sink(metrics)
+            except Exception as exc:  # noqa: BLE001 - a metrics sample never stops training
+                print(f"[keel] warning: system metrics stopped: {type(exc).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
+                return
+
     def finish(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
         if self.monitor is not None:
             self.monitor.finish()
             self.monitor = None

@@ -210,7 +210,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)
     system_metrics = NodeSystemMetrics(run_id if local_rank == 0 else None, tracking_uri,
                                        node=int(os.environ.get("GROUP_RANK", 0)),
-                                       every_s=recipe.tracking.mlflow.system_metrics_every_s)
+                                       every_s=recipe.tracking.mlflow.system_metrics_every_s if local_rank == 0 else 0,
+                                       sink=tracker.log_system if is_main else None)
     for split, prepared in (("train", train_data), ("eval", eval_data)):
         if prepared is not None:
             tracker.log_stats(f"data.{split}", prepared.stats.numbers())

@@ -78,7 +78,8 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
     2. a tracker started while the port is dead (rank 0's callback, in this process), whose
        server comes back before the end: its run is created and its metrics sent at the end;
     3. `keel sync` for run 1 once the server is back: the server then holds exactly what the run
-       logged locally and the registry holds its export, once; a second sync sends nothing."""
+       logged locally (system metrics sampled while it was away too) and the registry holds its
+       export, once; a second sync sends nothing."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -86,7 +87,7 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
     server, uri = start_mlflow_server(store, port)
     data = small_data(tmp_path / "data.jsonl")
     trained = tmp_path / "trained"
-    args = (f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
+    args = (f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0.5",
             f"tracking.mlflow.tracking_uri={uri}", f"tracking.mlflow.experiment={EXPERIMENT}")
     proc = subprocess.Popen(train_cmd(tiny_model, trained, data, *args, f"output.register_as={REGISTERED}", nproc=1), cwd=REPO, env=keel_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -94,6 +95,7 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
         wait_for(lambda: (trained / "metrics.jsonl").is_file() and len(losses(trained)) >= 2, 600,
                  "two logged steps", proc)
         kill_server(server)
+        killed_ms = time.time() * 1000
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -104,6 +106,9 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
     assert f"MLflow at {uri} is unreachable" in out and f"keel sync {trained}" in out, out[-4000:]
     assert f"not registered as {REGISTERED!r} yet" in out, out[-4000:]
     assert sorted(losses(trained)) == list(range(1, STEPS + 1))
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    cpu = "system/node_0/cpu_utilization_percentage"
+    assert any(cpu in r and r["timestamp"] > killed_ms for r in records), "no system sample kept while away"
     trained_id = (trained / "mlflow_run_id").read_text().strip()
 
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -134,7 +139,8 @@ def test_mlflow_away_at_start_or_mid_run_training_goes_on_and_every_metric_reach
                                 stderr=subprocess.STDOUT, text=True, timeout=300)
         assert synced.returncode == 0, synced.stdout[-4000:]
         local = local_points(trained)
-        assert len(local["loss"]) == STEPS and server_points(uri, trained_id, local) == local
+        # every point, system metrics sampled while the server was away included
+        assert len(local["loss"]) == STEPS and cpu in local and server_points(uri, trained_id, local) == local
         assert f"registered the run's export as models:/{REGISTERED}/1" in synced.stdout, synced.stdout[-4000:]
         versions = client.search_model_versions(f"name='{REGISTERED}'")
         assert [(v.run_id, v.tags["keel.model_location"]) for v in versions] == [
