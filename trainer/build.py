@@ -96,7 +96,7 @@ def training_args(*, training, checkpoint, distributed, model, output_dir: str, 
         # Checkpoints are saved on Keel's schedule (CheckpointCompletion adds the time budget).
         save_strategy="steps" if checkpoint.every_steps or checkpoint.every_minutes else "no",
         save_steps=checkpoint.every_steps or 10**9,
-        save_total_limit=checkpoint.keep_last,
+        save_total_limit=None,  # Keel prunes after marking the new checkpoint complete (prune_checkpoints)
         eval_strategy="steps" if has_eval else "no",
         eval_steps=max(1, (training.max_steps or 100) // 5) if has_eval else None,
         report_to="none",

@@ -123,12 +123,32 @@ def any_rank(flag: bool) -> bool:
     return value.item() > 0
 
 
-class CheckpointCompletion(TrainerCallback):
-    """Marks a checkpoint complete once every rank has saved; saves on a time budget too."""
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last` (by step); returns them.
 
-    def __init__(self, *, is_main: bool, every_minutes: float | None):
+    Called only once the newest is marked complete, so a complete checkpoint exists at every
+    moment. (transformers' save_total_limit deletes older checkpoints while saving the new one,
+    before Keel has marked it complete: with keep_last 1, a crash then would leave none.)
+    Incomplete directories are left to resume, which sets them aside."""
+    def step(p: Path) -> int:
+        return int(p.name.split("-", 1)[1])
+
+    complete = sorted((p for p in ckpt_root.glob("checkpoint-*")
+                       if p.name.split("-", 1)[1].isdigit() and (p / COMPLETE_MARKER).is_file()), key=step)
+    old = complete[:-keep_last] if keep_last > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+class CheckpointCompletion(TrainerCallback):
+    """Marks a checkpoint complete once every rank has saved, then keeps the newest `keep_last`
+    complete ones; saves on a time budget too."""
+
+    def __init__(self, *, is_main: bool, every_minutes: float | None, keep_last: int):
         self.is_main = is_main
         self.every_s = every_minutes * 60 if every_minutes else None
+        self.keep_last = keep_last
         self._last_save = time.time()
 
     def on_save(self, args, state, control, **kwargs):
@@ -137,6 +157,7 @@ class CheckpointCompletion(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 write_complete_marker(ckpt, state.global_step)
+                prune_checkpoints(Path(args.output_dir), self.keep_last)
         _barrier()
         self._last_save = time.time()
 

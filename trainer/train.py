@@ -221,7 +221,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
                              model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
         heartbeat = Heartbeat(rank, world)
-        callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes),
+        callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes,
+                                                      keep_last=recipe.checkpoint.keep_last),
                      heartbeat, stopper]
         datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
         if recipe.technique == "dpo":

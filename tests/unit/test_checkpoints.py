@@ -126,3 +126,46 @@ def test_run_file_keeps_no_credentials_and_the_run_still_resumes(tmp_path):
     # keel sync sends the user name and takes the password from $MLFLOW_TRACKING_PASSWORD
     assert without_redacted_password("http://keel:***@127.0.0.1:5000") == "http://keel@127.0.0.1:5000"
     assert without_redacted_password("http://keel:real@h:1") == "http://keel:real@h:1"
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_and_leaves_incomplete_ones(tmp_path):
+    from trainer.checkpoints import prune_checkpoints
+
+    for step, complete in ((2, True), (4, True), (6, False), (8, True)):
+        make_ckpt(tmp_path, step, complete)
+    assert prune_checkpoints(tmp_path, 2) == [tmp_path / "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+def test_with_keep_last_1_a_complete_checkpoint_exists_at_every_save(tmp_path, tiny_model):
+    """A real Trainer with Keel's arguments and callback, saving every step with keep_last 1.
+    When the trainer hands a new checkpoint to the callbacks (before Keel marks it complete), the
+    previous complete one must still be on disk: a crash there must leave something to resume
+    from. transformers' own save_total_limit had deleted it by then."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from trainer.build import training_args
+    from trainer.checkpoints import CheckpointCompletion
+
+    r = recipe(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=1", "training.max_steps=3",
+               "training.micro_batch_size=1", "training.grad_accum=1", "training.precision=fp32")
+    root = tmp_path / "run" / "checkpoints"
+    seen = []
+
+    class CompleteCheckpointsAtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append(sorted(p.name for p in root.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    args = training_args(training=r.training, checkpoint=r.checkpoint, distributed=r.distributed, model=model,
+                         output_dir=str(root), has_eval=False)
+    args["ddp_backend"] = None  # one process, no process group
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 3
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=rows,
+                      callbacks=[CompleteCheckpointsAtSave(),
+                                 CheckpointCompletion(is_main=True, every_minutes=None, keep_last=1)])
+    trainer.train()
+    assert seen == [[], ["checkpoint-1"], ["checkpoint-2"]]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]
+    assert latest_complete_checkpoint(root) == root / "checkpoint-3"
