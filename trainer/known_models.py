@@ -41,9 +41,12 @@ CHAT_FAMILIES = {
                               "neither ChatML nor Llama 3 header tokens, and Keel ships no Mistral format yet"),
     "gemma3": ChatFamily((), "its template uses <start_of_turn>/<end_of_turn> with no tool-call or think tokens, "
                              "and Keel ships no Gemma format yet"),
-    "deepseek-r1": ChatFamily((), "the distilled tokenizer renames the base model's control tokens to DeepSeek's "
-                                  "(<｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜>) and its template writes "
-                                  "DeepSeek's own tool-call syntax; Keel ships no DeepSeek format yet"),
+    "deepseek-r1": ChatFamily(("deepseek-r1",),
+                              "the distilled tokenizer renames the base model's control tokens to DeepSeek's "
+                              "(<｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜>), so neither ChatML nor Llama 3 "
+                              "header turns fit; `native` would pair the model's own template (no place for "
+                              "reasoning_content) with the tool syntax of the base's model type (qwen2 or llama), "
+                              "which the distilled model does not write"),
     "harmony": ChatFamily((), "gpt-oss speaks OpenAI's harmony format (<|start|>, <|channel|>, <|message|>, "
                               "analysis/final channels), served by vLLM's harmony path, for which Keel ships no "
                               "format yet"),

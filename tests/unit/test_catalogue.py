@@ -45,6 +45,8 @@ def test_the_catalogue_covers_the_families_keel_serves():
         assert any(n.startswith(f"recipes/{family}/") and f"-{technique}-" in n for n in names), (family, technique)
     for peft in ("lora", "qlora", "full"):
         assert any(n.endswith(f"-{peft}.yaml") for n in names), peft
+    for distilled in ("qwen-7b", "llama-8b"):  # DeepSeek-R1-Distill on both bases
+        assert f"recipes/deepseek/deepseek-r1-distill-{distilled}-sft-lora.yaml" in names
 
 
 @pytest.mark.parametrize("path", CATALOGUE, ids=rel)
@@ -124,14 +126,27 @@ def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
     assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
 
 
-@pytest.mark.parametrize("hub_id", ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
-                                    "mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-3-1b-it", "openai/gpt-oss-20b"])
+@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-3-1b-it", "openai/gpt-oss-20b"])
 def test_families_without_a_keel_format_are_refused_for_every_format_but_still_plan(hub_id):
     for fmt in ("hermes-qwen3", "llama3-json", "native"):
         with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*cannot serve"):
             catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
     assert load_config(hub_id)["model_type"]  # keel plan still knows the architecture
     assert CHAT_FAMILIES[known_models()[hub_id].chat].formats == ()
+
+
+@pytest.mark.parametrize("hub_id", ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"])
+def test_deepseek_r1_distills_take_the_deepseek_r1_format_and_only_it(hub_id):
+    """The distills keep their base's architecture (qwen2, llama) but not its chat tokens: the
+    base's formats are refused with the fix, deepseek-r1 is accepted, and deepseek-r1 does not
+    fit a model whose tokenizer lacks DeepSeek's tokens."""
+    for fmt in ("hermes-qwen3", "llama3-json", "native"):
+        with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*"
+                                            "use model.format: deepseek-r1"):
+            catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
+    assert catalogue_recipe(f"model.path={hub_id}", "model.format=deepseek-r1").model.format == "deepseek-r1"
+    with pytest.raises(KeelError, match="'deepseek-r1' does not fit meta-llama/Llama-3.1-8B-Instruct"):
+        catalogue_recipe("model.format=deepseek-r1")
 
 
 def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
@@ -152,7 +167,8 @@ SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               num_key_value_heads=1, head_dim=32, max_position_embeddings=2048)
 SHRINK_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
-                "qwen3/qwen3-30b-a3b-sft-lora.yaml"]
+                "qwen3/qwen3-30b-a3b-sft-lora.yaml",
+                "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml"]  # qwen2 architecture, no tools
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +211,12 @@ def step_data(technique: str, fmt: str, path: Path) -> Path:
         for row in rows:
             for turn in row.get("messages", []) + row.get("chosen", []) + row.get("rejected", []):
                 turn.pop("reasoning_content", None)
+    if fmt == "deepseek-r1":  # no tools in that format: the answer names the tool in words
+        for row in rows:
+            row.pop("tools", None)
+            for turn in row.get("messages", []):
+                for call in turn.pop("tool_calls", []):
+                    turn["content"] = f"I would call {call['function']['name']}."
     write_jsonl(rows, path)
     return path
 

@@ -19,12 +19,13 @@ from data.prepare import prepare_file, read_jsonl
 from data.render import IGNORE_INDEX, render_conversation, render_text
 from tests.data.make_roundtrip import OUT as CORPUS
 from tests.data.make_roundtrip import expressible
+from tests.unit.test_roundtrip import expressible_rows
 
 SHIPPED = [f for f in available_formats() if f != "native"]
 
 
 def corpus(fmt, limit=None):
-    rows = [expressible(row, fmt.spec.supports) for _, row in read_jsonl(CORPUS)][:limit]
+    rows = expressible_rows(fmt.spec.supports)[:limit]
     return [validate_conversation(r, fmt.row_rules()) for r in rows]
 
 
@@ -36,10 +37,12 @@ def test_declared_supports_match_what_the_template_renders(name):
     assert (probe.tools, probe.parallel_tool_calls, probe.reasoning) == (s.tools, s.parallel_tool_calls, s.reasoning)
     if s.reasoning:
         assert probe.history_reasoning == fmt.spec.history_reasoning
-    assert fmt.spec.vllm.tool_parser  # the spec names the parser that serves it
+    # the spec names the parsers that serve what it can express
+    assert fmt.spec.vllm.tool_parser or not s.tools
+    assert fmt.spec.vllm.reasoning_parser or not s.reasoning
 
 
-@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "native"])
+@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "deepseek-r1", "native"])
 def test_prompt_for_k_turns_is_a_token_prefix_of_k_plus_1_turns(case, tiny_model_for):
     """What the server tokenizes as the prompt for an assistant turn (rendered with
     add_generation_prompt) is exactly the start of the ids that turn is trained in."""
@@ -47,7 +50,7 @@ def test_prompt_for_k_turns_is_a_token_prefix_of_k_plus_1_turns(case, tiny_model
     fmt = resolve_format(case, model_path=model)
     tok = AutoTokenizer.from_pretrained(model)
     checked = 0
-    for conv in corpus(fmt, 30):
+    for conv in corpus(fmt, 30 if fmt.spec.supports.tools else 60):  # tool-free rows have fewer turns
         msgs = conv["messages"]
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
@@ -131,6 +134,18 @@ def test_options_a_format_cannot_honour_are_errors(tiny_model_for):
         native.with_options(history_reasoning="keep")
     with pytest.raises(KeelError, match="only for model.format: native"):
         resolve_format("hermes-qwen3", native_syntax="llama3-json")
+
+
+def test_deepseek_r1_refuses_tools_in_rows_and_in_requests():
+    """deepseek-r1 has no tools (its spec.yaml says why): a training row with tools is refused at
+    validation naming the format, and a request carrying tool results is an error from the
+    template vLLM renders, not a prompt the model was never trained on."""
+    fmt = load_format("deepseek-r1")
+    row = next(r for _, r in read_jsonl(CORPUS) if r.get("tools"))
+    with pytest.raises(RowError, match="tools: format 'deepseek-r1' cannot render tool definitions"):
+        validate_conversation(row, fmt.row_rules())
+    with pytest.raises(Exception, match="renders no tool results"):
+        render_text({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}, fmt=fmt)
 
 
 # ------------------------------------------------------------------------------ native

@@ -110,3 +110,33 @@ def test_pieces():
     assert partial_suffix("text <tool_", "<tool_call>") == 6 and partial_suffix("text", "<tool_call>") == 0
     assert parse_call('{"name": "f", "arguments": {"q": "\\u003c/tool_call>"}}').arguments == '{"q": "</tool_call>"}'
     assert parse_call('{"name": "", "arguments": {}}') is None
+
+
+# --------------------------------------------------------------------------- deepseek-r1
+# What vLLM's deepseek_r1 reasoning parser makes of outputs after the prompt
+# "...<｜Assistant｜><think>\n" (the prompt opens the reasoning), whole and streamed: the trained
+# shape, a reply cut by max_tokens inside the reasoning, and a model that opens <think> again.
+# (output, ended by the stop token, expected reasoning, expected content)
+DEEPSEEK_OUTPUTS = [
+    ("r</think>Answer.", True, "r", "Answer."),
+    ("</think>Answer.", True, None, "Answer."),
+    ("still thinking when max_tokens cut it", False, "still thinking when max_tokens cut it", None),
+    ("<think>r</think>Answer.", True, "r", "Answer."),
+]
+
+
+@pytest.fixture(scope="module")
+def deepseek_server(tiny_model_for):
+    return Server(tiny_model_for("deepseek-r1"), load_format("deepseek-r1").spec)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("output,stopped,reasoning,content", DEEPSEEK_OUTPUTS, ids=range(len(DEEPSEEK_OUTPUTS)))
+def test_deepseek_r1_reasoning_after_a_prompt_that_opened_think(deepseek_server, output, stopped, reasoning, content,
+                                                               streaming):
+    server = deepseek_server
+    prompt = server.tokenizer.encode("<｜begin▁of▁sentence｜><｜User｜>x<｜Assistant｜><think>\n")
+    ids = server.tokenizer.encode(output + ("<｜end▁of▁sentence｜>" if stopped else ""))
+    parse = server.parse_streaming if streaming else server.parse
+    got = parse(prompt, ids, None)
+    assert (got["reasoning"] or None, got["content"] or None, got["calls"]) == (reasoning, content, [])

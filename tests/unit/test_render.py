@@ -141,3 +141,30 @@ def test_empty_dataset_is_an_error(tmp_path, tiny_model):
     data = write_rows(tmp_path / "empty.jsonl", [])
     with pytest.raises(KeelError, match="holds nothing to train on"):
         prepare_file(data, tokenizer_dir=tiny_model, fmt=FMT, seq_len=512, cache_root=tmp_path / "c")
+
+
+def test_deepseek_r1_trains_what_the_model_writes_after_the_opened_think(tiny_model_for):
+    """The server's prompt for a turn ends with the published generation prompt
+    <｜Assistant｜><think>\\n; what is trained is what the model writes after it (reasoning,
+    </think>, the answer, <｜end▁of▁sentence｜>), nothing of the prompt; history turns carry no
+    reasoning; and the text is what the server's apply_chat_template renders."""
+    fmt = load_format("deepseek-r1")
+    tok = AutoTokenizer.from_pretrained(tiny_model_for("deepseek-r1"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning_content": "Add them.", "content": "4"},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "reasoning_content": "Add again.", "content": "6"}]
+    conv = validate_conversation({"messages": messages}, fmt.row_rules())
+    first, second = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    assert trained_spans(tok, first) == ["Add them.</think>4<｜end▁of▁sentence｜>"]
+    assert trained_spans(tok, second) == ["Add again.</think>6<｜end▁of▁sentence｜>"]
+    assert tok.decode(second.input_ids) == (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜>"
+        "<｜User｜>and 3+3?<｜Assistant｜><think>\nAdd again.</think>6<｜end▁of▁sentence｜>")
+    prompt = render_text({"messages": messages[:-1]}, fmt=fmt, add_generation_prompt=True)
+    assert prompt.endswith("<｜User｜>and 3+3?<｜Assistant｜><think>\n")
+    assert tok.decode(second.input_ids).startswith(prompt)
+    for gen in (False, True):
+        msgs = messages[:-1] if gen else messages
+        assert render_text({"messages": msgs}, fmt=fmt, add_generation_prompt=gen) == tok.apply_chat_template(
+            msgs, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=gen)

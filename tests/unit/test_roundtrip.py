@@ -12,6 +12,7 @@ The reasoning, content, tool names and arguments that come back must be the row'
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,24 @@ CASES = [
     ("native-llama3", "native", "llama3-json", None),
     # a model whose own template writes Hermes calls and <think> reasoning
     ("native-hermes", "native", "hermes-qwen3", "hermes-qwen3"),
+    # DeepSeek-R1 distills: the prompt opens <think>, vLLM's deepseek_r1 parser, no tools
+    ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
 ]
+
+
+def expressible_rows(supports) -> list[dict]:
+    """The corpus as a format with these `supports` holds it. For a format without tools the
+    tool definitions, the turns that call tools and the tool results are left out; the answers
+    around them stay, so multi-turn history, empty and missing reasoning and unicode remain."""
+    rows = [expressible(row, supports) for _, row in read_jsonl(CORPUS)]
+    if supports.tools:
+        return rows
+    out = []
+    for row in map(copy.deepcopy, rows):
+        row.pop("tools", None)
+        row["messages"] = [m for m in row["messages"] if m["role"] != "tool" and not m.get("tool_calls")]
+        out.append(row)
+    return out
 
 
 def expected_turn(msg: dict) -> dict:
@@ -47,7 +65,7 @@ def case(request, tiny_model_for, tmp_path_factory):
     _, fmt_name, model_fmt, syntax = request.param
     model = tiny_model_for(model_fmt)
     fmt = resolve_format(fmt_name, model_path=model, native_syntax=syntax)
-    rows = [expressible(row, fmt.spec.supports) for _, row in read_jsonl(CORPUS)]
+    rows = expressible_rows(fmt.spec.supports)
     tmp = tmp_path_factory.mktemp(request.param[0])
     data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -97,7 +115,8 @@ class Server:
             tool_parser_name=spec.vllm.tool_parser, reasoning_parser_name=spec.vllm.reasoning_parser,
             enable_auto_tools=True, tokenizer=self.tokenizer)
         # the names resolve through vLLM's own registries, as --tool-call-parser/--reasoning-parser do
-        assert self.parser_cls.tool_parser_cls is ToolParserManager.get_tool_parser(spec.vllm.tool_parser)
+        if spec.vllm.tool_parser:
+            assert self.parser_cls.tool_parser_cls is ToolParserManager.get_tool_parser(spec.vllm.tool_parser)
         if spec.vllm.reasoning_parser:
             assert self.parser_cls.reasoning_parser_cls is ReasoningParserManager.get_reasoning_parser(
                 spec.vllm.reasoning_parser)
