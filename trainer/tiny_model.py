@@ -30,6 +30,8 @@ def _corpus_lines(fmt) -> list[str]:
     for path in sorted((DATA_DIR / "examples").glob("*.jsonl")):
         for _, row in read_jsonl(path):
             if isinstance(row, dict):
+                if not fmt.spec.supports.tools:  # the example rows all call tools: keep their text turns
+                    row = {"messages": [m for m in row["messages"] if m["role"] != "tool" and not m.get("tool_calls")]}
                 lines.append(render_text(validate_conversation(row, []), fmt=fmt))
     return lines
 

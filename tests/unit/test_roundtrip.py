@@ -34,6 +34,8 @@ CASES = [
     ("native-llama3", "native", "llama3-json", None),
     # a model whose own template writes Hermes calls and <think> reasoning
     ("native-hermes", "native", "hermes-qwen3", "hermes-qwen3"),
+    # no parser at all: the detokenized turn is the message content
+    ("gemma3", "gemma3", "gemma3", None),
 ]
 
 
@@ -97,7 +99,8 @@ class Server:
             tool_parser_name=spec.vllm.tool_parser, reasoning_parser_name=spec.vllm.reasoning_parser,
             enable_auto_tools=True, tokenizer=self.tokenizer)
         # the names resolve through vLLM's own registries, as --tool-call-parser/--reasoning-parser do
-        assert self.parser_cls.tool_parser_cls is ToolParserManager.get_tool_parser(spec.vllm.tool_parser)
+        if spec.vllm.tool_parser:
+            assert self.parser_cls.tool_parser_cls is ToolParserManager.get_tool_parser(spec.vllm.tool_parser)
         if spec.vllm.reasoning_parser:
             assert self.parser_cls.reasoning_parser_cls is ReasoningParserManager.get_reasoning_parser(
                 spec.vllm.reasoning_parser)
@@ -123,6 +126,8 @@ class Server:
 
     def parse(self, prompt_ids, ids, tools) -> dict:
         text = "".join(t for t, _ in self.deltas(prompt_ids, ids))
+        if self.parser_cls is None:  # no parser named: vLLM's server returns the text as content
+            return {"reasoning": "", "content": text, "calls": []}
         parser = self.parser_cls(self.tokenizer, self.request(tools).tools, chat_template_kwargs={})
         parser.set_prompt_token_ids(prompt_ids)
         reasoning, content, calls = parser.parse(text, self.request(tools), enable_auto_tools=True,
@@ -131,6 +136,8 @@ class Server:
                 "calls": [(c.name, json.loads(c.arguments)) for c in calls or []]}
 
     def parse_streaming(self, prompt_ids, ids, tools) -> dict:
+        if self.parser_cls is None:  # each delta's text is the delta's content
+            return {"reasoning": "", "content": "".join(t for t, _ in self.deltas(prompt_ids, ids)), "calls": []}
         request = self.request(tools)
         parser = self.parser_cls(self.tokenizer, request.tools, chat_template_kwargs={})
         reasoning, content, calls = "", "", {}
