@@ -39,8 +39,10 @@ CHAT_FAMILIES = {
                         "tokens (<|start_header_id|>, <|eot_id|>)"),
     "mistral": ChatFamily((), "its tokenizer and template use Mistral's [INST] / [TOOL_CALLS] syntax; it holds "
                               "neither ChatML nor Llama 3 header tokens, and Keel ships no Mistral format yet"),
-    "gemma3": ChatFamily((), "its template uses <start_of_turn>/<end_of_turn> with no tool-call or think tokens, "
-                             "and Keel ships no Gemma format yet"),
+    "gemma3": ChatFamily(("gemma3", "native"),
+                         "its tokenizer has Gemma's turn tokens (<start_of_turn>, <end_of_turn>) but no ChatML "
+                         "tokens (<|im_start|>, <|im_end|>), none of Llama 3's header tokens (<|start_header_id|>, "
+                         "<|eot_id|>) and no <think>/<tool_call> tokens"),
     "deepseek-r1": ChatFamily((), "the distilled tokenizer renames the base model's control tokens to DeepSeek's "
                                   "(<｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜>) and its template writes "
                                   "DeepSeek's own tool-call syntax; Keel ships no DeepSeek format yet"),
