@@ -283,6 +283,9 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
     calls_in = msg.get("tool_calls") or []
     if not isinstance(calls_in, list):
         raise RowError(f"{where}.tool_calls: must be a list")
+    if calls_in and not rules.tools:  # a row without a tools list reaches here too
+        raise RowError(f"{where}.tool_calls: format {rules.format_name!r} has no tool calls; remove the turn "
+                       "(and its tool results) from the data or pick a format with tool calls")
     calls = []
     for j, call in enumerate(calls_in):
         here = f"{where}.tool_calls[{j}]"

@@ -39,8 +39,10 @@ CHAT_FAMILIES = {
                         "tokens (<|start_header_id|>, <|eot_id|>)"),
     "mistral": ChatFamily((), "its tokenizer and template use Mistral's [INST] / [TOOL_CALLS] syntax; it holds "
                               "neither ChatML nor Llama 3 header tokens, and Keel ships no Mistral format yet"),
-    "gemma3": ChatFamily((), "its template uses <start_of_turn>/<end_of_turn> with no tool-call or think tokens, "
-                             "and Keel ships no Gemma format yet"),
+    "gemma3": ChatFamily(("gemma3", "native"),
+                         "its tokenizer has Gemma's turn tokens (<start_of_turn>, <end_of_turn>) but no ChatML "
+                         "tokens (<|im_start|>, <|im_end|>), none of Llama 3's header tokens (<|start_header_id|>, "
+                         "<|eot_id|>) and no <think>/<tool_call> tokens"),
     "deepseek-r1": ChatFamily(("deepseek-r1",),
                               "the distilled tokenizer renames the base model's control tokens to DeepSeek's "
                               "(<｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜>), so neither ChatML nor Llama 3 "
@@ -91,6 +93,7 @@ def format_problem(model_path: str, fmt: str) -> str | None:
         return None
     fix = (f"use model.format: {' or '.join(known.family.formats)}" if known.family.formats else
            "Keel cannot serve this model family with a matching reasoning/tool format yet; train a family "
-           "that has one (llama with llama3-json, qwen3 with hermes-qwen3)")
+           "that has one (llama with llama3-json, qwen3 with hermes-qwen3, gemma3 with gemma3, "
+           "DeepSeek-R1-Distill with deepseek-r1)")
     return (f"model.format: {fmt!r} does not fit {known.hub_id} (chat family {known.chat}): {known.family.why_not}; "
             f"{fix}")

@@ -30,13 +30,9 @@ def _corpus_lines(fmt) -> list[str]:
     for path in sorted((DATA_DIR / "examples").glob("*.jsonl")):
         for _, row in read_jsonl(path):
             if isinstance(row, dict):
-                conv = validate_conversation(row, [])
-                if not fmt.spec.supports.tools:
-                    # a format without tools (deepseek-r1) cannot render calls or results (its template
-                    # raises): learn from the rest of the conversation
-                    conv = {"messages": [m for m in conv["messages"] if m["role"] != "tool" and not m.get("tool_calls")],
-                            "tools": []}
-                lines.append(render_text(conv, fmt=fmt))
+                if not fmt.spec.supports.tools:  # the example rows all call tools: keep their text turns
+                    row = {"messages": [m for m in row["messages"] if m["role"] != "tool" and not m.get("tool_calls")]}
+                lines.append(render_text(validate_conversation(row, []), fmt=fmt))
     return lines
 
 

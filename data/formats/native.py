@@ -24,7 +24,7 @@ from data.errors import KeelError
 
 # model_type in config.json -> the shipped format whose syntax that family's template writes
 SYNTAX_BY_MODEL_TYPE = {"llama": "llama3-json", "qwen2": "hermes-qwen3", "qwen3": "hermes-qwen3",
-                        "qwen3_moe": "hermes-qwen3"}
+                        "qwen3_moe": "hermes-qwen3", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 PROBE_TOOL = {"type": "function", "function": {
     "name": "keel_probe_tool", "description": "keel probe",
     "parameters": {"type": "object", "properties": {"keel_probe_param": {"type": "string"}}}}}

@@ -133,6 +133,9 @@ def expressible(row: dict, supports) -> dict:
     removed where the format has no place for them (validation refuses such rows; that refusal
     is tested in tests/unit/test_conversation.py)."""
     row = copy.deepcopy(row)
+    if not supports.tools:  # a format without tools (gemma3): only the conversation's text turns
+        row["messages"] = [m for m in row["messages"] if m["role"] != "tool" and not m.get("tool_calls")]
+        row.pop("tools", None)
     for m in row["messages"]:
         if m["role"] == "assistant":
             if not supports.reasoning:

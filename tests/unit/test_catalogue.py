@@ -41,7 +41,7 @@ def test_the_catalogue_covers_the_families_keel_serves():
     names = {rel(p) for p in CATALOGUE}
     assert len(names) >= 15
     for family, technique in (("llama", "sft"), ("llama", "dpo"), ("llama", "cpt"), ("qwen3", "sft"),
-                              ("qwen3", "dpo"), ("qwen3", "cpt")):
+                              ("qwen3", "dpo"), ("qwen3", "cpt"), ("gemma", "sft"), ("gemma", "cpt")):
         assert any(n.startswith(f"recipes/{family}/") and f"-{technique}-" in n for n in names), (family, technique)
     for peft in ("lora", "qlora", "full"):
         assert any(n.endswith(f"-{peft}.yaml") for n in names), peft
@@ -95,6 +95,9 @@ PUBLISHED_B = {"meta-llama/Llama-3.2-1B": 1.24, "meta-llama/Llama-3.2-3B": 3.21,
                "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2, "Qwen/Qwen3-14B": 14.8, "Qwen/Qwen3-32B": 32.8,
                "Qwen/Qwen3-30B-A3B": 30.5, "mistralai/Mistral-7B-Instruct-v0.3": 7.25,
                "mistralai/Mistral-Small-24B-Instruct-2501": 23.6, "google/gemma-3-1b-it": 1.0,
+               # Gemma 3 27B: the text model (the report's embedding + non-embedding parameters; the
+               # published checkpoint adds a 0.4B vision encoder that the kept config leaves out)
+               "google/gemma-3-27b-it": 27.0,
                "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 7.6, "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": 32.8,
                "openai/gpt-oss-20b": 20.9}
 
@@ -126,7 +129,7 @@ def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
     assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
 
 
-@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-3-1b-it", "openai/gpt-oss-20b"])
+@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-Instruct-v0.3", "openai/gpt-oss-20b"])
 def test_families_without_a_keel_format_are_refused_for_every_format_but_still_plan(hub_id):
     for fmt in ("hermes-qwen3", "llama3-json", "native"):
         with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*cannot serve"):
@@ -149,6 +152,16 @@ def test_deepseek_r1_distills_take_the_deepseek_r1_format_and_only_it(hub_id):
         catalogue_recipe("model.format=deepseek-r1")
 
 
+def test_gemma_takes_the_gemma3_format_and_other_families_do_not():
+    assert catalogue_recipe("model.path=google/gemma-3-27b-it", "model.format=gemma3").model.format == "gemma3"
+    assert catalogue_recipe("model.path=google/gemma-3-1b-it", "model.format=native")
+    with pytest.raises(KeelError, match=r"'llama3-json' does not fit google/gemma-3-1b-it .*<start_of_turn>.*"
+                                        r"use model.format: gemma3 or native"):
+        catalogue_recipe("model.path=google/gemma-3-1b-it")
+    with pytest.raises(KeelError, match="'gemma3' does not fit meta-llama/Llama-3.1-8B-Instruct"):
+        catalogue_recipe("model.format=gemma3")
+
+
 def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml").read_text()
@@ -166,8 +179,11 @@ def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
 SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, head_dim=32, max_position_embeddings=2048)
 SHRINK_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# Gemma 3 alternates 5 sliding-window layers with 1 global one: with two layers, one of each, and
+# a window shorter than the rows, so the local mask is exercised.
+SHRINK_SLIDING = dict(sliding_window=16, sliding_window_pattern=2)
 STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
-                "qwen3/qwen3-30b-a3b-sft-lora.yaml",
+                "qwen3/qwen3-30b-a3b-sft-lora.yaml", "gemma/gemma-3-27b-sft-lora.yaml",
                 "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml"]  # qwen2 architecture, no tools
 
 
@@ -188,7 +204,8 @@ def shrunken_models(tmp_path_factory):
             fmt = load_format(recipe.model.format)
             tok = build_tokenizer(fmt, vocab_size=512)
             config = load_config(recipe.model.path)
-            shrink = {**SHRINK, **(SHRINK_MOE if "num_experts" in config else {})}
+            shrink = {**SHRINK, **(SHRINK_MOE if "num_experts" in config else {}),
+                      **(SHRINK_SLIDING if "sliding_window_pattern" in config else {})}
             eos = tok.convert_tokens_to_ids(fmt.spec.stop_tokens[0])
             config.update(shrink, vocab_size=len(tok), eos_token_id=eos, bos_token_id=None,
                           pad_token_id=tok.convert_tokens_to_ids(fmt.spec.pad_token))
@@ -204,19 +221,18 @@ def shrunken_models(tmp_path_factory):
 
 
 def step_data(technique: str, fmt: str, path: Path) -> Path:
+    from data.formats import load_format
     from data.synthetic import generate_documents, generate_preference_pairs, generate_tool_choice, write_jsonl
 
     rows = {"sft": generate_tool_choice, "dpo": generate_preference_pairs, "cpt": generate_documents}[technique](8)
-    if fmt == "llama3-json":  # no place for reasoning in that format
+    supports = load_format(fmt).spec.supports
+    if technique == "sft" and not supports.tools:  # gemma3, deepseek-r1: the same questions, answered in text
+        rows = [{"messages": [row["messages"][0], {"role": "assistant", "content": "I would ask the {} tool.".format(
+            row["messages"][1]["tool_calls"][0]["function"]["name"])}]} for row in rows]
+    if not supports.reasoning:  # no place for reasoning in that format (llama3-json, gemma3)
         for row in rows:
             for turn in row.get("messages", []) + row.get("chosen", []) + row.get("rejected", []):
                 turn.pop("reasoning_content", None)
-    if fmt == "deepseek-r1":  # no tools in that format: the answer names the tool in words
-        for row in rows:
-            row.pop("tools", None)
-            for turn in row.get("messages", []):
-                for call in turn.pop("tool_calls", []):
-                    turn["content"] = f"I would call {call['function']['name']}."
     write_jsonl(rows, path)
     return path
 

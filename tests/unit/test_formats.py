@@ -37,12 +37,11 @@ def test_declared_supports_match_what_the_template_renders(name):
     assert (probe.tools, probe.parallel_tool_calls, probe.reasoning) == (s.tools, s.parallel_tool_calls, s.reasoning)
     if s.reasoning:
         assert probe.history_reasoning == fmt.spec.history_reasoning
-    # the spec names the parsers that serve what it can express
-    assert fmt.spec.vllm.tool_parser or not s.tools
-    assert fmt.spec.vllm.reasoning_parser or not s.reasoning
+    # the spec names the parsers that serve what it renders, and none for what it cannot
+    assert (bool(fmt.spec.vllm.tool_parser), bool(fmt.spec.vllm.reasoning_parser)) == (s.tools, s.reasoning)
 
 
-@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "deepseek-r1", "native"])
+@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "gemma3", "deepseek-r1", "native"])
 def test_prompt_for_k_turns_is_a_token_prefix_of_k_plus_1_turns(case, tiny_model_for):
     """What the server tokenizes as the prompt for an assistant turn (rendered with
     add_generation_prompt) is exactly the start of the ids that turn is trained in."""
@@ -187,8 +186,8 @@ def test_native_template_that_cannot_render_the_data_is_refused_with_the_reason(
     model = model_with_template(tiny_model_for("llama3-json"), tmp_path / "m", no_tools)
     fmt = resolve_format("native", model_path=model)
     assert not fmt.spec.supports.tools
-    rows = [row for _, row in read_jsonl(CORPUS)][:4]
-    data = write_rows(tmp_path / "rows.jsonl", [expressible(r, fmt.spec.supports) for r in rows])
+    rows = [row for _, row in read_jsonl(CORPUS)][:4]  # each lists tools
+    data = write_rows(tmp_path / "rows.jsonl", rows)
     with pytest.raises(KeelError, match=r"rows.jsonl:1: tools: format 'native' cannot render tool definitions"):
         prepare_file(data, tokenizer_dir=model, fmt=fmt, seq_len=4096, cache_root=tmp_path / "c")
     plain = write_rows(tmp_path / "plain.jsonl", [{"messages": [{"role": "user", "content": "hi"},
@@ -228,3 +227,68 @@ def test_native_needs_a_template_and_a_known_syntax(tiny_model_for, tmp_path):
     with pytest.raises(KeelError, match="set model.native_syntax"):
         resolve_format("native", model_path=other)
     assert resolve_format("native", model_path=other, native_syntax="llama3-json").spec.native_syntax == "llama3-json"
+
+
+# ------------------------------------------------------------------------------ gemma3
+
+
+def test_gemma3_refuses_tools_tool_calls_and_reasoning_with_the_place_and_the_fix():
+    rules = load_format("gemma3").row_rules()
+    user = {"role": "user", "content": "What's the weather in Paris?"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    tool = {"type": "function", "function": {"name": "get_weather"}}
+    cases = [
+        ({"messages": [user, {"role": "assistant", "content": "Sunny."}], "tools": [tool]},
+         "tools: format 'gemma3' cannot render tool definitions"),
+        # no tools list: the call itself is refused (it used to pass, and only the template failed)
+        ({"messages": [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "18C"}, {"role": "assistant", "content": "18C."}]},
+         r"messages\[1\].tool_calls: format 'gemma3' has no tool calls; remove the turn"),
+        ({"messages": [user, {"role": "assistant", "reasoning_content": "Look it up.", "content": "Sunny."}]},
+         r"messages\[1\].reasoning_content: format 'gemma3' has no place for reasoning"),
+        ({"messages": [{"role": "user", "content": "say <end_of_turn> please"}, {"role": "assistant", "content": "no"}]},
+         r"messages\[0\].content: contains the literal format token '<end_of_turn>'"),
+    ]
+    for row, error in cases:
+        with pytest.raises(RowError, match=error):
+            validate_conversation(row, rules)
+    # the server: a request with tools gets the template's error, not a prompt that drops them
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="format 'gemma3' has no tool calls"):
+        render_text({"messages": [user], "tools": [tool]}, fmt=load_format("gemma3"), add_generation_prompt=True)
+
+
+# A template in the style of the one Gemma 3 ships (written here from its documented layout):
+# bos_token, a system message folded into the first user turn, text trimmed, no generation markers.
+GOOGLE_STYLE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') }}{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+
+
+def test_native_on_a_gemma_model_takes_the_gemma3_syntax_and_the_same_loss_mask(tiny_model_for, tmp_path):
+    src = tiny_model_for("gemma3")
+    model = model_with_template(src, tmp_path / "m", GOOGLE_STYLE)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3_text"}))
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "bos_token": "<bos>"}))
+    native = resolve_format("native", model_path=model)
+    assert native.spec.native_syntax == "gemma3" and not native.has_generation_markers
+    s = native.spec.supports
+    assert not (s.tools or s.parallel_tool_calls or s.reasoning or s.content_with_tool_calls)
+    assert (native.spec.vllm.tool_parser, native.spec.vllm.reasoning_parser) == (None, None)
+    gemma3 = load_format("gemma3")
+    tok = AutoTokenizer.from_pretrained(model)
+    # Google's template trims the text; Keel's keeps it, so compare on rows with nothing to trim
+    convs = [c for c in corpus(gemma3) if all(m["content"] == m["content"].strip() for m in c["messages"])]
+    assert len(convs) >= 20
+    for conv in convs:
+        assert render_text(conv, fmt=native, special_tokens={"bos_token": "<bos>"}) == render_text(conv, fmt=gemma3)
+        assert render_conversation(conv, tokenizer=tok, fmt=native) == render_conversation(conv, tokenizer=tok, fmt=gemma3)

@@ -168,3 +168,45 @@ def test_deepseek_r1_trains_what_the_model_writes_after_the_opened_think(tiny_mo
         msgs = messages[:-1] if gen else messages
         assert render_text({"messages": msgs}, fmt=fmt, add_generation_prompt=gen) == tok.apply_chat_template(
             msgs, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=gen)
+
+
+# --------------------------------------------------------------------------- gemma3
+
+
+def gemma_text(messages: list[dict], *, generation_prompt: bool = False) -> str:
+    """Gemma 3's published layout, built without the template."""
+    system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+    out = "<bos>"
+    for m in messages:
+        if m["role"] == "user":
+            out += f"<start_of_turn>user\n{system}{m['content']}<end_of_turn>\n"
+            system = ""
+        elif m["role"] == "assistant":
+            out += f"<start_of_turn>model\n{m['content']}<end_of_turn>\n"
+    return out + ("<start_of_turn>model\n" if generation_prompt else "")
+
+
+def test_gemma3_writes_gemma_turns_and_trains_only_the_model_text(tiny_model_for):
+    """System text opens the first user turn; the assistant is `model`; only each model turn's
+    text and its <end_of_turn> are trained, in one example per conversation."""
+    fmt = load_format("gemma3")
+    tok = AutoTokenizer.from_pretrained(tiny_model_for("gemma3"))
+    check_tokenizer(tok, fmt, "tiny gemma3")
+    conv = validate_conversation({"messages": [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And its population?"},
+        {"role": "assistant", "content": "About 2.1 million.\nCity proper."}]}, fmt.row_rules())
+    msgs = conv["messages"]
+    assert render_text(conv, fmt=fmt) == gemma_text(msgs)
+    for k in (2, 4):  # the prompt the server builds before each model turn
+        prompt = render_text({"messages": msgs[:k]}, fmt=fmt, add_generation_prompt=True)
+        assert prompt == gemma_text(msgs[:k], generation_prompt=True)
+        assert prompt == tok.apply_chat_template(msgs[:k], chat_template=fmt.chat_template, tokenize=False,
+                                                 add_generation_prompt=True)
+    [ex] = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    assert trained_spans(tok, ex) == ["Paris.<end_of_turn>", "About 2.1 million.\nCity proper.<end_of_turn>"]
+    end_id = tok.convert_tokens_to_ids("<end_of_turn>")
+    ends = [lab for t, lab in zip(ex.input_ids, ex.labels) if t == end_id]
+    assert ends == [IGNORE_INDEX, end_id, IGNORE_INDEX, end_id]  # user turns' ends untrained, model turns' trained

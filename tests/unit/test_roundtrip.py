@@ -37,6 +37,8 @@ CASES = [
     ("native-hermes", "native", "hermes-qwen3", "hermes-qwen3"),
     # DeepSeek-R1 distills: the prompt opens <think>, vLLM's deepseek_r1 parser, no tools
     ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
+    # no parser at all: the detokenized turn is the message content
+    ("gemma3", "gemma3", "gemma3", None),
 ]
 
 
@@ -142,6 +144,8 @@ class Server:
 
     def parse(self, prompt_ids, ids, tools) -> dict:
         text = "".join(t for t, _ in self.deltas(prompt_ids, ids))
+        if self.parser_cls is None:  # no parser named: vLLM's server returns the text as content
+            return {"reasoning": "", "content": text, "calls": []}
         parser = self.parser_cls(self.tokenizer, self.request(tools).tools, chat_template_kwargs={})
         parser.set_prompt_token_ids(prompt_ids)
         reasoning, content, calls = parser.parse(text, self.request(tools), enable_auto_tools=True,
@@ -150,6 +154,8 @@ class Server:
                 "calls": [(c.name, json.loads(c.arguments)) for c in calls or []]}
 
     def parse_streaming(self, prompt_ids, ids, tools) -> dict:
+        if self.parser_cls is None:  # each delta's text is the delta's content
+            return {"reasoning": "", "content": "".join(t for t, _ in self.deltas(prompt_ids, ids)), "calls": []}
         request = self.request(tools)
         parser = self.parser_cls(self.tokenizer, request.tools, chat_template_kwargs={})
         reasoning, content, calls = "", "", {}
