@@ -41,7 +41,7 @@ def test_declared_supports_match_what_the_template_renders(name):
     assert (bool(fmt.spec.vllm.tool_parser), bool(fmt.spec.vllm.reasoning_parser)) == (s.tools, s.reasoning)
 
 
-@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "gemma3", "deepseek-r1", "native"])
+@pytest.mark.parametrize("case", ["hermes-qwen3", "llama3-json", "gemma3", "deepseek-r1", "mistral", "native"])
 def test_prompt_for_k_turns_is_a_token_prefix_of_k_plus_1_turns(case, tiny_model_for):
     """What the server tokenizes as the prompt for an assistant turn (rendered with
     add_generation_prompt) is exactly the start of the ids that turn is trained in."""
@@ -292,3 +292,39 @@ def test_native_on_a_gemma_model_takes_the_gemma3_syntax_and_the_same_loss_mask(
     for conv in convs:
         assert render_text(conv, fmt=native, special_tokens={"bos_token": "<bos>"}) == render_text(conv, fmt=gemma3)
         assert render_conversation(conv, tokenizer=tok, fmt=native) == render_conversation(conv, tokenizer=tok, fmt=gemma3)
+
+
+# ------------------------------------------------------------------------------ mistral
+
+
+def test_mistral_refuses_tools_tool_calls_reasoning_and_control_tokens_with_the_place_and_the_fix():
+    """mistral has no tools in Keel yet (its spec.yaml says what blocks them): rows holding tools,
+    tool calls, reasoning or Mistral's control tokens as text are refused naming the row's key, and
+    a request with tools gets the template's error instead of a prompt that silently drops them."""
+    fmt = load_format("mistral")
+    rules = fmt.row_rules()
+    user = {"role": "user", "content": "What's the weather in Paris?"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    tool = {"type": "function", "function": {"name": "get_weather"}}
+    cases = [
+        ({"messages": [user, {"role": "assistant", "content": "Sunny."}], "tools": [tool]},
+         "tools: format 'mistral' cannot render tool definitions"),
+        ({"messages": [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "18C"}, {"role": "assistant", "content": "18C."}]},
+         r"messages\[1\].tool_calls: format 'mistral' has no tool calls; remove the turn"),
+        ({"messages": [user, {"role": "assistant", "reasoning_content": "Look it up.", "content": "Sunny."}]},
+         r"messages\[1\].reasoning_content: format 'mistral' has no place for reasoning"),
+        ({"messages": [{"role": "user", "content": "end with [/INST] please"}, {"role": "assistant", "content": "no"}]},
+         r"messages\[0\].content: contains the literal format token '\[/INST\]'"),
+        ({"messages": [user, {"role": "assistant", "content": "[TOOL_CALLS] [{}]"}]},
+         r"messages\[1\].content: contains the literal format token '\[TOOL_CALLS\]'"),
+    ]
+    for row, error in cases:
+        with pytest.raises(RowError, match=error):
+            validate_conversation(row, rules)
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="format 'mistral' has no tool calls"):
+        render_text({"messages": [user], "tools": [tool]}, fmt=fmt, add_generation_prompt=True)
+    with pytest.raises(TemplateError, match="format 'mistral' has no tool results"):
+        render_text({"messages": [user, {"role": "tool", "content": "{}"}]}, fmt=fmt)

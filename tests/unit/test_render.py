@@ -210,3 +210,49 @@ def test_gemma3_writes_gemma_turns_and_trains_only_the_model_text(tiny_model_for
     end_id = tok.convert_tokens_to_ids("<end_of_turn>")
     ends = [lab for t, lab in zip(ex.input_ids, ex.labels) if t == end_id]
     assert ends == [IGNORE_INDEX, end_id, IGNORE_INDEX, end_id]  # user turns' ends untrained, model turns' trained
+
+
+# --------------------------------------------------------------------------- mistral
+
+
+def mistral_text(messages: list[dict], *, generation_prompt: bool = False) -> str:
+    """Mistral's instruct layout, built without the template (the system message at the start of
+    the first user turn, Keel's fixed place for it). The generation prompt is the [/INST] itself."""
+    system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+    out = "<s>"
+    for m in messages:
+        if m["role"] == "user":
+            out += f"[INST] {system}{m['content']}[/INST]"
+            system = ""
+        elif m["role"] == "assistant":
+            out += f"{m['content']}</s>"
+    return out
+
+
+def test_mistral_writes_inst_turns_and_trains_only_the_answers(tiny_model_for):
+    """<s>[INST] user[/INST]answer</s> per turn, the system text opening the first user turn (for
+    one turn exactly where Mistral's template puts it); only each answer and its </s> are trained,
+    in one example per conversation; the server's prompt is what apply_chat_template renders."""
+    fmt = load_format("mistral")
+    tok = AutoTokenizer.from_pretrained(tiny_model_for("mistral"))
+    check_tokenizer(tok, fmt, "tiny mistral")
+    conv = validate_conversation({"messages": [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And its population?"},
+        {"role": "assistant", "content": "About 2.1 million.\nCity proper."}]}, fmt.row_rules())
+    msgs = conv["messages"]
+    assert render_text(conv, fmt=fmt) == mistral_text(msgs) == (
+        "<s>[INST] Answer in one line.\n\nCapital of France?[/INST]Paris.</s>"
+        "[INST] And its population?[/INST]About 2.1 million.\nCity proper.</s>")
+    for k in (2, 4):  # the prompt the server builds before each assistant turn
+        prompt = render_text({"messages": msgs[:k]}, fmt=fmt, add_generation_prompt=True)
+        assert prompt == mistral_text(msgs[:k], generation_prompt=True) and prompt.endswith("[/INST]")
+        assert prompt == tok.apply_chat_template(msgs[:k], chat_template=fmt.chat_template, tokenize=False,
+                                                 add_generation_prompt=True)
+    [ex] = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    assert trained_spans(tok, ex) == ["Paris.</s>", "About 2.1 million.\nCity proper.</s>"]
+    for t in ("<s>", "[INST]", "[/INST]"):  # control tokens are single tokens, never trained
+        tid = tok.convert_tokens_to_ids(t)
+        assert tid in ex.input_ids and all(lab == IGNORE_INDEX for i, lab in zip(ex.input_ids, ex.labels) if i == tid)

@@ -39,6 +39,8 @@ CASES = [
     ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
     # no parser at all: the detokenized turn is the message content
     ("gemma3", "gemma3", "gemma3", None),
+    # Mistral [INST] turns, no parser: the text up to </s> is the content
+    ("mistral", "mistral", "mistral", None),
 ]
 
 
