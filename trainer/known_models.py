@@ -37,8 +37,13 @@ CHAT_FAMILIES = {
     "qwen3": ChatFamily(("hermes-qwen3", "native"),
                         "its tokenizer has the ChatML, <think> and <tool_call> tokens but none of Llama 3's header "
                         "tokens (<|start_header_id|>, <|eot_id|>)"),
-    "mistral": ChatFamily((), "its tokenizer and template use Mistral's [INST] / [TOOL_CALLS] syntax; it holds "
-                              "neither ChatML nor Llama 3 header tokens, and Keel ships no Mistral format yet"),
+    "mistral": ChatFamily(("mistral",),
+                          "its tokenizer has Mistral's control tokens ([INST], [/INST], [TOOL_CALLS], "
+                          "[AVAILABLE_TOOLS], [TOOL_RESULTS]) but no ChatML tokens (<|im_start|>, <|im_end|>), none "
+                          "of Llama 3's header tokens (<|start_header_id|>, <|eot_id|>) and no <think>/<tool_call> "
+                          "tokens; `native` is not offered: Keel has no native syntax for model type mistral (the "
+                          "published templates put the system message in the last user turn, where it moves as "
+                          "the conversation grows)"),
     "gemma3": ChatFamily(("gemma3", "native"),
                          "its tokenizer has Gemma's turn tokens (<start_of_turn>, <end_of_turn>) but no ChatML "
                          "tokens (<|im_start|>, <|im_end|>), none of Llama 3's header tokens (<|start_header_id|>, "

@@ -47,6 +47,8 @@ def test_the_catalogue_covers_the_families_keel_serves():
         assert any(n.endswith(f"-{peft}.yaml") for n in names), peft
     for distilled in ("qwen-7b", "llama-8b"):  # DeepSeek-R1-Distill on both bases
         assert f"recipes/deepseek/deepseek-r1-distill-{distilled}-sft-lora.yaml" in names
+    for mistral in ("mistral-7b-v0.3", "mistral-small-24b-2501"):
+        assert f"recipes/mistral/{mistral}-sft-lora.yaml" in names
 
 
 @pytest.mark.parametrize("path", CATALOGUE, ids=rel)
@@ -129,7 +131,7 @@ def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
     assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
 
 
-@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-Instruct-v0.3", "openai/gpt-oss-20b"])
+@pytest.mark.parametrize("hub_id", ["openai/gpt-oss-20b"])
 def test_families_without_a_keel_format_are_refused_for_every_format_but_still_plan(hub_id):
     for fmt in ("hermes-qwen3", "llama3-json", "native"):
         with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*cannot serve"):
@@ -162,6 +164,20 @@ def test_gemma_takes_the_gemma3_format_and_other_families_do_not():
         catalogue_recipe("model.format=gemma3")
 
 
+@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-Small-24B-Instruct-2501"])
+def test_mistral_models_take_the_mistral_format_and_only_it(hub_id):
+    """Both kept Mistral models take the mistral format; the others (native too: Keel has no
+    native syntax for model type mistral) are refused with the fix, and the mistral format does
+    not fit a model whose tokenizer lacks [INST]."""
+    assert catalogue_recipe(f"model.path={hub_id}", "model.format=mistral").model.format == "mistral"
+    for fmt in ("hermes-qwen3", "llama3-json", "gemma3", "native"):
+        with pytest.raises(KeelError, match=rf"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*\[INST\].*"
+                                            "use model.format: mistral"):
+            catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
+    with pytest.raises(KeelError, match="'mistral' does not fit meta-llama/Llama-3.1-8B-Instruct"):
+        catalogue_recipe("model.format=mistral")
+
+
 def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml").read_text()
@@ -184,7 +200,8 @@ SHRINK_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
 SHRINK_SLIDING = dict(sliding_window=16, sliding_window_pattern=2)
 STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
                 "qwen3/qwen3-30b-a3b-sft-lora.yaml", "gemma/gemma-3-27b-sft-lora.yaml",
-                "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml"]  # qwen2 architecture, no tools
+                "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml",  # qwen2 architecture, no tools
+                "mistral/mistral-small-24b-2501-sft-lora.yaml"]  # mistral architecture, [INST] turns, no tools
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +243,7 @@ def step_data(technique: str, fmt: str, path: Path) -> Path:
 
     rows = {"sft": generate_tool_choice, "dpo": generate_preference_pairs, "cpt": generate_documents}[technique](8)
     supports = load_format(fmt).spec.supports
-    if technique == "sft" and not supports.tools:  # gemma3, deepseek-r1: the same questions, answered in text
+    if technique == "sft" and not supports.tools:  # gemma3, deepseek-r1, mistral: the same questions, answered in text
         rows = [{"messages": [row["messages"][0], {"role": "assistant", "content": "I would ask the {} tool.".format(
             row["messages"][1]["tool_calls"][0]["function"]["name"])}]} for row in rows]
     if not supports.reasoning:  # no place for reasoning in that format (llama3-json, gemma3)
