@@ -138,3 +138,5 @@ def test_cpu_plan_counts_fp32_states_ddp_buckets_and_deepspeed_partitions(tmp_pa
     t = lora_shape.trainable  # r=16 on every linear layer: 2.6M
     assert t == 12 * 16 * ((768 + 768) * 2 + (768 + 256) * 2 + (768 + 2048) * 3)
     assert (lora.weights, lora.gradients, lora.optimizer) == (4 * p, 8 * t, 8 * t)
+    # measured: glibc's retained heap puts LoRA's CPU peaks above the estimate; the plan says so
+    assert any("glibc" in n for n in lora.notes) and not any("glibc" in n for n in ddp.notes)
