@@ -26,7 +26,10 @@ parameters stay whole); offload moves optimizer (and parameters) to CPU.
 
 `--gpu cpu` plans a CPU run (fp32 throughout, DDP's gradient buckets, DeepSpeed's fp32 master
 partition, no CUDA context): that model is calibrated against measured peak RSS under torchrun
-(benchmarks/plan_calibration.py, results in benchmarks/results/plan_calibration.md). The GPU
+with glibc malloc's default settings, as `keel train` runs (benchmarks/plan_calibration.py,
+results in benchmarks/results/plan_calibration.md). There, RSS also holds freed blocks malloc
+keeps in its heap (its dynamic mmap threshold): measured, 0.3-1.1 GiB per process at 100M
+parameters, which this arithmetic does not model (LoRA at 100M is estimated 19-31% low). The GPU
 figures are the same arithmetic in bf16 and have not been measured on GPUs.
 
 Step time: model FLOPs (2 per active parameter per token and pass, plus causal attention) at an
@@ -218,6 +221,9 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     no_ckpt, ckpt = activation_bytes(recipe, shape, cpu=cpu)
     act = ckpt if t.gradient_checkpointing else no_ckpt
     subtotal = weights + grads + opt + act + reference
+    if cpu and recipe.peft.kind != "none":
+        notes.append("CPU: glibc malloc keeps freed blocks resident; measured with LoRA at 100M parameters, "
+                     "peak RSS was up to 44% above this estimate (benchmarks/results/plan_calibration.md)")
     if cpu:
         overhead = CPU_RUNTIME + (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
     else:

@@ -98,3 +98,45 @@ def test_keel_plan_command(model_dirs, tmp_path):
     assert no_config.returncode == 2 and "config.json" in no_config.stderr and "model.path" in no_config.stderr
     past_positions = keel_plan(f"model.path={model_dirs['8b']}", "training.seq_len=200000")
     assert past_positions.returncode == 1 and "beyond the model's 131072 positions" in past_positions.stderr
+
+
+
+def test_cpu_plan_counts_fp32_states_ddp_buckets_and_deepspeed_partitions(tmp_path):
+    """`--gpu cpu` arithmetic for the ~100M config of benchmarks/plan_calibration.py, whose measured
+    peaks (benchmarks/results/plan_calibration.md) these terms were checked against."""
+    from trainer.plan import CPU_DEEPSPEED_RUNTIME, CPU_RUNTIME, OVERHEAD_FRACTION
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
+              "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
+              "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cpu2 = Cluster(gpu="cpu", nodes=1, gpus_per_node=2)
+
+    def cpu_estimate(*overrides):
+        r = load_recipe(QUICKSTART, [f"model.path={tmp_path}", "training.seq_len=512", "training.micro_batch_size=2",
+                                     "training.precision=fp32", *overrides])
+        shape = model_shape(config, r.peft)
+        return estimate(r, shape, cpu2), shape
+
+    ddp, shape = cpu_estimate()
+    p = shape.params
+    assert p == pytest.approx(100.09e6, rel=1e-3)
+    # fp32 weights; gradients twice (DDP's buckets hold a copy); two fp32 AdamW moments
+    assert (ddp.weights, ddp.gradients, ddp.optimizer) == (4 * p, 8 * p, 8 * p)
+    tokens = 2 * 512
+    assert ddp.activations == 12 * tokens * (8 * 768 + 4 * 2048) * 4 + tokens * 32000 * 16
+    subtotal = ddp.weights + ddp.gradients + ddp.optimizer + ddp.activations
+    assert ddp.overhead == pytest.approx(CPU_RUNTIME + OVERHEAD_FRACTION * subtotal)
+    zero3, _ = cpu_estimate("distributed.strategy=zero3")
+    # a half of each state per rank, plus the whole model gathered, the reduce bucket and
+    # DeepSpeed's fp32 master partition
+    assert (zero3.weights, zero3.gradients, zero3.optimizer) == (4 * p / 2 + 4 * p, 4 * p / 2 + 4 * p, 12 * p / 2)
+    subtotal = zero3.weights + zero3.gradients + zero3.optimizer + zero3.activations
+    assert zero3.overhead == pytest.approx(CPU_RUNTIME + CPU_DEEPSPEED_RUNTIME + OVERHEAD_FRACTION * subtotal)
+    lora, lora_shape = cpu_estimate("peft.kind=lora")
+    t = lora_shape.trainable  # r=16 on every linear layer: 2.6M
+    assert t == 12 * 16 * ((768 + 768) * 2 + (768 + 256) * 2 + (768 + 2048) * 3)
+    assert (lora.weights, lora.gradients, lora.optimizer) == (4 * p, 8 * t, 8 * t)
+    # measured: glibc's retained heap puts LoRA's CPU peaks above the estimate; the plan says so
+    assert any("glibc" in n for n in lora.notes) and not any("glibc" in n for n in ddp.notes)
