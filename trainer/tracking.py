@@ -353,8 +353,16 @@ class NodeSystemMetrics:
         if sink is not None:
             import threading
 
-            # never started: its monitors (MLflow's metric names, GPU when present) are sampled here
-            self._sampler = SystemMetricsMonitor(run_id or "", sampling_interval=every_s, node_id=f"node_{node}")
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+            # MLflow's monitors (its metric names; GPU when present), sampled here: nothing of the
+            # tracking store is touched, so a store that is away or refused costs no sample
+            self._monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+            gpu = SystemMetricsMonitor._initialize_gpu_monitor(None)
+            if gpu is not None:
+                self._monitors.append(gpu)
             self._prefix, self._sink, self._every_s = f"system/node_{node}/", sink, every_s
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, name="keel-system-metrics", daemon=True)
@@ -368,11 +376,13 @@ class NodeSystemMetrics:
 
     def _sample(self) -> None:
         while True:
-            self._sampler.collect_metrics()
+            for monitor in self._monitors:
+                monitor.collect_metrics()
             if self._stop.wait(self._every_s):
                 return
-            metrics = {self._prefix + k: float(v) for k, v in self._sampler.aggregate_metrics().items()}
-            for monitor in self._sampler.monitors:
+            metrics = {}
+            for monitor in self._monitors:
+                metrics.update({self._prefix + k: float(v) for k, v in monitor.aggregate_metrics().items()})
                 monitor.clear_metrics()
             try:
                 self._sink(metrics)

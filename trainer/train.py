@@ -313,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe, remote = localize(recipe, local_rank=dist_env()[1])
         train(recipe, overwrite=overwrite, recipe_file=source, remote=remote)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # after the last collective of the run: without it a rank can abort at interpreter
+            # exit ("terminate called without an active exception"), and torch warns of a leak
+            dist.destroy_process_group()
     except KeelError as exc:
         rank = dist_env()[0]
         from trainer.stopping import EXIT_STATUS, StoppedBySignal  # transformers is loaded by now
