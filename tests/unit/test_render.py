@@ -3,6 +3,8 @@ assistant writes, and the prepared-data cache."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -172,6 +174,14 @@ def test_deepseek_r1_trains_what_the_model_writes_after_the_opened_think(tiny_mo
 
 # --------------------------------------------------------------------------- gemma3
 
+# a system message and two turns, for the formats with no tools and no reasoning
+SYSTEM_AND_TWO_TURNS = {"messages": [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And its population?"},
+    {"role": "assistant", "content": "About 2.1 million.\nCity proper."}]}
+
 
 def gemma_text(messages: list[dict], *, generation_prompt: bool = False) -> str:
     """Gemma 3's published layout, built without the template."""
@@ -192,12 +202,7 @@ def test_gemma3_writes_gemma_turns_and_trains_only_the_model_text(tiny_model_for
     fmt = load_format("gemma3")
     tok = AutoTokenizer.from_pretrained(tiny_model_for("gemma3"))
     check_tokenizer(tok, fmt, "tiny gemma3")
-    conv = validate_conversation({"messages": [
-        {"role": "system", "content": "Answer in one line."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And its population?"},
-        {"role": "assistant", "content": "About 2.1 million.\nCity proper."}]}, fmt.row_rules())
+    conv = validate_conversation(copy.deepcopy(SYSTEM_AND_TWO_TURNS), fmt.row_rules())
     msgs = conv["messages"]
     assert render_text(conv, fmt=fmt) == gemma_text(msgs)
     for k in (2, 4):  # the prompt the server builds before each model turn
@@ -236,12 +241,7 @@ def test_mistral_writes_inst_turns_and_trains_only_the_answers(tiny_model_for):
     fmt = load_format("mistral")
     tok = AutoTokenizer.from_pretrained(tiny_model_for("mistral"))
     check_tokenizer(tok, fmt, "tiny mistral")
-    conv = validate_conversation({"messages": [
-        {"role": "system", "content": "Answer in one line."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And its population?"},
-        {"role": "assistant", "content": "About 2.1 million.\nCity proper."}]}, fmt.row_rules())
+    conv = validate_conversation(copy.deepcopy(SYSTEM_AND_TWO_TURNS), fmt.row_rules())
     msgs = conv["messages"]
     assert render_text(conv, fmt=fmt) == mistral_text(msgs) == (
         "<s>[INST] Answer in one line.\n\nCapital of France?[/INST]Paris.</s>"
