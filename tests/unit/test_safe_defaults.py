@@ -50,9 +50,13 @@ def remote_code_model(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("remote-code") / "model"
     shutil.copytree(tiny_model, out)
     marker = out.parent / "code-ran"
+    # subclasses, not Llama's classes re-exported: loading registers the remote classes for auto
+    # classes (a class attribute), which must not stick to LlamaForCausalLM for later tests
     (out / "modeling_planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                             "from transformers import LlamaConfig as PlantedConfig\n"
-                                             "from transformers import LlamaForCausalLM as PlantedModel\n")
+                                             "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                             "class PlantedConfig(LlamaConfig):\n    model_type = 'planted'\n"
+                                             "class PlantedModel(LlamaForCausalLM):\n"
+                                             "    config_class = PlantedConfig\n")
     config = json.loads((out / "config.json").read_text())
     config.update(model_type="planted", auto_map={"AutoConfig": "modeling_planted.PlantedConfig",
                                                   "AutoModelForCausalLM": "modeling_planted.PlantedModel"})
