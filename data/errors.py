@@ -1,5 +1,7 @@
 """The error type every Keel package raises for a user's mistake."""
 
+from data.redaction import redact_text
+
 
 class KeelError(Exception):
     """A mistake the user can fix: bad recipe, bad data row, missing file.
@@ -11,6 +13,4 @@ class KeelError(Exception):
     def __init__(self, *args):
         # A message that names a location never carries the credentials it held (see
         # data/redaction.py): every place that prints or logs a KeelError shows it redacted.
-        from data.redaction import redact_text
-
         super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))

@@ -181,12 +181,12 @@ def refuse_inlined_secrets(recipe: dict, mlflow_uri: str | None) -> None:
     URL or a secret-named recipe key (the recipe file travels in a ConfigMap, overrides in the
     pod's args) would be readable by anyone who can read the job. Refused, with where it goes
     instead: a Kubernetes Secret passed by --secret, whose keys become the pod's environment."""
-    from data.redaction import redact_text
+    from data.redaction import has_url_credentials
     from trainer.recipe import flatten
     from trainer.run_facts import redact
 
     found = [k for k, v in flatten(redact(recipe)).items() if v != flatten(recipe).get(k)]
-    if mlflow_uri and redact_text(mlflow_uri) != mlflow_uri:
+    if mlflow_uri and has_url_credentials(mlflow_uri):
         found.append("$MLFLOW_TRACKING_URI")
     if found:
         raise KeelError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,8 +58,6 @@ class RunTracker(TrainerCallback):
         self.offline = False  # the server did not answer: records wait in metrics.jsonl
         self._last_try = 0.0
         self._step = resume_step  # the training step now: system metrics sampled between logs carry it
-        import threading
-
         self._lock = threading.RLock()  # the system-metrics sampler records from its own thread
 
     # -- MLflow run lifecycle -------------------------------------------------
@@ -135,7 +134,6 @@ class RunTracker(TrainerCallback):
         """Keep the record locally, then send it (or retry sending what is pending)."""
         with self._lock:
             now = time.time()
-            self._step = step
             append_record(self.run_dir, {"step": step, "timestamp": int(now * 1000), **metrics})
             if self.offline:
                 if now - self._last_try >= RETRY_S:
@@ -351,8 +349,6 @@ class NodeSystemMetrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         if sink is not None:
-            import threading
-
             from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
             from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
             from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor

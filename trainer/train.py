@@ -208,8 +208,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     )
     tracker.start()
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)
-    system_metrics = NodeSystemMetrics(run_id if local_rank == 0 else None, tracking_uri,
+    system_metrics = NodeSystemMetrics(run_id, tracking_uri,
                                        node=int(os.environ.get("GROUP_RANK", 0)),
+                                       # one process per node samples: its first
                                        every_s=recipe.tracking.mlflow.system_metrics_every_s if local_rank == 0 else 0,
                                        sink=tracker.log_system if is_main else None)
     for split, prepared in (("train", train_data), ("eval", eval_data)):
