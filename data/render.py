@@ -16,6 +16,8 @@ Which turns are trained (the format's train_on and history_reasoning, set from t
     train_on all, history kept      one example per conversation, every assistant turn
     train_on all, history dropped   one example per stretch between user messages, its turns
     train_on last                   one example per conversation, its last assistant turn
+A tool list written before the last user message (mistral's tool_list_at: last_user_turn) splits
+a conversation with tools the way dropped history does, for the same reason.
 """
 
 from __future__ import annotations
