@@ -40,6 +40,19 @@ class RowRules:
     parallel_tool_calls: bool = True
     content_with_tool_calls: bool = True
     bare_json_calls: bool = False  # calls are bare JSON objects: text must not look like one
+    listed_calls: bool = False  # calls are one JSON list after a token (Mistral): each needs an id
+
+
+_ALPHANUMERIC = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def mistral_call_id(call_id: str) -> str:
+    """The 9-character id the mistral template writes for a call id: its ASCII letters and
+    digits, the last 9, padded on the left with 0 ("call_1" -> "0000call1"). The template does
+    the same in Jinja (data/formats/mistral/chat_template.jinja, macro call_id); a test holds
+    the two together."""
+    kept = "".join(ch for ch in call_id if ch in _ALPHANUMERIC)
+    return ("0" * 9 + kept)[-9:]
 
 
 def _rules(rules: RowRules | list[str] | tuple[str, ...]) -> RowRules:
@@ -303,6 +316,8 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
         if call_id is not None and not isinstance(call_id, str):
             raise RowError(f"{here}.id: must be a string")
         calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+    if calls and rules.listed_calls:
+        _check_listed_ids(calls, rules.format_name, where)
     if not content and not reasoning and not calls:
         raise RowError(f"{where}: empty assistant turn (no content, no reasoning_content and no tool_calls)")
     if len(calls) > 1 and not rules.parallel_tool_calls:
@@ -316,6 +331,25 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
     if calls:
         out["tool_calls"] = calls
     return out
+
+
+def _check_listed_ids(calls: list[dict], format_name: str, where: str) -> None:
+    """Mistral's results name the call they answer by a 9-character id the template derives from
+    the row's id, so each call needs one, and the calls of one turn need different ones."""
+    written: dict[str, str] = {}
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        if call["id"] is None:
+            raise RowError(f"{here}: format {format_name!r} writes each call's id (its tool results name the call "
+                           "they answer by it); add an 'id' to every tool call and the same 'tool_call_id' to "
+                           "its tool result")
+        short = mistral_call_id(call["id"])
+        if short in written:
+            raise RowError(f"{here}.id: {call['id']!r} and {written[short]!r} are both written as {short!r} (format "
+                           f"{format_name!r} keeps the last 9 letters and digits of an id), so their results "
+                           "could not be told apart; give the calls of one turn ids that differ in their last "
+                           "9 letters or digits")
+        written[short] = call["id"]
 
 
 def _tool_ids(msg: dict) -> dict:

@@ -16,6 +16,8 @@ Which turns are trained (the format's train_on and history_reasoning, set from t
     train_on all, history kept      one example per conversation, every assistant turn
     train_on all, history dropped   one example per stretch between user messages, its turns
     train_on last                   one example per conversation, its last assistant turn
+A tool list written before the last user message (mistral's tool_list_at: last_user_turn) splits
+a conversation with tools the way dropped history does, for the same reason.
 """
 
 from __future__ import annotations
@@ -108,18 +110,21 @@ def assistant_spans(messages: list[dict], tools, fmt: Format, special: dict, ind
     return text, out
 
 
-def split_examples(messages: list[dict], fmt: Format) -> list[tuple[int, list[int]]]:
-    """(end, trained assistant indices) of each example of a conversation."""
+def split_examples(messages: list[dict], fmt: Format, tools=None) -> list[tuple[int, list[int]]]:
+    """(end, trained assistant indices) of each example of a conversation with these tools."""
     spec = fmt.spec
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if spec.train_on == "last":
         return [(len(messages), assistants[-1:])]
-    if spec.history_reasoning == "keep" or not spec.supports.reasoning:
+    moving_tools = bool(tools) and spec.tool_list_at == "last_user_turn"
+    if (spec.history_reasoning == "keep" or not spec.supports.reasoning) and not moving_tools:
         return [(len(messages), assistants)]
     # History reasoning dropped: the template renders an assistant turn differently once a later
     # user message exists. Training every turn inside the full conversation would teach the
     # model to answer without reasoning, so each stretch of assistant turns between two user
-    # messages becomes its own example, rendered the way the server will see it then.
+    # messages becomes its own example, rendered the way the server will see it then. The same
+    # holds for a tool list written before the last user message (mistral): in the whole
+    # conversation the earlier turns would be trained without the tools their prompt has.
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     out = []
     for start, end in zip(users, users[1:] + [len(messages)]):
@@ -147,7 +152,7 @@ def render_conversation(conversation: dict, *, tokenizer, fmt: Format) -> list[R
     messages, tools = conversation["messages"], conversation.get("tools") or None
     special = _special_tokens(tokenizer)
     examples = []
-    for end, trained in split_examples(messages, fmt):
+    for end, trained in split_examples(messages, fmt, tools):
         text, spans = assistant_spans(messages[:end], tools, fmt, special, trained)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])

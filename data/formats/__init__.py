@@ -60,8 +60,17 @@ class FormatSpec(BaseModel):
     think: Delimiters | None = None
     tool_call: Delimiters | None = None
     # "tagged": each call inside the tool_call delimiters. "bare": a turn with calls is only the
-    # calls' JSON objects (Llama 3.1 style), so plain content must not look like a call.
-    tool_call_json: Literal["tagged", "bare"] = "tagged"
+    # calls' JSON objects (Llama 3.1 style), so plain content must not look like a call. "list":
+    # a turn with calls is only tool_call.open (one token) and then one JSON list of every call,
+    # [{"name", "arguments", "id"}, ...], ended by the end-of-turn token (tool_call.close), as
+    # Mistral's v0.3 tokenizers write them; each call needs an id, written as Mistral's 9 letters
+    # or digits (data.conversation.mistral_call_id).
+    tool_call_json: Literal["tagged", "bare", "list"] = "tagged"
+    # Where the template writes the tool list: "start" (one fixed place, before the first turn
+    # or in the system turn) or "last_user_turn" (Mistral: before the last user message, so it
+    # moves as the conversation grows, and a conversation with tools is trained as one example
+    # per stretch between user messages; data/render.py split_examples).
+    tool_list_at: Literal["start", "last_user_turn"] = "start"
     end_of_turn: str
     stop_tokens: tuple[str, ...]
     control_tokens: tuple[str, ...] = ()
@@ -79,6 +88,10 @@ class FormatSpec(BaseModel):
     def _consistent(self):
         if self.tool_call_json == "tagged" and self.supports.tools and self.tool_call is None:
             raise ValueError("tool_call_json 'tagged' needs tool_call delimiters")
+        if self.tool_call_json == "list" and self.supports.tools and (
+                self.tool_call is None or self.tool_call.close != self.end_of_turn):
+            raise ValueError("tool_call_json 'list' needs tool_call delimiters: open, the token before the list of "
+                             "calls, and close, the end_of_turn token that ends the list")
         if self.supports.reasoning and self.think is None:
             raise ValueError("supports.reasoning needs think delimiters")
         return self
@@ -126,7 +139,8 @@ class Format:
                         format_name=self.name, reasoning=s.reasoning, tools=s.tools,
                         parallel_tool_calls=s.parallel_tool_calls,
                         content_with_tool_calls=s.content_with_tool_calls,
-                        bare_json_calls=s.tools and self.spec.tool_call_json == "bare")
+                        bare_json_calls=s.tools and self.spec.tool_call_json == "bare",
+                        listed_calls=s.tools and self.spec.tool_call_json == "list")
 
     def with_options(self, *, history_reasoning: str | None = None, train_on: str | None = None) -> "Format":
         """This format with the recipe's rendering options (None: the format's default).

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.conversation import RowError, validate_conversation
+from data.conversation import RowError, mistral_call_id, validate_conversation
 from data.errors import KeelError
 from data.formats import Format, available_formats, load_format, resolve_format
 from data.formats.native import probe_template
@@ -297,34 +297,84 @@ def test_native_on_a_gemma_model_takes_the_gemma3_syntax_and_the_same_loss_mask(
 # ------------------------------------------------------------------------------ mistral
 
 
-def test_mistral_refuses_tools_tool_calls_reasoning_and_control_tokens_with_the_place_and_the_fix():
-    """mistral has no tools in Keel yet (its spec.yaml says what blocks them): rows holding tools,
-    tool calls, reasoning or Mistral's control tokens as text are refused naming the row's key, and
-    a request with tools gets the template's error instead of a prompt that silently drops them."""
+MISTRAL_USER = {"role": "user", "content": "What's the weather in Paris?"}
+MISTRAL_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def mistral_call(call_id, city="Paris"):
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+def mistral_row(*calls, content="", results=None):
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": "18C"} for c in calls] if results is None else results
+    return {"messages": [MISTRAL_USER, {"role": "assistant", "content": content, "tool_calls": list(calls)},
+                         *results, {"role": "assistant", "content": "18C."}], "tools": [MISTRAL_TOOL]}
+
+
+def test_mistral_takes_tools_and_parallel_calls_and_refuses_what_it_cannot_write_with_the_place_and_the_fix():
+    """mistral writes tools, calls and results in Mistral's layout (tool_call_json 'list'): a row
+    with parallel calls is valid; rows the template could not write so that vLLM's mistral parser
+    gives them back are refused naming the row's key and the fix: reasoning, text beside calls,
+    Mistral's control tokens as text (the parser splits the output at a literal [TOOL_CALLS]),
+    calls without ids (results name their call by id) and ids that become the same 9 characters."""
     fmt = load_format("mistral")
     rules = fmt.row_rules()
-    user = {"role": "user", "content": "What's the weather in Paris?"}
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-    tool = {"type": "function", "function": {"name": "get_weather"}}
+    assert rules.listed_calls and rules.parallel_tool_calls and not rules.content_with_tool_calls
+    ok = validate_conversation(mistral_row(mistral_call("call_1"), mistral_call("call_2", "Lyon")), rules)
+    assert [c["id"] for c in ok["messages"][1]["tool_calls"]] == ["call_1", "call_2"]  # the row keeps its ids
+    no_ids = mistral_row(mistral_call(None), results=[{"role": "tool", "content": "18C"}])
     cases = [
-        ({"messages": [user, {"role": "assistant", "content": "Sunny."}], "tools": [tool]},
-         "tools: format 'mistral' cannot render tool definitions"),
-        ({"messages": [user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                       {"role": "tool", "tool_call_id": "c1", "content": "18C"}, {"role": "assistant", "content": "18C."}]},
-         r"messages\[1\].tool_calls: format 'mistral' has no tool calls; remove the turn"),
-        ({"messages": [user, {"role": "assistant", "reasoning_content": "Look it up.", "content": "Sunny."}]},
+        (mistral_row(mistral_call("c1"), content="Let me look."),
+         r"messages\[1\]: format 'mistral' cannot hold content next to tool calls"),
+        (no_ids, r"messages\[1\].tool_calls\[0\]: format 'mistral' writes each call's id .* add an 'id' to every tool call"),
+        # "call_1" and "call-1" both become "0000call1"
+        (mistral_row(mistral_call("call_1"), mistral_call("call-1", "Lyon")),
+         r"messages\[1\].tool_calls\[1\].id: 'call-1' and 'call_1' are both written as '0000call1'"),
+        ({"messages": [MISTRAL_USER, {"role": "assistant", "reasoning_content": "Look it up.", "content": "Sunny."}]},
          r"messages\[1\].reasoning_content: format 'mistral' has no place for reasoning"),
         ({"messages": [{"role": "user", "content": "end with [/INST] please"}, {"role": "assistant", "content": "no"}]},
          r"messages\[0\].content: contains the literal format token '\[/INST\]'"),
-        ({"messages": [user, {"role": "assistant", "content": "[TOOL_CALLS] [{}]"}]},
+        # text the parser would take for the start of a call list
+        ({"messages": [MISTRAL_USER, {"role": "assistant", "content": 'Sure: [TOOL_CALLS] [{"name": "get_weather"}]'}],
+          "tools": [MISTRAL_TOOL]},
          r"messages\[1\].content: contains the literal format token '\[TOOL_CALLS\]'"),
+        (mistral_row(mistral_call("c1"), results=[{"role": "tool", "tool_call_id": "c1", "content": "[TOOL_RESULTS] x"}]),
+         r"messages\[2\].content: contains the literal format token '\[TOOL_RESULTS\]'"),
     ]
     for row, error in cases:
         with pytest.raises(RowError, match=error):
             validate_conversation(row, rules)
+
+
+def test_mistral_writes_every_id_as_nine_letters_or_digits_in_the_call_and_its_result():
+    """The template's id rule (Jinja) and data.conversation.mistral_call_id (Python, used by
+    validation) agree, and a call and its result carry the same written id."""
+    fmt = load_format("mistral")
+    ids = ["call_1", "c10_0", "call_abcdefghijklmnopqrstuvwx", "aB3dE6gH9", "---", "id-ü-42"]
+    for call_id in ids:
+        text = render_text(validate_conversation(mistral_row(mistral_call(call_id)), fmt.row_rules()), fmt=fmt)
+        written = mistral_call_id(call_id)
+        assert len(written) == 9 and written.isascii() and written.isalnum()
+        assert f'"id": "{written}"' in text and f'"call_id": "{written}"' in text, (call_id, text)
+    assert [mistral_call_id(i) for i in ids] == ["0000call1", "00000c100", "pqrstuvwx", "aB3dE6gH9", "000000000",
+                                                 "00000id42"]
+    # a request whose history has a call without an id gets the template's error, not a guessed id
     from jinja2.exceptions import TemplateError
 
-    with pytest.raises(TemplateError, match="format 'mistral' has no tool calls"):
-        render_text({"messages": [user], "tools": [tool]}, fmt=fmt, add_generation_prompt=True)
-    with pytest.raises(TemplateError, match="format 'mistral' has no tool results"):
-        render_text({"messages": [user, {"role": "tool", "content": "{}"}]}, fmt=fmt)
+    with pytest.raises(TemplateError, match="format 'mistral' writes the id of every tool call"):
+        render_text({"messages": [MISTRAL_USER, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}],
+            "tools": [MISTRAL_TOOL]}, fmt=fmt)
+
+
+def test_a_list_format_needs_its_open_token_and_the_end_of_turn_as_close(tmp_path):
+    spec = (Path(load_format("mistral").directory) / "spec.yaml").read_text()
+    shutil.copy(Path(load_format("mistral").directory) / "chat_template.jinja", tmp_path)
+    for broken in (spec.replace('tool_call: {open: "[TOOL_CALLS]", close: "</s>"}', "tool_call: null"),
+                   spec.replace('close: "</s>"}', 'close: "]"}')):
+        (tmp_path / "spec.yaml").write_text(broken)
+        with pytest.raises(KeelError, match="spec.yaml: invalid format spec: .*tool_call_json 'list' needs tool_call "
+                                            "delimiters: open, the token before the list of calls, and close, the "
+                                            "end_of_turn token"):
+            Format.from_dir(tmp_path)

@@ -140,3 +140,67 @@ def test_deepseek_r1_reasoning_after_a_prompt_that_opened_think(deepseek_server,
     parse = server.parse_streaming if streaming else server.parse
     got = parse(prompt, ids, None)
     assert (got["reasoning"] or None, got["content"] or None, got["calls"]) == (reasoning, content, [])
+
+
+# --------------------------------------------------------------------------- mistral
+# What vLLM's mistral parser (HF tokenizer, pre-v11 path: [TOOL_CALLS] then a JSON list) makes of
+# assistant turns the mistral template writes, whole and streamed token by token, after the
+# prompt the template renders with the tools. (assistant message, expected content, expected calls)
+MISTRAL_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+                 for n in ("get_weather", "search", "now")]
+
+
+def mistral_calls(*calls):
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": args}}
+        for k, (name, args) in enumerate(calls)]}
+
+
+NESTED = {"filters": {"tags": ["a", "b"], "range": {"from": 1, "to": 2.5}}, "deep": [[{"x": None}], True]}
+TRICKY = {"q": 'say "hi" \\ {not json} [brackets] 東京 — ünï', "emoji": "🙂", "empty": ""}
+MARKUP = {"q": "[TOOL_CALLS] [INST] [/INST] </s> <s> [TOOL_RESULTS] [/AVAILABLE_TOOLS]"}
+MISTRAL_TURNS = [
+    ({"role": "assistant", "content": "Paris, mostly sunny [18°C]."}, "Paris, mostly sunny [18°C].", []),
+    (mistral_calls(("get_weather", {"city": "Paris"})), "", [("get_weather", {"city": "Paris"})]),
+    (mistral_calls(("get_weather", {"city": "Paris"}), ("now", {}), ("search", {"q": "x"})), "",
+     [("get_weather", {"city": "Paris"}), ("now", {}), ("search", {"q": "x"})]),
+    (mistral_calls(("search", NESTED)), "", [("search", NESTED)]),
+    (mistral_calls(("search", TRICKY), ("search", MARKUP)), "", [("search", TRICKY), ("search", MARKUP)]),
+]
+
+
+@pytest.fixture(scope="module")
+def mistral_server(tiny_model_for):
+    return Server(tiny_model_for("mistral"), load_format("mistral").spec)
+
+
+def mistral_ids(server, answer: dict):
+    from data.conversation import validate_conversation
+    from data.render import render_conversation
+
+    fmt = load_format("mistral")
+    row = {"messages": [{"role": "user", "content": "What's up?"}, answer], "tools": MISTRAL_TOOLS}
+    conv = validate_conversation(row, fmt.row_rules())
+    [ex] = render_conversation(conv, tokenizer=server.tokenizer, fmt=fmt)
+    start = next(k for k, lab in enumerate(ex.labels) if lab != -100)
+    return ex.input_ids[:start], ex.input_ids[start:]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("answer,content,calls", MISTRAL_TURNS, ids=range(len(MISTRAL_TURNS)))
+def test_mistral_parser_gives_back_the_written_turn(mistral_server, answer, content, calls, streaming):
+    prompt, ids = mistral_ids(mistral_server, answer)
+    assert mistral_server.tokenizer.decode(ids[-1:]) == "</s>"
+    parse = mistral_server.parse_streaming if streaming else mistral_server.parse
+    assert parse(prompt, ids, MISTRAL_TOOLS) == {"reasoning": "", "content": content, "calls": calls}
+
+
+def test_mistral_parser_needs_the_tool_call_token_kept_in_the_text(mistral_server):
+    """Why Keel's round-trip harness follows the server's request adjustment: [TOOL_CALLS] is a
+    special token, and vLLM's mistral parser turns skip_special_tokens off for requests with
+    tools; skipped, the calls would come back as content."""
+    prompt, ids = mistral_ids(mistral_server, MISTRAL_TURNS[1][0])
+    parser = mistral_server.parser_cls(mistral_server.tokenizer, MISTRAL_TOOLS, chat_template_kwargs={})
+    assert mistral_server.adjusted(parser, MISTRAL_TOOLS).skip_special_tokens is False
+    skipped = "".join(t for t, _ in mistral_server.deltas(prompt, ids, True))
+    assert "[TOOL_CALLS]" not in skipped and skipped.lstrip().startswith('[{"name": "get_weather"')

@@ -256,3 +256,71 @@ def test_mistral_writes_inst_turns_and_trains_only_the_answers(tiny_model_for):
     for t in ("<s>", "[INST]", "[/INST]"):  # control tokens are single tokens, never trained
         tid = tok.convert_tokens_to_ids(t)
         assert tid in ex.input_ids and all(lab == IGNORE_INDEX for i, lab in zip(ex.input_ids, ex.labels) if i == tid)
+
+
+MISTRAL_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now"}}]
+MISTRAL_AGENT = {"messages": [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "Weather in Paris and the time?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris Île"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": "18°C"}'},
+    {"role": "assistant", "content": "18°C at noon."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome."}], "tools": MISTRAL_TOOLS}
+
+
+def mistral_tools_text(messages: list[dict], tools: list[dict]) -> str:
+    """Mistral's v0.3 tool layout, built without the template: the tool list before the last
+    user turn, calls as one JSON list after [TOOL_CALLS], each result as a JSON object."""
+    system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    out = "<s>"
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            if i == last_user:
+                out += "[AVAILABLE_TOOLS] " + json.dumps(tools, ensure_ascii=False) + "[/AVAILABLE_TOOLS]"
+            out += f"[INST] {system}{m['content']}[/INST]"
+            system = ""
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"],
+                      "id": "0000" + c["id"].replace("_", "")} for c in m["tool_calls"]]
+            out += "[TOOL_CALLS] " + json.dumps(calls, ensure_ascii=False) + "</s>"
+        elif m["role"] == "assistant":
+            out += f"{m['content']}</s>"
+        elif m["role"] == "tool":
+            result = {"content": m["content"], "call_id": "0000" + m["tool_call_id"].replace("_", "")}
+            out += "[TOOL_RESULTS] " + json.dumps(result, ensure_ascii=False) + "[/TOOL_RESULTS]"
+    return out
+
+
+def test_mistral_writes_tools_calls_and_results_and_trains_only_the_calls_and_answers(tiny_model_for):
+    """Tools before the last [INST], parallel calls as [TOOL_CALLS] [...]</s>, results as
+    [TOOL_RESULTS] {...}[/TOOL_RESULTS]. The loss covers the calls and their </s> and each answer,
+    never the tool list, the results or the user text. The tool list moves with the last user
+    turn, so the conversation is two examples, one per user turn, and the prompt the server
+    renders for every trained turn is exactly the ids before that turn in its example."""
+    fmt = load_format("mistral")
+    tok = AutoTokenizer.from_pretrained(tiny_model_for("mistral"))
+    conv = validate_conversation(copy.deepcopy(MISTRAL_AGENT), fmt.row_rules())
+    msgs, tools = conv["messages"], conv["tools"]
+    assert render_text(conv, fmt=fmt) == mistral_tools_text(msgs, tools)
+    assert render_text({"messages": msgs[:6], "tools": tools}, fmt=fmt) == mistral_tools_text(msgs[:6], tools)
+    first, second = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    assert trained_spans(tok, first) == [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris Île"}, "id": "0000call1"}, '
+        '{"name": "now", "arguments": {}, "id": "0000call2"}]</s>', "18°C at noon.</s>"]
+    assert trained_spans(tok, second) == ["You're welcome.</s>"]
+    for t in ("[AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[INST]"):  # one token each, never trained
+        tid = tok.convert_tokens_to_ids(t)
+        assert tid in first.input_ids and all(lab == IGNORE_INDEX for i, lab in zip(first.input_ids, first.labels) if i == tid)
+    for example, turns in ((first, (2, 5)), (second, (7,))):
+        starts = [k for k, lab in enumerate(example.labels) if lab != IGNORE_INDEX and example.labels[k - 1] == IGNORE_INDEX]
+        for index, start in zip(turns, starts, strict=True):
+            served = tok.apply_chat_template(msgs[:index], tools=tools, chat_template=fmt.chat_template,
+                                             add_generation_prompt=True, tokenize=False)
+            assert tok(served, add_special_tokens=False)["input_ids"] == example.input_ids[:start], index

@@ -39,7 +39,7 @@ CASES = [
     ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
     # no parser at all: the detokenized turn is the message content
     ("gemma3", "gemma3", "gemma3", None),
-    # Mistral [INST] turns, no parser: the text up to </s> is the content
+    # Mistral [INST] turns, [TOOL_CALLS] and a JSON list of calls, vLLM's mistral parser
     ("mistral", "mistral", "mistral", None),
 ]
 
@@ -80,7 +80,7 @@ def case(request, tiny_model_for, tmp_path_factory):
     examples = iter(zip(dataset["input_ids"], dataset["labels"]))
     for row in rows:
         conv = validate_conversation(row, fmt.row_rules())
-        for _end, trained in split_examples(conv["messages"], fmt):
+        for _end, trained in split_examples(conv["messages"], fmt, conv["tools"]):
             ids, labels = next(examples)
             spans = trained_spans(labels)
             assert len(spans) == len(trained)
@@ -132,12 +132,20 @@ class Server:
         return ChatCompletionRequest(model="keel", messages=[{"role": "user", "content": "x"}],
                                      tools=tools or None, tool_choice="auto" if tools else None)
 
-    def deltas(self, prompt_ids: list[int], ids: list[int]):
+    def adjusted(self, parser, tools):
+        """The request as the server hands it to the engine: the parser adjusts it first when a
+        tool may be called (vLLM's mistral parser keeps special tokens in the output text then,
+        so its [TOOL_CALLS] token is not skipped)."""
+        request = self.request(tools)
+        return parser.adjust_request(request) if tools else request
+
+    def deltas(self, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True):
         """(text, token) as the engine's detokenizer emits them, one generated token at a time."""
         from vllm.sampling_params import SamplingParams
         from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
-        req = SimpleNamespace(sampling_params=SamplingParams(), prompt_token_ids=list(prompt_ids), request_id="rt")
+        req = SimpleNamespace(sampling_params=SamplingParams(skip_special_tokens=skip_special_tokens),
+                              prompt_token_ids=list(prompt_ids), request_id="rt")
         detok = IncrementalDetokenizer.from_new_request(self.tokenizer, req)
         for k, tok in enumerate(ids):
             last = k == len(ids) - 1
@@ -145,12 +153,13 @@ class Server:
             yield detok.get_next_output_text(finished=last, delta=True), tok
 
     def parse(self, prompt_ids, ids, tools) -> dict:
-        text = "".join(t for t, _ in self.deltas(prompt_ids, ids))
         if self.parser_cls is None:  # no parser named: vLLM's server returns the text as content
-            return {"reasoning": "", "content": text, "calls": []}
+            return {"reasoning": "", "content": "".join(t for t, _ in self.deltas(prompt_ids, ids)), "calls": []}
         parser = self.parser_cls(self.tokenizer, self.request(tools).tools, chat_template_kwargs={})
+        request = self.adjusted(parser, tools)
+        text = "".join(t for t, _ in self.deltas(prompt_ids, ids, request.skip_special_tokens))
         parser.set_prompt_token_ids(prompt_ids)
-        reasoning, content, calls = parser.parse(text, self.request(tools), enable_auto_tools=True,
+        reasoning, content, calls = parser.parse(text, request, enable_auto_tools=True,
                                                  model_output_token_ids=ids)
         return {"reasoning": reasoning or "", "content": content or "",
                 "calls": [(c.name, json.loads(c.arguments)) for c in calls or []]}
@@ -158,10 +167,10 @@ class Server:
     def parse_streaming(self, prompt_ids, ids, tools) -> dict:
         if self.parser_cls is None:  # each delta's text is the delta's content
             return {"reasoning": "", "content": "".join(t for t, _ in self.deltas(prompt_ids, ids)), "calls": []}
-        request = self.request(tools)
-        parser = self.parser_cls(self.tokenizer, request.tools, chat_template_kwargs={})
+        parser = self.parser_cls(self.tokenizer, self.request(tools).tools, chat_template_kwargs={})
+        request = self.adjusted(parser, tools)
         reasoning, content, calls = "", "", {}
-        deltas = list(self.deltas(prompt_ids, ids))
+        deltas = list(self.deltas(prompt_ids, ids, request.skip_special_tokens))
         for k, (text, tok) in enumerate(deltas):
             delta = parser.parse_delta(delta_text=text, delta_token_ids=[tok], request=request,
                                        prompt_token_ids=list(prompt_ids), finished=k == len(deltas) - 1)
