@@ -66,7 +66,7 @@ def test_served_prompt_equals_training_prompt(served_model, api_key, trained_run
     for row in multi_turn_rows(4):
         conv = validate_conversation(row, fmt.row_rules())
         examples = render_conversation(conv, tokenizer=tokenizer, fmt=fmt)
-        for example, (_end, trained) in zip(examples, split_examples(conv["messages"], fmt)):
+        for example, (_end, trained) in zip(examples, split_examples(conv["messages"], fmt, conv["tools"])):
             for index, start in zip(trained, trained_starts(example.labels)):
                 body = {"model": base_model_name, "tools": conv["tools"], "add_generation_prompt": True,
                         "messages": as_client_sends(conv["messages"][:index], reasoning_key)}

@@ -62,7 +62,7 @@ def test_served_prompt_is_the_training_prefix(case, tiny_model_for, keel_env, tm
         for row in multi_turn_rows(3):
             conv = validate_conversation(expressible(row, fmt.spec.supports), fmt.row_rules())
             examples = render_conversation(conv, tokenizer=tokenizer, fmt=fmt)
-            for example, (_end, trained_turns) in zip(examples, split_examples(conv["messages"], fmt)):
+            for example, (_end, trained_turns) in zip(examples, split_examples(conv["messages"], fmt, conv["tools"])):
                 for index, start in zip(trained_turns, trained_starts(example.labels)):
                     body = {"model": model_name, "tools": conv["tools"], "add_generation_prompt": True,
                             "messages": as_client_sends(conv["messages"][:index], "reasoning")}
