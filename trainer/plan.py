@@ -28,9 +28,13 @@ parameters stay whole); offload moves optimizer (and parameters) to CPU.
 partition, no CUDA context): that model is calibrated against measured peak RSS under torchrun
 with glibc malloc's default settings, as `keel train` runs (benchmarks/plan_calibration.py,
 results in benchmarks/results/plan_calibration.md). There, RSS also holds freed blocks malloc
-keeps in its heap (its dynamic mmap threshold): measured, 0.3-1.1 GiB per process at 100M
-parameters, which this arithmetic does not model (LoRA at 100M is estimated 19-31% low). The GPU
-figures are the same arithmetic in bf16 and have not been measured on GPUs.
+keeps in its heap (its dynamic mmap threshold): measured 0.25-0.88x the activations; the plan
+counts 0.45x, a factor fitted to the calibration matrix. The GPU figures are the same arithmetic
+in bf16 without that heap term, and have not been measured on GPUs.
+
+Gradients and activations: under DDP and FSDP2 with one micro-batch per step, .grad tensors are
+made as backward frees the activations and freed after the optimizer step, so only the larger of
+the two counts at the peak.
 
 Step time: model FLOPs (2 per active parameter per token and pass, plus causal attention) at an
 assumed 40% MFU of the GPU's dense bf16 peak, plus the strategy's collectives, not overlapped.
@@ -54,13 +58,16 @@ GPUS = {
 OVERHEAD_FIXED = 2 * GIB
 OVERHEAD_FRACTION = 0.05
 NF4_BYTES = 0.5 + 0.5 / 64 * 2  # 4-bit values plus double-quantised block scales
-# A CPU training process's working memory beyond the model's tensors (allocator arenas, oneDNN
-# scratch, the autograd engine, gloo buffers), and what DeepSpeed's engine adds (its buckets and
-# partition bookkeeping). Fitted once each, to the tiny model's full fine-tuning under ddp and
-# zero3, where the tensors are small (benchmarks/plan_calibration.py); every other case is
-# predicted from first principles.
-CPU_RUNTIME = 36 * 1024**2
-CPU_DEEPSPEED_RUNTIME = 68 * 1024**2
+# CPU runs keep memory no tensor uses: glibc malloc serves activation-sized blocks from its heap
+# (its mmap threshold rises to the largest block freed) and keeps what is freed there, below live
+# blocks, resident. Measured against a fixed threshold (nothing kept), that heap was 0.25-0.88x
+# the activations at a step's peak (benchmarks/results/plan_calibration.md); the plan counts
+# CPU_HEAP_KEPT of them, fitted to the calibration matrix. Beside it, what a CPU process adds
+# beyond tensors (autograd engine, gloo buffers, oneDNN scratch) and DeepSpeed's engine (buckets,
+# partition bookkeeping), fitted to the tiny model's full fine-tuning under ddp and zero3.
+CPU_HEAP_KEPT = 0.45
+CPU_RUNTIME = 2 * 1024**2
+CPU_DEEPSPEED_RUNTIME = 64 * 1024**2
 # DeepSpeed's defaults, which Keel's config leaves in place (trainer/parallel.py)
 ZERO3_MAX_LIVE_PARAMS = 10**9
 ZERO_REDUCE_BUCKET = 5 * 10**8
@@ -113,11 +120,16 @@ class Estimate:
     activations_ckpt: float
     reference: float
     overhead: float
+    # gradients that are never live together with the activations (subtracted from the total)
+    not_together: float = 0.0
+    # CPU: freed blocks glibc malloc keeps resident in its heap (0 on GPUs)
+    heap_kept: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.reference + self.overhead
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.reference + self.overhead
+                + self.heap_kept - self.not_together)
 
 
 def model_shape(config: dict, peft) -> ModelShape:
@@ -220,16 +232,26 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
         reference = shape.params * w_f / (n if d.strategy in ("zero3", "fsdp2") else 1)
     no_ckpt, ckpt = activation_bytes(recipe, shape, cpu=cpu)
     act = ckpt if t.gradient_checkpointing else no_ckpt
-    subtotal = weights + grads + opt + act + reference
-    if cpu and recipe.peft.kind != "none":
-        notes.append("CPU: glibc malloc keeps freed blocks resident; measured with LoRA at 100M parameters, "
-                     "peak RSS was up to 44% above this estimate (benchmarks/results/plan_calibration.md)")
+    # DDP's and FSDP2's .grad tensors are made during backward, as the activations are freed, and
+    # freed by zero_grad after the optimizer step. With one micro-batch per step the two never
+    # peak together: activations at the start of backward, gradients at its end. (With gradient
+    # accumulation the gradients of earlier micro-batches are live through later forwards.
+    # DeepSpeed keeps its gradient partitions and buckets for the whole run.)
+    not_together = 0.0
+    if d.strategy in ("ddp", "fsdp2") and t.grad_accum == 1:
+        grad_values = shape.trainable * 4 / (n if d.strategy == "fsdp2" else 1)
+        not_together = min(act, grad_values)
+    subtotal = weights + grads + opt + act + reference - not_together
+    heap_kept = CPU_HEAP_KEPT * act if cpu else 0.0
     if cpu:
         overhead = CPU_RUNTIME + (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
+        notes.append("CPU: includes the freed heap glibc malloc keeps resident (0.45x activations; measured "
+                     "0.25-0.88x, benchmarks/results/plan_calibration.md)")
     else:
         overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
-                    activations_ckpt=ckpt, reference=reference, overhead=overhead, notes=notes)
+                    activations_ckpt=ckpt, reference=reference, overhead=overhead, not_together=not_together,
+                    heap_kept=heap_kept, notes=notes)
 
 
 def activation_bytes(recipe, shape: ModelShape, *, cpu: bool) -> tuple[float, float]:
@@ -455,6 +477,10 @@ def render(p: Plan) -> str:
     ]
     if e.reference:
         lines.append(f"  dpo reference {_gib(e.reference)}")
+    if e.heap_kept:
+        lines.append(f"  malloc heap   {_gib(e.heap_kept)}   (freed blocks kept resident)")
+    if e.not_together:
+        lines.append(f"  - not live together {_gib(e.not_together).strip()}   (gradients made as activations are freed)")
     lines += [f"  overhead      {_gib(e.overhead)}", f"  total         {_gib(e.total)}   of {c.memory_gib:.1f} GiB",
               *[f"  note: {n}" for n in e.notes], ""]
     if p.step is not None:
