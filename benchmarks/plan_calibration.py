@@ -14,11 +14,12 @@ safetensors load maps in. The setup peak (model build, DeepSpeed partitioning) i
 too: under ZeRO-3 Keel builds the whole model on every rank before DeepSpeed shards it.
 
 The planner's estimate is `trainer.plan.estimate` for the same recipe on a CPU cluster of 2
-(fp32, no GPU overhead). Results: benchmarks/results/plan_calibration.{csv,md}.
+(fp32, no GPU overhead). Results: benchmarks/results/plan_calibration.{csv,md} (the matrix) and
+plan_calibration.heldout.csv (--held-out).
 
-    flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py     # all cases (~40 min on 2 busy cores)
-    python benchmarks/plan_calibration.py --estimate-only benchmarks/results/plan_calibration.csv
-                                               # planner changed: new estimates, same measurements
+    flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py     # the matrix (~40 min on 2 busy cores)
+    flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py --held-out   # a shape nothing was fitted to
+    python benchmarks/plan_calibration.py --estimate-only   # planner changed: new estimates, same measurements
     flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py --print-only \
         --rank-env MALLOC_MMAP_THRESHOLD_=1048576 --only 100m/lora/zero3   # an experiment: rows printed only
 
@@ -52,12 +53,18 @@ CONFIGS = {
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, head_dim=64, vocab_size=32000),
 }
+# A shape no constant of the planner was fitted to (wider, deeper, a larger vocabulary): measured
+# with --held-out, to see how the fitted CPU model does on a model it has not seen.
+HELD_OUT = {
+    "200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=64, vocab_size=40960),
+}
 SEQ_LEN, MICRO_BATCH, STEPS = 512, 2, 5
 
 
 def config_dict(name: str) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 4096,
-            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **CONFIGS[name]}
+            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **{**CONFIGS, **HELD_OUT}[name]}
 
 
 def case_overrides(model_dir: str, peft: str, strategy: str) -> list[str]:
@@ -133,7 +140,7 @@ def worker(args) -> None:
     recipe = load_recipe(QUICKSTART, case_overrides(args.model_dir, args.peft, args.strategy))
     init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
     torch.manual_seed(0)
-    vocab = CONFIGS[args.config]["vocab_size"]
+    vocab = config_dict(args.config)["vocab_size"]
     rows = [{"input_ids": ids, "labels": ids} for ids in
             torch.randint(10, vocab, (MICRO_BATCH * world * (STEPS + 1), SEQ_LEN)).tolist()]
     dataset = Dataset.from_list(rows)
@@ -188,6 +195,16 @@ def estimate_for(config: str, peft: str, strategy: str, model_dir: str):
     return estimate(recipe, shape, Cluster(gpu="cpu", nodes=1, gpus_per_node=2)), shape
 
 
+def estimate_columns(config: str, peft: str, strategy: str, model_dir: str, measured_mib: float) -> dict:
+    """Today's planner on a case, by component, and its error against the measured peak."""
+    est, shape = estimate_for(config, peft, strategy, model_dir)
+    mib = {"weights": est.weights, "grads": est.gradients, "optimizer": est.optimizer, "activations": est.activations,
+           "not_together": est.not_together, "heap_kept": est.heap_kept, "overhead": est.overhead}
+    return {"params_m": round(shape.params / 1e6, 2), **{f"est_{k}_mib": round(v / MIB, 1) for k, v in mib.items()},
+            "estimated_mib": round(est.total / MIB, 1),
+            "error_pct": round(100 * (est.total / MIB - measured_mib) / measured_mib, 1)}
+
+
 def run_case(config: str, peft: str, strategy: str, tmp: Path, env: dict[str, str]) -> dict:
     model_dir = tmp / f"{config}-{peft}-{strategy}"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -204,18 +221,13 @@ def run_case(config: str, peft: str, strategy: str, tmp: Path, env: dict[str, st
         print(f"{config}/{peft}/{strategy}: torchrun exited {proc.returncode} after both ranks wrote their "
               f"results:\n{proc.stderr[-1500:]}", file=sys.stderr, flush=True)
     ranks = [json.loads(r.read_text()) for r in results]
-    est, shape = estimate_for(config, peft, strategy, str(model_dir))
-    measured = max(r["train_peak"] for r in ranks)
+    measured = round(max(r["train_peak"] for r in ranks) / MIB, 1)
     return {"measured_utc": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
-            "config": config, "params_m": round(shape.params / 1e6, 2), "peft": peft, "strategy": strategy,
-            "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
-            "est_weights_mib": round(est.weights / MIB, 1), "est_grads_mib": round(est.gradients / MIB, 1),
-            "est_optimizer_mib": round(est.optimizer / MIB, 1), "est_activations_mib": round(est.activations / MIB, 1),
-            "est_overhead_mib": round(est.overhead / MIB, 1), "estimated_mib": round(est.total / MIB, 1),
-            "measured_mib": round(measured / MIB, 1),
+            "config": config, "peft": peft, "strategy": strategy, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
+            **estimate_columns(config, peft, strategy, str(model_dir), measured),
+            "measured_mib": measured,
             "measured_ranks_mib": "/".join(f"{r['train_peak'] / MIB:.0f}" for r in ranks),
             "setup_peak_mib": round(max(r["setup_peak"] for r in ranks) / MIB, 1),
-            "error_pct": round(100 * (est.total - measured) / measured, 1),
             "heap_free_mib": round(max(r["heap_free"] for r in ranks) / MIB, 1),
             "step_cpu_s": round(sum(r["step_cpu_s"] for r in ranks) / len(ranks), 2),
             "step_sys_s": round(sum(r["step_sys_s"] for r in ranks) / len(ranks), 2),
@@ -223,99 +235,66 @@ def run_case(config: str, peft: str, strategy: str, tmp: Path, env: dict[str, st
             "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(ranks[0]["malloc_env"].items())) or "glibc default"}
 
 
-NOTES = """## What the CPU model is, and where it misses
+NOTES = """## What the CPU model is
 
-The estimate (`trainer.plan.estimate` with `--gpu cpu`) counts, per process: fp32 weights,
-gradients and two AdamW moments; DDP's gradient buckets (a second copy of the trainable
-gradients: accelerate leaves gradient_as_bucket_view off); under ZeRO-3 a 1/N partition of
-weights, gradients and moments plus DeepSpeed's fp32 master partition, the parameters kept
-gathered (stage3_max_live_parameters defaults to 1e9, so these models stay whole) and the
-reduce bucket (up to every trainable gradient once more); activations of 8*hidden +
-4*intermediate fp32 values per layer and token plus 16 bytes per vocabulary entry and token
-for the logits (logits, log-softmax, and their gradients at the peak of backward); 5% for the
-allocator. Two constants are fitted: the runtime's own working memory (36 MiB) to the tiny
-model's full ddp run, and DeepSpeed's engine (68 MiB more) to its full zero3 run; the other six
-cases are predictions (the two fitted rows agree by construction).
+The estimate (`trainer.plan.estimate` with `--gpu cpu`) counts, per process:
+- fp32 weights, gradients and two AdamW moments; DDP's gradient buckets (a second copy of the
+  trainable gradients: accelerate leaves gradient_as_bucket_view off);
+- under ZeRO-3, a 1/N partition of weights, gradients and moments, DeepSpeed's fp32 master
+  partition, the parameters kept gathered (stage3_max_live_parameters defaults to 1e9, so these
+  models stay whole) and the reduce bucket (up to every trainable gradient once more);
+- activations: 8*hidden + 4*intermediate fp32 values per layer and token, plus 16 bytes per
+  vocabulary entry and token (logits, log-softmax and their gradients at the start of backward);
+- under DDP with one micro-batch per step, the .grad tensors and the activations count as the
+  larger of the two, not both: backward makes the one as it frees the other, and zero_grad frees
+  the gradients after the optimizer step;
+- the freed heap glibc malloc keeps resident: 0.45x the activations (below);
+- 5% for the allocator, and two constants: the runtime's working memory (2 MiB) and DeepSpeed's
+  engine (64 MiB more), fitted to the tiny model's full ddp and zero3 runs.
 
-The first-principles pieces were found by measuring, not by fitting per case: the GPU
-arithmetic applied unchanged (bf16 values, a 2 GiB CUDA context) was off by +45% to +1400% here; the fixes were fp32
-activations, the CPU cross-entropy's log-softmax, DDP's buckets, DeepSpeed's master partition,
-live parameters and reduce bucket. Saved-tensor hooks on the 100M model (one forward, batch
-2 x 512) count 831 MiB kept for backward with full fine-tuning and 755 MiB with LoRA, against
-the model's 922 MiB (672 per-layer + 250 logits and log-probabilities): the activation term is
-right to about 10% and errs high.
+Saved-tensor hooks on the 100M model (one forward, batch 2 x 512) count 15,060 values per layer
+and token kept for backward with full fine-tuning (8*hidden + 4*intermediate = 14,336) and 13,444
+with LoRA; on shapes with a wider MLP, a wider model and no grouped-query attention the count
+follows 8*hidden + 2*kv_width + 4*intermediate within 2%. The logits and log-softmax are another
+8 bytes per vocabulary entry and token; their two gradients join them at the start of backward.
 
-Target (within 15% on every case) not met for LoRA at 100M: -18.7% (ddp) and -30.6% (zero3).
+## The kept heap, and how its share was chosen
 
-## The missing memory is glibc malloc's free heap (tested 2026-11-26, 17:35-18:15 UTC)
+On CPU, tensors live in glibc malloc's heap: its mmap threshold rises to the size of each large
+block freed (up to 32 MiB), so activation-sized blocks (3-8 MiB here) come from the heap, and a
+block freed below live ones stays resident. Measured on 2026-11-26 (17:35-18:15 UTC) by rerunning
+cases with `MALLOC_MMAP_THRESHOLD_=1048576` in the ranks' environment (a fixed threshold: every
+block of 1 MiB or more is its own mapping, returned when freed; `--rank-env ... --print-only`,
+rows in plan_calibration.malloc.jsonl):
 
-Hypothesis: glibc malloc raises its mmap threshold to the size of each large block freed (up to
-32 MiB), so activation-sized tensors (3-8 MiB here) then come from the heap, and freed blocks
-below the heap's top stay resident and count in RSS. Test: the same cases rerun with
-`MALLOC_MMAP_THRESHOLD_=1048576` in the ranks' environment (a fixed threshold: every block of
-1 MiB or more is its own mapping, unmapped when freed), next to reruns with glibc's default,
-with the heap's free bytes (mallinfo2) at each step end, under the shared lock
-(`--rank-env MALLOC_MMAP_THRESHOLD_=1048576 --print-only --only ...`, rows in
-plan_calibration.malloc.jsonl; the machine's load was
-2-6 from other work, so wall and CPU times are noisy; peaks are not):
+| case | peak, glibc default (MiB) | peak, fixed 1 MiB threshold (MiB) | kept heap (MiB) | kept / estimated activations |
+|---|---|---|---|---|
+| tiny LoRA ddp | 150 | 117 | 33 | 0.39 |
+| 100M full ddp | 2983 | 2689 | 294 | 0.25 |
+| 100M full zero3 | 3653 | 2925 | 728 | 0.62 |
+| 100M LoRA ddp | 2102-2128 | 1476 | 626-652 | 0.54 |
+| 100M LoRA zero3 | 2759-2835 | 1750-1758 | 1000-1085 | 0.86-0.88 |
 
-| case | malloc | measured MiB | error of today's estimate | heap free MiB | CPU s/step (system) |
-|---|---|---|---|---|---|
-| 100M LoRA zero3 | default (first run, 13:58-14:35) | 2835 | -30.6% | - | - |
-| 100M LoRA zero3 | default (17:45-17:52) | 2820 | -30.2% | 1792 | 17.8 |
-| 100M LoRA zero3 | default (18:07-18:12) | 2759 | -28.7% | 1815 | 20.8 (0.75) |
-| 100M LoRA zero3 | fixed 1 MiB (17:35-17:45) | 1758 | +11.9% | 83 | 21.6 |
-| 100M LoRA zero3 | fixed 1 MiB (18:00-18:07) | 1750 | +12.4% | 82 | 22.7 (2.72) |
-| 100M LoRA ddp | default (first run) | 2102 | -18.7% | - | - |
-| 100M LoRA ddp | default (17:45-17:52) | 2128 | -19.7% | 1254 | 15.0 |
-| 100M LoRA ddp | fixed 1 MiB (18:12-18:15) | 1476 | +15.8% | 22 | 19.3 (2.27) |
-| 100M full ddp | default (first run) | 2983 | +9.7% | - | - |
-| 100M full ddp | fixed 1 MiB (17:52-18:00) | 2689 | +21.6% | 69 | 24.0 |
-| 100M full zero3 | default (first run) | 3653 | -14.1% | - | - |
-| 100M full zero3 | fixed 1 MiB (17:52-18:00) | 2925 | +7.3% | 85 | 26.2 |
-| tiny LoRA ddp | default (first run) | 150 | -14.1% | - | - |
-| tiny LoRA ddp | fixed 1 MiB (17:35-17:45) | 117 | +10.6% | 35 | 0.33 |
+The kept heap depends on the order in which blocks of which sizes are freed and reused, not on a
+count of tensors, so no first-principles term gives it. The plan counts 0.45x the activations,
+the middle of that range, chosen so the matrix's largest error is smallest (0.42 to 0.48 all keep
+every case within 15%). It is fitted to the 100M rows: the held-out shape above is the check on a
+model it has not seen. The runtime constant fitted to the tiny model fell from 36 to 2 MiB with it:
+what the constant held was mostly this heap (tiny LoRA kept 33 MiB).
 
-The first fixed-threshold LoRA ddp run (17:45) trained its 5 steps and then lost its results:
-rank 0 aborted on the way out ("terminate called without an active exception"); the benchmark
-now destroys the process group after writing results and keeps results written before such an
-exit. It was rerun at 18:12-18:15.
+Why `keel train` does not set the fixed threshold: every activation-sized block becomes a fresh
+mapping whose pages the kernel faults in and zeroes each step. On 100M LoRA zero3 that went from
+17.8 to 21.6 and from 20.8 to 22.7 CPU seconds per step (+9% to +21%), all of it system time
+(0.75 to 2.72 s per step in the pair where it was recorded).
 
-Conclusion: the hypothesis holds. With glibc's default the heap holds 1.25-1.8 GiB free at a
-step's end with LoRA at 100M; a fixed threshold cuts that to under 90 MiB and the peaks by
-1.0-1.1 GiB with ZeRO-3 (2759-2820 to 1750-1758 MiB) and 0.6 GiB with DDP (2102-2128 to
-1476). It is not only LoRA: full fine-tuning at 100M also drops (ddp -294 MiB, zero3 -728 MiB,
-against the first run), and the tiny LoRA case -33 MiB.
+Tried and not kept: `malloc_trim(0)` after every optimizer step (2026-11-26 20:17-20:23 UTC),
+which hands whole free pages back without moving anything. 100M LoRA zero3 peaked at 2527 MiB
+(-250 MiB), 100M LoRA ddp at 2214 MiB (no better), and system time per step doubled (0.75 to
+1.5 s): the memory kept at the peak is freed within the same step, before the peak.
 
-Why `keel train` does not set it: the fixed threshold costs CPU time: every
-activation-sized block is a fresh mapping whose pages the kernel faults in and zeroes each
-step, where the default reuses resident heap. In two back-to-back pairs on 100M LoRA zero3 it
-went from 17.8 to 21.6 and from 20.8 to 22.7 CPU seconds per step (+9% to +21%); in the second
-pair, where system time was recorded, system time went from 0.75 to 2.72 s per step: the whole
-difference is the kernel's page faults (LoRA ddp, not back to back: 15.0 to 19.3). That is a
-measurable slowdown of every CPU training step, traded for memory that is free in the heap.
-
-Why the planner does not model it: the freed heap is not a fixed share of anything
-the plan knows. Per process it was +33 MiB (tiny, LoRA, ddp), +294 (100M, full, ddp),
-+728 (100M, full, zero3), +626-652 (100M, LoRA, ddp) and +1000-1070 (100M, LoRA, zero3): it
-depends on the order in which blocks of which sizes are freed and reused, not on a count of
-tensors. A term fitted to these would be a per-case factor.
-
-Best result and what remains: with the fixed threshold (what an operator gets by setting it
-for `keel train`), today's arithmetic is within 15% on ZeRO-3 (LoRA +11.9% / +12.4%, full
-+7.3%) and overestimates DDP (LoRA +15.8%, full +21.6%). Without retained heap, RSS follows
-live tensors, and two terms then err high: the activations (1172 MiB at 100M, where
-saved-tensor hooks count 755-831 MiB kept for backward, above) and, for full fine-tuning, the
-sum of the activations' peak (start of backward) and the gradients and DDP buckets' peak (end of
-backward), which are not live together. Under glibc's default, as Keel runs, the retained heap
-happens to make up that gap for full fine-tuning (-14.1% to +9.7%) but not for LoRA, whose
-gradients are small: -19.7% / -30.2% and -28.7% (reruns above). `keel plan --gpu cpu` prints a
-note saying so on LoRA plans. The tiny full cases and the two constants fitted to them were not
-remeasured with the fixed threshold, so the planner was not refitted to it.
-
-On GPUs tensors live in the CUDA caching allocator, not malloc's heap, so none of this is
-carried into the GPU figures. ZeRO-3's setup peak is the whole fp32 model on every rank: Keel
-builds the model before the DeepSpeed config exists (no zero.Init), so CPU memory at load time is not sharded.
+On GPUs tensors live in the CUDA caching allocator, not malloc's heap, so the GPU figures have no
+heap term. ZeRO-3's setup peak is the whole fp32 model on every rank: Keel builds the model
+before the DeepSpeed config exists (no zero.Init), so CPU memory at load time is not sharded.
 """.splitlines()
 
 
@@ -327,29 +306,51 @@ def _cell(value, fmt: str) -> str:
     return "-" if value in (None, "") else format(float(value), fmt)
 
 
-def write_results(rows: list[dict], command: str) -> None:
+HELD_OUT_CSV = RESULTS / "plan_calibration.heldout.csv"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    return ["| config | params | peft | strategy | estimated MiB | measured MiB (rank0/rank1) | error | setup peak MiB "
+            "| heap free MiB | CPU s/step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['config']} | {r['params_m']}M | {r['peft']} | {r['strategy']} | {float(r['estimated_mib']):.0f} | "
+              f"{float(r['measured_mib']):.0f} ({r['measured_ranks_mib']}) | {float(r['error_pct']):+.1f}% | "
+              f"{float(r['setup_peak_mib']):.0f} | {_cell(r.get('heap_free_mib'), '.0f')} | "
+              f"{_cell(r.get('step_cpu_s'), '.1f')} |" for r in rows]]
+
+
+def _worst(rows: list[dict]) -> str:
+    r = max(rows, key=lambda r: abs(float(r["error_pct"])))
+    return f"{float(r['error_pct']):+.1f}% ({r['config']}, {r['peft']}, {r['strategy']})"
+
+
+def write_md(command: str) -> None:
+    """plan_calibration.md from the measured CSVs (the matrix, and the held-out shapes if measured)."""
+    import psutil
     import torch
     import transformers
     import trl
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "plan_calibration.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    import psutil
-
-    worst = max(rows, key=lambda r: abs(r["error_pct"]))
-    stamps = sorted({r.get("measured_utc") or FIRST_RUN for r in rows})
+    rows = list(csv.DictReader(open(RESULTS / "plan_calibration.csv")))
+    held = list(csv.DictReader(open(HELD_OUT_CSV))) if HELD_OUT_CSV.is_file() else []
+    stamps = sorted({r.get("measured_utc") or FIRST_RUN for r in rows + held})
     measured = stamps[0] if len(stamps) == 1 else f"{stamps[0]} to {stamps[-1]}"
-    mallocs = sorted({r.get("malloc_env") or "glibc default" for r in rows})
+    mallocs = sorted({r.get("malloc_env") or "glibc default" for r in rows + held})
     lines = [
         "# keel plan: estimated vs measured memory per process (CPU, 2 ranks, gloo)",
         "",
         f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` on a "
         f"{os.cpu_count()}-core, {psutil.virtual_memory().total / 1024**3:.0f} GiB machine; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}. "
-        f"Measurements of {measured} UTC; estimates are recomputed from the measured CSV with "
+        f"Measurements of {measured} UTC; estimates are recomputed from the measured CSVs with "
         "`--estimate-only` when the planner changes. Ranks' malloc setting: "
         f"{', '.join(mallocs)} (as `keel train` runs them).",
         "",
@@ -359,33 +360,33 @@ def write_results(rows: list[dict], command: str) -> None:
         "the most glibc malloc held free in its heaps at the end of a step (mallinfo2 fordblks): resident, "
         "counted in RSS, used by no tensor. CPU s/step: user + system seconds per step 2..N, mean of the ranks.",
         "",
-        "| config | params | peft | strategy | estimated MiB | measured MiB (rank0/rank1) | error | setup peak MiB "
-        "| heap free MiB | CPU s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {r['config']} | {r['params_m']}M | {r['peft']} | {r['strategy']} | {r['estimated_mib']:.0f} | "
-          f"{r['measured_mib']:.0f} ({r['measured_ranks_mib']}) | {r['error_pct']:+.1f}% | {r['setup_peak_mib']:.0f} "
-          f"| {_cell(r.get('heap_free_mib'), '.0f')} | {_cell(r.get('step_cpu_s'), '.1f')} |"
-          for r in rows],
+        "## The calibration matrix (the planner's three CPU constants are fitted to these rows)",
         "",
-        f"Largest error: {worst['error_pct']:+.1f}% ({worst['config']}, {worst['peft']}, {worst['strategy']}). "
-        "Component estimates are in plan_calibration.csv.",
+        *_table(rows),
         "",
-        *NOTES,
+        f"Largest error: {_worst(rows)}. Component estimates are in plan_calibration.csv.",
+        "",
     ]
-    (RESULTS / "plan_calibration.md").write_text("\n".join(lines) + "\n")
+    if held:
+        lines += ["## Held out (a shape no constant was fitted to)", "", *_table(held), "",
+                  f"Largest error: {_worst(held)}. Components in plan_calibration.heldout.csv.", ""]
+    (RESULTS / "plan_calibration.md").write_text("\n".join(lines + NOTES) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--config", choices=sorted(CONFIGS))
+    p.add_argument("--config", choices=sorted({**CONFIGS, **HELD_OUT}))
     p.add_argument("--peft", choices=["none", "lora"])
     p.add_argument("--strategy", choices=["ddp", "zero3"])
     p.add_argument("--model-dir")
     p.add_argument("--out")
     p.add_argument("--only", help="comma list of config/peft/strategy cases, e.g. tiny/none/ddp")
-    p.add_argument("--estimate-only", help="JSON measurements from an earlier run: recompute estimates")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="recompute the estimates of the measured CSVs in benchmarks/results (the planner changed)")
+    p.add_argument("--held-out", action="store_true",
+                   help="measure the held-out shapes (HELD_OUT) instead of the calibration matrix")
     p.add_argument("--rank-env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in the ranks' environment (an experiment, e.g. MALLOC_MMAP_THRESHOLD_=1048576)")
     p.add_argument("--print-only", action="store_true", help="print each case's row; write no results files")
@@ -394,23 +395,20 @@ def main() -> None:
         worker(args)
         return
     if args.estimate_only:
-        old = list(csv.DictReader(open(args.estimate_only)))
-        rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for r in old:
-                est, shape = estimate_for(r["config"], r["peft"], r["strategy"], tmp)
-                measured = float(r["measured_mib"])
-                r.update(est_weights_mib=round(est.weights / MIB, 1), est_grads_mib=round(est.gradients / MIB, 1),
-                         est_optimizer_mib=round(est.optimizer / MIB, 1),
-                         est_activations_mib=round(est.activations / MIB, 1),
-                         est_overhead_mib=round(est.overhead / MIB, 1), estimated_mib=round(est.total / MIB, 1),
-                         error_pct=round(100 * (est.total / MIB - measured) / measured, 1))
-                r["params_m"], r["measured_mib"], r["setup_peak_mib"] = (float(r["params_m"]), measured,
-                                                                          float(r["setup_peak_mib"]))
-                rows.append(r)
-        write_results(rows, f"python benchmarks/plan_calibration.py --estimate-only {args.estimate_only}")
+            for path in (RESULTS / "plan_calibration.csv", HELD_OUT_CSV):
+                if not path.is_file():
+                    continue
+                rows = []
+                for r in csv.DictReader(open(path)):
+                    r["measured_mib"], r["setup_peak_mib"] = float(r["measured_mib"]), float(r["setup_peak_mib"])
+                    rows.append({**r, **estimate_columns(r["config"], r["peft"], r["strategy"], tmp,
+                                                         r["measured_mib"])})
+                write_csv(path, rows)
+        write_md("python benchmarks/plan_calibration.py --estimate-only")
         return
-    cases = [(c, pe, s) for c in CONFIGS for pe in ("none", "lora") for s in ("ddp", "zero3")]
+    configs = HELD_OUT if args.held_out else CONFIGS
+    cases = [(c, pe, s) for c in configs for pe in ("none", "lora") for s in ("ddp", "zero3")]
     if args.only:
         cases = [tuple(x.split("/")) for x in args.only.split(",")]
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.rank_env), PYTHONPATH=str(REPO),
@@ -422,7 +420,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     if not args.print_only:
-        write_results(rows, "flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py")
+        write_csv(HELD_OUT_CSV if args.held_out else RESULTS / "plan_calibration.csv", rows)
+        write_md("flock /tmp/keel-bench.lock python benchmarks/plan_calibration.py"
+                 + (" --held-out" if args.held_out else ""))
 
 
 if __name__ == "__main__":
