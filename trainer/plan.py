@@ -28,8 +28,8 @@ parameters stay whole); offload moves optimizer (and parameters) to CPU.
 partition, no CUDA context): that model is calibrated against measured peak RSS under torchrun
 with glibc malloc's default settings, as `keel train` runs (benchmarks/plan_calibration.py,
 results in benchmarks/results/plan_calibration.md). There, RSS also holds freed blocks malloc
-keeps in its heap (its dynamic mmap threshold): measured 0.25-0.88x the activations; the plan
-counts 0.45x, a factor fitted to the calibration matrix. The GPU figures are the same arithmetic
+keeps in its heap (its dynamic mmap threshold): the plan counts a fitted share (CPU_HEAP_KEPT)
+of what backward frees, less the gradients it makes. The GPU figures are the same arithmetic
 in bf16 without that heap term, and have not been measured on GPUs.
 
 Gradients and activations: under DDP and FSDP2 with one micro-batch per step, .grad tensors are
@@ -60,14 +60,15 @@ OVERHEAD_FRACTION = 0.05
 NF4_BYTES = 0.5 + 0.5 / 64 * 2  # 4-bit values plus double-quantised block scales
 # CPU runs keep memory no tensor uses: glibc malloc serves activation-sized blocks from its heap
 # (its mmap threshold rises to the largest block freed) and keeps what is freed there, below live
-# blocks, resident. Measured against a fixed threshold (nothing kept), that heap was 0.25-0.88x
-# the activations at a step's peak (benchmarks/results/plan_calibration.md); the plan counts
-# CPU_HEAP_KEPT of them, fitted to the calibration matrix. Beside it, what a CPU process adds
-# beyond tensors (autograd engine, gloo buffers, oneDNN scratch) and DeepSpeed's engine (buckets,
-# partition bookkeeping), fitted to the tiny model's full fine-tuning under ddp and zero3.
-CPU_HEAP_KEPT = 0.45
-CPU_RUNTIME = 2 * 1024**2
-CPU_DEEPSPEED_RUNTIME = 64 * 1024**2
+# blocks, resident. Backward frees the activations (and, under DeepSpeed ZeRO-3, the parameters
+# it gathered); the gradients backward makes reuse some of those holes. The plan counts
+# CPU_HEAP_KEPT of the freed bytes, less the gradients, as kept: a share fitted to the calibration
+# matrix (benchmarks/results/plan_calibration.md, where the measured shares were 0.54-0.71 at
+# 100M parameters). Beside it, DeepSpeed's engine (buckets, partition bookkeeping) adds a constant
+# fitted to the tiny model's full zero3 run. (A runtime constant fitted the same way to its ddp
+# run comes out at 0 once the heap is counted.)
+CPU_HEAP_KEPT = 0.54
+CPU_DEEPSPEED_RUNTIME = 60 * 1024**2
 # DeepSpeed's defaults, which Keel's config leaves in place (trainer/parallel.py)
 ZERO3_MAX_LIVE_PARAMS = 10**9
 ZERO_REDUCE_BUCKET = 5 * 10**8
@@ -205,6 +206,7 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     sharded = {"ddp": set(), "zero1": {"optimizer"}, "zero2": {"optimizer", "gradients"},
                "zero3": {"optimizer", "gradients", "weights"}, "fsdp2": {"optimizer", "gradients", "weights"}}[d.strategy]
     gathered_bytes = 4 if cpu else 2
+    gathered = 0.0  # parameters DeepSpeed ZeRO-3 gathers whole for forward and backward
     if "optimizer" in sharded:
         opt /= n
     if "gradients" in sharded:
@@ -214,7 +216,8 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
             # DeepSpeed keeps gathered parameters live up to stage3_max_live_parameters (1e9 by
             # default; Keel does not change it): a model under 1e9 parameters stays whole on
             # every rank between forward and backward.
-            weights = weights / n + min(shape.params, ZERO3_MAX_LIVE_PARAMS) * gathered_bytes
+            gathered = min(shape.params, ZERO3_MAX_LIVE_PARAMS) * gathered_bytes
+            weights = weights / n + gathered
         else:
             weights = weights / n + 2 * shape.layer_params * gathered_bytes  # FSDP2: about two layers gathered
     if deepspeed and d.strategy != "zero1":
@@ -242,11 +245,14 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
         grad_values = shape.trainable * 4 / (n if d.strategy == "fsdp2" else 1)
         not_together = min(act, grad_values)
     subtotal = weights + grads + opt + act + reference - not_together
-    heap_kept = CPU_HEAP_KEPT * act if cpu else 0.0
+    heap_kept = 0.0
     if cpu:
-        overhead = CPU_RUNTIME + (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
-        notes.append("CPU: includes the freed heap glibc malloc keeps resident (0.45x activations; measured "
-                     "0.25-0.88x, benchmarks/results/plan_calibration.md)")
+        # freed by backward: activations and ZeRO-3's gathered parameters; reused: the full-size
+        # gradients backward makes (every strategy makes them before reducing or bucketing them)
+        heap_kept = max(0.0, CPU_HEAP_KEPT * (act + gathered) - shape.trainable * 4)
+        overhead = (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
+        notes.append("CPU: includes the freed heap glibc malloc keeps resident (fitted: "
+                     "benchmarks/results/plan_calibration.md)")
     else:
         overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
@@ -468,7 +474,7 @@ def render(p: Plan) -> str:
         f"global {p.global_batch} sequences of up to {r.training.seq_len} tokens",
         f"steps      {p.steps}",
         "",
-        "memory per GPU (estimate)",
+        f"memory per {'process' if c.gpu == 'cpu' else 'GPU'} (estimate)",
         f"  weights       {_gib(e.weights)}",
         f"  gradients     {_gib(e.gradients)}",
         f"  optimizer     {_gib(e.optimizer)}",
@@ -480,7 +486,7 @@ def render(p: Plan) -> str:
     if e.heap_kept:
         lines.append(f"  malloc heap   {_gib(e.heap_kept)}   (freed blocks kept resident)")
     if e.not_together:
-        lines.append(f"  - not live together {_gib(e.not_together).strip()}   (gradients made as activations are freed)")
+        lines.append(f"  not together  {_gib(-e.not_together)}   (gradients made as backward frees the activations)")
     lines += [f"  overhead      {_gib(e.overhead)}", f"  total         {_gib(e.total)}   of {c.memory_gib:.1f} GiB",
               *[f"  note: {n}" for n in e.notes], ""]
     if p.step is not None:
