@@ -41,6 +41,7 @@ class RowRules:
     content_with_tool_calls: bool = True
     bare_json_calls: bool = False  # calls are bare JSON objects: text must not look like one
     listed_calls: bool = False  # calls are one JSON list after a token (Mistral): each needs an id
+    fenced_calls: bool = False  # the name outside the JSON, on a line of its own (DeepSeek)
 
 
 _ALPHANUMERIC = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -310,6 +311,8 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
             raise RowError(f"{here}: missing function name")
         if schemas and name not in schemas:
             raise RowError(f"{here}: calls {name!r}, which is not among the row's tools ({', '.join(schemas)})")
+        if rules.fenced_calls:
+            _check_fenced_name(name, rules, here)
         args = _arguments(fn.get("arguments"), here)
         _check_arguments(args, schemas.get(name), here)
         call_id = call.get("id")
@@ -331,6 +334,22 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
     if calls:
         out["tool_calls"] = calls
     return out
+
+
+def _check_fenced_name(name: str, rules: RowRules, where: str) -> None:
+    """DeepSeek's calls write the name as plain text between a separator token and the line that
+    opens the arguments' ```json fence; vLLM's deepseek_v3 parser reads it as everything up to
+    the end of that line, so a name with a line break (or markup the tokenizer turns into a
+    control token) would come back cut or run into the arguments."""
+    for ch in ("\n", "\r"):
+        if ch in name:
+            raise RowError(f"{where}.function.name: {name!r} holds a line break; format {rules.format_name!r} "
+                           "writes the name on the line before the arguments and its parser reads the name up to "
+                           "the first line break; rename the tool (in 'tools' too) without line breaks")
+    for token in rules.markup:
+        if token in name:
+            raise RowError(f"{where}.function.name: {name!r} holds the format token {token!r}, which the "
+                           "tokenizer reads as that token; rename the tool (in 'tools' too) without it")
 
 
 def _check_listed_ids(calls: list[dict], format_name: str, where: str) -> None:
