@@ -164,6 +164,11 @@ def test_deepseek_r1_takes_tools_and_refuses_what_its_parser_would_misread_with_
                                             content="Let me look."), rules)
     assert [c["function"]["arguments"]["city"] for c in ok["messages"][1]["tool_calls"]] == [
         "Paris", "<｜tool▁call▁end｜>```\n</think>"]
+    # no ids in the layout: results are paired with calls by order, so validation writes them in the calls' order
+    swapped = validate_conversation(deepseek_row(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lyon"}),
+                                                 results=[{"role": "tool", "tool_call_id": "c1", "content": "20C"},
+                                                          {"role": "tool", "tool_call_id": "c0", "content": "18C"}]), rules)
+    assert [(m["tool_call_id"], m["content"]) for m in swapped["messages"][2:4]] == [("c0", "18C"), ("c1", "20C")]
     no_ids = deepseek_row(("get_weather", {}), results=[{"role": "tool", "content": "18C"}])
     no_ids["messages"][1]["tool_calls"][0].pop("id")
     validate_conversation(no_ids, rules)

@@ -229,11 +229,15 @@ def test_deepseek_r1_writes_tools_calls_and_results_and_trains_only_what_the_mod
     <｜end▁of▁sentence｜>, never the tool list, the results or the prompt's <think>\n; reasoning of
     turns before the last user message is dropped (one example per user stretch); the prompt
     the server renders for every trained turn, after a user turn or after tool outputs, is
-    exactly the ids before that turn in its example."""
+    exactly the ids before that turn in its example. Results are written in the order of the
+    calls they answer (the layout has no ids to pair them by)."""
     fmt = load_format("deepseek-r1")
     tok = AutoTokenizer.from_pretrained(tiny_model_for("deepseek-r1"))
     conv = validate_conversation(copy.deepcopy(DEEPSEEK_AGENT), fmt.row_rules())
     msgs, tools = conv["messages"], conv["tools"]
+    # the layout has no call ids: validation puts the results in the order of their calls
+    assert [m["tool_call_id"] for m in msgs[3:5]] == ["call_1", "call_2"]
+    assert [m["tool_call_id"] for m in DEEPSEEK_AGENT["messages"][3:5]] == ["call_2", "call_1"]
     assert render_text(conv, fmt=fmt) == deepseek_tools_text(msgs, tools)
     assert render_text({"messages": msgs[:6], "tools": tools}, fmt=fmt) == deepseek_tools_text(msgs[:6], tools)
     first, second = render_conversation(conv, tokenizer=tok, fmt=fmt)
