@@ -41,6 +41,7 @@ class RowRules:
     content_with_tool_calls: bool = True
     bare_json_calls: bool = False  # calls are bare JSON objects: text must not look like one
     listed_calls: bool = False  # calls are one JSON list after a token (Mistral): each needs an id
+    fenced_calls: bool = False  # the name outside the JSON, on a line of its own (DeepSeek)
 
 
 _ALPHANUMERIC = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -242,6 +243,8 @@ def validate_conversation(row: Any, rules: RowRules | list[str], dataset_tools: 
 
     out: list[dict] = []
     pending: list[dict] = []  # tool calls of the last assistant turn not yet answered
+    turn_calls: list[dict] = []  # all tool calls of the last assistant turn
+    call_order: dict[int, int] = {}  # index in `out` of a tool result -> position of the call it answers
     prev = None
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
@@ -270,16 +273,23 @@ def validate_conversation(row: Any, rules: RowRules | list[str], dataset_tools: 
             if prev not in ("user", "tool"):
                 raise RowError(f"{where}: an assistant message must follow a user or tool message, not {prev or 'nothing'}")
             out.append(_assistant(msg, content, rules, schemas, where))
-            pending = list(out[-1].get("tool_calls", []))
+            turn_calls = out[-1].get("tool_calls", [])
+            pending = list(turn_calls)
         else:  # tool
             if prev not in ("assistant", "tool") or (prev == "assistant" and not pending):
                 raise RowError(f"{where}: a tool result must follow an assistant message with tool_calls")
-            pending = _answer(pending, msg, where)
+            answered = _answer(pending, msg, where)
+            if rules.fenced_calls:
+                matched = next(c for k, c in enumerate(pending) if k >= len(answered) or answered[k] is not c)
+                call_order[len(out)] = next(k for k, c in enumerate(turn_calls) if c is matched)
+            pending = answered
             out.append({"role": "tool", "content": content or "", **_tool_ids(msg)})
         prev = role
 
     if prev != "assistant":
         raise RowError(f"the conversation ends with a {prev} message; the last message must be the assistant's")
+    if call_order:
+        out = _results_in_call_order(out, call_order)
     return {"messages": out, "tools": tools}
 
 
@@ -310,6 +320,8 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
             raise RowError(f"{here}: missing function name")
         if schemas and name not in schemas:
             raise RowError(f"{here}: calls {name!r}, which is not among the row's tools ({', '.join(schemas)})")
+        if rules.fenced_calls:
+            _check_fenced_name(name, rules, here)
         args = _arguments(fn.get("arguments"), here)
         _check_arguments(args, schemas.get(name), here)
         call_id = call.get("id")
@@ -333,6 +345,22 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
     return out
 
 
+def _check_fenced_name(name: str, rules: RowRules, where: str) -> None:
+    """DeepSeek's calls write the name as plain text between a separator token and the line that
+    opens the arguments' ```json fence; vLLM's deepseek_v3 parser reads it as everything up to
+    the end of that line, so a name with a line break (or markup the tokenizer turns into a
+    control token) would come back cut or run into the arguments."""
+    for ch in ("\n", "\r"):
+        if ch in name:
+            raise RowError(f"{where}.function.name: {name!r} holds a line break; format {rules.format_name!r} "
+                           "writes the name on the line before the arguments and its parser reads the name up to "
+                           "the first line break; rename the tool (in 'tools' too) without line breaks")
+    for token in rules.markup:
+        if token in name:
+            raise RowError(f"{where}.function.name: {name!r} holds the format token {token!r}, which the "
+                           "tokenizer reads as that token; rename the tool (in 'tools' too) without it")
+
+
 def _check_listed_ids(calls: list[dict], format_name: str, where: str) -> None:
     """Mistral's results name the call they answer by a 9-character id the template derives from
     the row's id, so each call needs one, and the calls of one turn need different ones."""
@@ -350,6 +378,22 @@ def _check_listed_ids(calls: list[dict], format_name: str, where: str) -> None:
                            "could not be told apart; give the calls of one turn ids that differ in their last "
                            "9 letters or digits")
         written[short] = call["id"]
+
+
+def _results_in_call_order(out: list[dict], call_order: dict[int, int]) -> list[dict]:
+    """Each run of tool results, put in the order of the calls they answer. A format that writes
+    no call ids (fenced: DeepSeek) pairs results with calls only by their order; the row's ids
+    (or names) say which result answers which call, so the results are written in that order."""
+    out = list(out)
+    i = 0
+    while i < len(out):
+        j = i
+        while j < len(out) and out[j]["role"] == "tool":
+            j += 1
+        if j > i:
+            out[i:j] = [out[k] for k in sorted(range(i, j), key=call_order.__getitem__)]
+        i = j + 1
+    return out
 
 
 def _tool_ids(msg: dict) -> dict:

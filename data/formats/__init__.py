@@ -64,8 +64,16 @@ class FormatSpec(BaseModel):
     # a turn with calls is only tool_call.open (one token) and then one JSON list of every call,
     # [{"name", "arguments", "id"}, ...], ended by the end-of-turn token (tool_call.close), as
     # Mistral's v0.3 tokenizers write them; each call needs an id, written as Mistral's 9 letters
-    # or digits (data.conversation.mistral_call_id).
-    tool_call_json: Literal["tagged", "bare", "list"] = "tagged"
+    # or digits (data.conversation.mistral_call_id). "fenced": each call inside the tool_call
+    # delimiters as TYPE + a separator token + NAME + "\n```json\n" + the arguments' JSON on one
+    # line + "\n```", the name outside the JSON (DeepSeek's layout); the calls of a turn sit
+    # between two more tokens (tool_tokens), so the name must be one line without markup.
+    tool_call_json: Literal["tagged", "bare", "list", "fenced"] = "tagged"
+    # Tokens of the tool syntax besides tool_call's own delimiters that the tool parser reads in
+    # the decoded output (fenced: the section's begin and end and the name separator). Like the
+    # delimiters they are one token each, ordinary (not special) so decoding keeps them, and
+    # never allowed as text in a message.
+    tool_tokens: tuple[str, ...] = ()
     # Where the template writes the tool list: "start" (one fixed place, before the first turn
     # or in the system turn) or "last_user_turn" (Mistral: before the last user message, so it
     # moves as the conversation grows, and a conversation with tools is trained as one example
@@ -92,6 +100,11 @@ class FormatSpec(BaseModel):
                 self.tool_call is None or self.tool_call.close != self.end_of_turn):
             raise ValueError("tool_call_json 'list' needs tool_call delimiters: open, the token before the list of "
                              "calls, and close, the end_of_turn token that ends the list")
+        if self.tool_call_json == "fenced" and self.supports.tools and (
+                self.tool_call is None or len(self.tool_tokens) != 3):
+            raise ValueError("tool_call_json 'fenced' needs tool_call delimiters (the tokens around one call) and "
+                             "tool_tokens: [the token before the calls, the token after them, the token between a "
+                             "call's type and its name]")
         if self.supports.reasoning and self.think is None:
             raise ValueError("supports.reasoning needs think delimiters")
         return self
@@ -115,6 +128,7 @@ class Format:
         for delims in (self.spec.think, self.spec.tool_call):
             if delims is not None:
                 tokens += [delims.open, delims.close]
+        tokens += [t for t in self.spec.tool_tokens if t not in tokens]
         for tok in (self.spec.end_of_turn, self.spec.pad_token, *self.spec.stop_tokens):
             if tok not in tokens:
                 tokens.append(tok)
@@ -126,7 +140,7 @@ class Format:
         for delims in (self.spec.think, self.spec.tool_call):
             if delims is not None:
                 out += [delims.open, delims.close]
-        return out
+        return out + list(self.spec.tool_tokens)
 
     @property
     def has_generation_markers(self) -> bool:
@@ -140,7 +154,8 @@ class Format:
                         parallel_tool_calls=s.parallel_tool_calls,
                         content_with_tool_calls=s.content_with_tool_calls,
                         bare_json_calls=s.tools and self.spec.tool_call_json == "bare",
-                        listed_calls=s.tools and self.spec.tool_call_json == "list")
+                        listed_calls=s.tools and self.spec.tool_call_json == "list",
+                        fenced_calls=s.tools and self.spec.tool_call_json == "fenced")
 
     def with_options(self, *, history_reasoning: str | None = None, train_on: str | None = None) -> "Format":
         """This format with the recipe's rendering options (None: the format's default).

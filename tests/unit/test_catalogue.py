@@ -200,7 +200,7 @@ SHRINK_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
 SHRINK_SLIDING = dict(sliding_window=16, sliding_window_pattern=2)
 STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
                 "qwen3/qwen3-30b-a3b-sft-lora.yaml", "gemma/gemma-3-27b-sft-lora.yaml",
-                "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml",  # qwen2 architecture, no tools
+                "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml",  # qwen2 architecture, reasoning and fenced tool calls
                 "mistral/mistral-small-24b-2501-sft-lora.yaml"]  # mistral architecture, [INST] turns, listed tool calls
 
 
@@ -243,7 +243,7 @@ def step_data(technique: str, fmt: str, path: Path) -> Path:
 
     rows = {"sft": generate_tool_choice, "dpo": generate_preference_pairs, "cpt": generate_documents}[technique](8)
     supports = load_format(fmt).spec.supports
-    if technique == "sft" and not supports.tools:  # gemma3, deepseek-r1: the same questions, answered in text
+    if technique == "sft" and not supports.tools:  # gemma3: the same questions, answered in text
         rows = [{"messages": [row["messages"][0], {"role": "assistant", "content": "I would ask the {} tool.".format(
             row["messages"][1]["tool_calls"][0]["function"]["name"])}]} for row in rows]
     if not supports.reasoning:  # no place for reasoning in that format (llama3-json, gemma3)

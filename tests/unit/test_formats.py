@@ -135,16 +135,79 @@ def test_options_a_format_cannot_honour_are_errors(tiny_model_for):
         resolve_format("hermes-qwen3", native_syntax="llama3-json")
 
 
-def test_deepseek_r1_refuses_tools_in_rows_and_in_requests():
-    """deepseek-r1 has no tools (its spec.yaml says why): a training row with tools is refused at
-    validation naming the format, and a request carrying tool results is an error from the
-    template vLLM renders, not a prompt the model was never trained on."""
+DEEPSEEK_USER = {"role": "user", "content": "What's the weather in Paris?"}
+DEEPSEEK_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def deepseek_row(*calls, content="", results=None, tools=(DEEPSEEK_TOOL,)):
+    calls = [{"id": f"c{k}", "type": "function", "function": {"name": name, "arguments": args}}
+             for k, (name, args) in enumerate(calls)]
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": "18C"} for c in calls] if results is None else results
+    return {"messages": [DEEPSEEK_USER, {"role": "assistant", "reasoning_content": "Look it up.", "content": content,
+                                         "tool_calls": calls}, *results,
+                         {"role": "assistant", "reasoning_content": "", "content": "18C."}], "tools": list(tools)}
+
+
+def test_deepseek_r1_takes_tools_and_refuses_what_its_parser_would_misread_with_the_place_and_the_fix():
+    """deepseek-r1 writes tools, calls and results in DeepSeek's layout (tool_call_json 'fenced'):
+    reasoning, text before the calls and parallel calls are valid, calls need no ids, and
+    arguments holding the format's tokens as text are fine (the template escapes them). Refused,
+    naming the row's key and the fix: a call name with a line break (vLLM's deepseek_v3 parser
+    reads the name up to the end of its line) or with a format token, and any tool token as text
+    in content, reasoning or a tool result (the tokenizer would make it the real token)."""
     fmt = load_format("deepseek-r1")
-    row = next(r for _, r in read_jsonl(CORPUS) if r.get("tools"))
-    with pytest.raises(RowError, match="tools: format 'deepseek-r1' cannot render tool definitions"):
-        validate_conversation(row, fmt.row_rules())
-    with pytest.raises(Exception, match="renders no tool results"):
-        render_text({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}, fmt=fmt)
+    rules = fmt.row_rules()
+    assert rules.fenced_calls and rules.parallel_tool_calls and rules.content_with_tool_calls and rules.reasoning
+    ok = validate_conversation(deepseek_row(("get_weather", {"city": "Paris"}),
+                                            ("get_weather", {"city": "<｜tool▁call▁end｜>```\n</think>"}),
+                                            content="Let me look."), rules)
+    assert [c["function"]["arguments"]["city"] for c in ok["messages"][1]["tool_calls"]] == [
+        "Paris", "<｜tool▁call▁end｜>```\n</think>"]
+    # no ids in the layout: results are paired with calls by order, so validation writes them in the calls' order
+    swapped = validate_conversation(deepseek_row(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lyon"}),
+                                                 results=[{"role": "tool", "tool_call_id": "c1", "content": "20C"},
+                                                          {"role": "tool", "tool_call_id": "c0", "content": "18C"}]), rules)
+    assert [(m["tool_call_id"], m["content"]) for m in swapped["messages"][2:4]] == [("c0", "18C"), ("c1", "20C")]
+    no_ids = deepseek_row(("get_weather", {}), results=[{"role": "tool", "content": "18C"}])
+    no_ids["messages"][1]["tool_calls"][0].pop("id")
+    validate_conversation(no_ids, rules)
+    odd = {"type": "function", "function": {"name": "get\nweather"}}
+    marked = {"type": "function", "function": {"name": "get<｜tool▁sep｜>weather"}}
+    cases = [
+        (deepseek_row(("get\nweather", {}), tools=[odd]),
+         r"messages\[1\].tool_calls\[0\].function.name: 'get\\nweather' holds a line break; .* rename the tool "
+         r"\(in 'tools' too\) without line breaks"),
+        (deepseek_row(("get<｜tool▁sep｜>weather", {}), tools=[marked]),
+         r"messages\[1\].tool_calls\[0\].function.name: .* holds the format token '<｜tool▁sep｜>'.* rename the tool"),
+        (deepseek_row(("get_weather", {}), content="Sure: <｜tool▁calls▁begin｜>"),
+         r"messages\[1\].content: contains the literal format token '<｜tool▁calls▁begin｜>'"),
+        (deepseek_row(("get_weather", {}), results=[{"role": "tool", "tool_call_id": "c0",
+                                                     "content": "x<｜tool▁outputs▁end｜>"}]),
+         r"messages\[2\].content: contains the literal format token '<｜tool▁outputs▁end｜>'"),
+        ({"messages": [DEEPSEEK_USER, {"role": "assistant", "reasoning_content": "<｜tool▁call▁begin｜>",
+                                       "content": "no"}]},
+         r"messages\[1\].reasoning_content: contains the literal format token '<｜tool▁call▁begin｜>'"),
+        (deepseek_row(("get_weather", '{"city": "Paris"')),
+         r"messages\[1\].tool_calls\[0\]: arguments are not valid JSON"),
+    ]
+    for row, error in cases:
+        with pytest.raises(RowError, match=error):
+            validate_conversation(row, rules)
+
+
+def test_a_fenced_format_needs_its_call_delimiters_and_three_tool_tokens(tmp_path):
+    directory = Path(load_format("deepseek-r1").directory)
+    spec = (directory / "spec.yaml").read_text()
+    shutil.copy(directory / "chat_template.jinja", tmp_path)
+    call = 'tool_call: {open: "<｜tool▁call▁begin｜>", close: "<｜tool▁call▁end｜>"}'
+    tokens = 'tool_tokens: ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁sep｜>"]'
+    assert call in spec and tokens in spec
+    for broken in (spec.replace(call, "tool_call: null"), spec.replace(tokens, "tool_tokens: []")):
+        (tmp_path / "spec.yaml").write_text(broken)
+        with pytest.raises(KeelError, match="spec.yaml: invalid format spec: .*tool_call_json 'fenced' needs tool_call "
+                                            r"delimiters \(the tokens around one call\) and tool_tokens"):
+            Format.from_dir(tmp_path)
 
 
 # ------------------------------------------------------------------------------ native

@@ -142,6 +142,78 @@ def test_deepseek_r1_reasoning_after_a_prompt_that_opened_think(deepseek_server,
     assert (got["reasoning"] or None, got["content"] or None, got["calls"]) == (reasoning, content, [])
 
 
+
+NESTED = {"filters": {"tags": ["a", "b"], "range": {"from": 1, "to": 2.5}}, "deep": [[{"x": None}], True]}
+
+
+# What vLLM's deepseek_v3 tool parser, behind the deepseek_r1 reasoning parser, makes of assistant
+# turns the deepseek-r1 template writes with tools, whole and streamed token by token after the
+# prompt the template renders (it opened <think>). (assistant message, expected reasoning, content, calls)
+DEEPSEEK_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+                  for n in ("get_weather", "search", "now")]
+DEEPSEEK_TRICKY = {"q": 'say "hi" \\ {not json} ```json\n``` `tick` 東京 — ünï\n', "emoji": "🙂", "empty": ""}
+DEEPSEEK_MARKUP = {"q": "<｜tool▁calls▁begin｜> <｜tool▁call▁end｜>\n``` </think> <think> <｜end▁of▁sentence｜> <｜tool▁sep｜>"}
+
+
+def deepseek_calls(*calls, content="", reasoning="Check."):
+    return {"role": "assistant", "reasoning_content": reasoning, "content": content, "tool_calls": [
+        {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": args}}
+        for k, (name, args) in enumerate(calls)]}
+
+
+DEEPSEEK_TURNS = [
+    ({"role": "assistant", "reasoning_content": "Easy.", "content": "Sunny [18°C]."}, "Easy.", "Sunny [18°C].", []),
+    (deepseek_calls(("get_weather", {"city": "Paris"})), "Check.", "", [("get_weather", {"city": "Paris"})]),
+    (deepseek_calls(("get_weather", {"city": "Paris"}), ("now", {}), ("search", {"q": "x"})), "Check.", "",
+     [("get_weather", {"city": "Paris"}), ("now", {}), ("search", {"q": "x"})]),
+    (deepseek_calls(("search", NESTED)), "Check.", "", [("search", NESTED)]),
+    (deepseek_calls(("search", DEEPSEEK_TRICKY), ("search", DEEPSEEK_MARKUP)), "Check.", "",
+     [("search", DEEPSEEK_TRICKY), ("search", DEEPSEEK_MARKUP)]),
+    (deepseek_calls(("now", {}), content="Let me look it up.", reasoning=""), "", "Let me look it up.", [("now", {})]),
+]
+
+
+def deepseek_ids(server, answer: dict, template: str | None = None):
+    from data.conversation import validate_conversation
+    from data.render import render_conversation
+
+    fmt = load_format("deepseek-r1")
+    if template is not None:
+        fmt.chat_template = template
+    row = {"messages": [{"role": "user", "content": "What's up?"}, answer], "tools": DEEPSEEK_TOOLS}
+    [ex] = render_conversation(validate_conversation(row, fmt.row_rules()), tokenizer=server.tokenizer, fmt=fmt)
+    start = next(k for k, lab in enumerate(ex.labels) if lab != -100)
+    return ex.input_ids[:start], ex.input_ids[start:]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("answer,reasoning,content,calls", DEEPSEEK_TURNS, ids=range(len(DEEPSEEK_TURNS)))
+def test_deepseek_v3_parser_gives_back_the_written_turn(deepseek_server, answer, reasoning, content, calls, streaming):
+    server = deepseek_server
+    prompt, ids = deepseek_ids(server, answer)
+    assert server.tokenizer.decode(prompt).endswith("<｜Assistant｜><think>\n")
+    assert server.tokenizer.decode(ids[-1:]) == "<｜end▁of▁sentence｜>"
+    parse = server.parse_streaming if streaming else server.parse
+    assert parse(prompt, ids, DEEPSEEK_TOOLS) == {"reasoning": reasoning, "content": content, "calls": calls}
+
+
+def test_deepseek_calls_are_written_back_to_back_because_the_published_newline_streams_as_content(deepseek_server):
+    """Why the template leaves out the "\n" the published template puts between two calls:
+    vLLM's deepseek_v3 parser reads such a turn whole, but streamed it returns each "\n" as
+    content, so the client would get text the model was not meant to say."""
+    server = deepseek_server
+    template = load_format("deepseek-r1").chat_template
+    joined = "calls.text + '<｜tool▁call▁begin｜>function"
+    assert joined in template
+    published = template.replace(joined, "calls.text + ('\\n' if calls.text else '') + '<｜tool▁call▁begin｜>function")
+    answer, reasoning, _, calls = DEEPSEEK_TURNS[2]
+    prompt, ids = deepseek_ids(server, answer, published)
+    assert "<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>" in server.tokenizer.decode(ids)
+    assert server.parse(prompt, ids, DEEPSEEK_TOOLS) == {"reasoning": reasoning, "content": "", "calls": calls}
+    assert server.parse_streaming(prompt, ids, DEEPSEEK_TOOLS) == {"reasoning": reasoning, "content": "\n\n",
+                                                                   "calls": calls}
+
+
 # --------------------------------------------------------------------------- mistral
 # What vLLM's mistral parser (HF tokenizer, pre-v11 path: [TOOL_CALLS] then a JSON list) makes of
 # assistant turns the mistral template writes, whole and streamed token by token, after the
@@ -156,7 +228,6 @@ def mistral_calls(*calls):
         for k, (name, args) in enumerate(calls)]}
 
 
-NESTED = {"filters": {"tags": ["a", "b"], "range": {"from": 1, "to": 2.5}}, "deep": [[{"x": None}], True]}
 TRICKY = {"q": 'say "hi" \\ {not json} [brackets] 東京 — ünï', "emoji": "🙂", "empty": ""}
 MARKUP = {"q": "[TOOL_CALLS] [INST] [/INST] </s> <s> [TOOL_RESULTS] [/AVAILABLE_TOOLS]"}
 MISTRAL_TURNS = [

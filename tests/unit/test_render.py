@@ -172,6 +172,99 @@ def test_deepseek_r1_trains_what_the_model_writes_after_the_opened_think(tiny_mo
             msgs, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=gen)
 
 
+
+DEEPSEEK_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <｜now｜>.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now"}}]
+DEEPSEEK_AGENT = {"messages": [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "Weather in Paris and the time?"},
+    {"role": "assistant", "reasoning_content": "Two tools.", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris Île"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": "18°C"}'},
+    {"role": "assistant", "reasoning_content": "Both in.", "content": "18°C at noon."},
+    {"role": "user", "content": "And tomorrow?"},
+    {"role": "assistant", "reasoning_content": "Ask again.", "content": "Let me look.", "tool_calls": [
+        {"id": "call_3", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call_3", "content": "20°C"},
+    {"role": "assistant", "reasoning_content": "", "content": "20°C."}], "tools": DEEPSEEK_TOOLS}
+
+
+def deepseek_tools_text(messages: list[dict], tools: list[dict]) -> str:
+    """DeepSeek-R1's tool layout, built without the template: the tool list at the end of the
+    system text, calls back to back between <｜tool▁calls▁begin｜> and <｜tool▁calls▁end｜>, results
+    joined by "\n" and closed by <｜tool▁outputs▁end｜>, after which the next assistant turn
+    follows without <｜Assistant｜>; reasoning only after the last user message."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    out = "<｜begin▁of▁sentence｜>" + messages[0]["content"] + "\n\n## Tools\n\nYou may call one or more of these functions. Each is one JSON object:"
+    for t in tools:
+        out += "\n" + json.dumps(t, ensure_ascii=False).replace("<｜", "\\u003c｜")
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            out += "<｜User｜>" + m["content"]
+        elif m["role"] == "assistant":
+            out += "" if messages[i - 1]["role"] == "tool" else "<｜Assistant｜>"
+            if i > last_user:
+                out += "<think>\n" + m["reasoning_content"] + "</think>"
+            out += m["content"]
+            if m.get("tool_calls"):
+                out += "<｜tool▁calls▁begin｜>" + "".join(
+                    f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{c['function']['name']}\n```json\n"
+                    f"{json.dumps(c['function']['arguments'], ensure_ascii=False)}\n```<｜tool▁call▁end｜>"
+                    for c in m["tool_calls"]) + "<｜tool▁calls▁end｜>"
+            out += "<｜end▁of▁sentence｜>"
+        elif m["role"] == "tool":
+            out += ("\n" if messages[i - 1]["role"] == "tool" else "<｜tool▁outputs▁begin｜>")
+            out += "<｜tool▁output▁begin｜>" + m["content"] + "<｜tool▁output▁end｜>"
+            if i + 1 == len(messages) or messages[i + 1]["role"] != "tool":
+                out += "<｜tool▁outputs▁end｜>"
+    return out
+
+
+def test_deepseek_r1_writes_tools_calls_and_results_and_trains_only_what_the_model_writes(tiny_model_for):
+    """Tools listed in the system text, parallel calls after the reasoning, results as tool
+    outputs. The loss covers reasoning, </think>, the content, the calls and
+    <｜end▁of▁sentence｜>, never the tool list, the results or the prompt's <think>\n; reasoning of
+    turns before the last user message is dropped (one example per user stretch); the prompt
+    the server renders for every trained turn, after a user turn or after tool outputs, is
+    exactly the ids before that turn in its example. Results are written in the order of the
+    calls they answer (the layout has no ids to pair them by)."""
+    fmt = load_format("deepseek-r1")
+    tok = AutoTokenizer.from_pretrained(tiny_model_for("deepseek-r1"))
+    conv = validate_conversation(copy.deepcopy(DEEPSEEK_AGENT), fmt.row_rules())
+    msgs, tools = conv["messages"], conv["tools"]
+    # the layout has no call ids: validation puts the results in the order of their calls
+    assert [m["tool_call_id"] for m in msgs[3:5]] == ["call_1", "call_2"]
+    assert [m["tool_call_id"] for m in DEEPSEEK_AGENT["messages"][3:5]] == ["call_2", "call_1"]
+    assert render_text(conv, fmt=fmt) == deepseek_tools_text(msgs, tools)
+    assert render_text({"messages": msgs[:6], "tools": tools}, fmt=fmt) == deepseek_tools_text(msgs[:6], tools)
+    first, second = render_conversation(conv, tokenizer=tok, fmt=fmt)
+    assert trained_spans(tok, first) == [
+        "Two tools.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Paris Île"}\n```<｜tool▁call▁end｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>",
+        "Both in.</think>18°C at noon.<｜end▁of▁sentence｜>"]
+    assert trained_spans(tok, second) == [
+        "Ask again.</think>Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>',
+        "</think>20°C.<｜end▁of▁sentence｜>"]
+    # the first stretch's calls are history in the second example: no reasoning, not trained
+    assert "Two tools." not in tok.decode(second.input_ids)
+    for t in ("<｜tool▁outputs▁begin｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>",
+              "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
+              "<｜tool▁calls▁end｜>"):  # one token each
+        assert len(tok.encode(t, add_special_tokens=False)) == 1 and tok.convert_tokens_to_ids(t) in first.input_ids
+    for example, turns in ((first, (2, 5)), (second, (7, 9))):
+        starts = [k for k, lab in enumerate(example.labels) if lab != IGNORE_INDEX and example.labels[k - 1] == IGNORE_INDEX]
+        for index, start in zip(turns, starts, strict=True):
+            served = tok.apply_chat_template(msgs[:index], tools=tools, chat_template=fmt.chat_template,
+                                             add_generation_prompt=True, tokenize=False)
+            assert served.endswith("<｜tool▁outputs▁end｜><think>\n" if index in (5, 9) else "<｜Assistant｜><think>\n")
+            assert tok(served, add_special_tokens=False)["input_ids"] == example.input_ids[:start], index
+
+
 # --------------------------------------------------------------------------- gemma3
 
 # a system message and two turns, for the formats with no tools and no reasoning

@@ -35,7 +35,8 @@ CASES = [
     ("native-llama3", "native", "llama3-json", None),
     # a model whose own template writes Hermes calls and <think> reasoning
     ("native-hermes", "native", "hermes-qwen3", "hermes-qwen3"),
-    # DeepSeek-R1 distills: the prompt opens <think>, vLLM's deepseek_r1 parser, no tools
+    # DeepSeek-R1 distills: the prompt opens <think>, vLLM's deepseek_r1 parser, then its deepseek_v3
+    # tool parser (calls in ```json fences between <｜tool▁calls▁begin｜> and <｜tool▁calls▁end｜>)
     ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
     # no parser at all: the detokenized turn is the message content
     ("gemma3", "gemma3", "gemma3", None),
