@@ -18,7 +18,6 @@ from data.model_dir import load_model_format
 from data.prepare import prepare_file, read_jsonl
 from data.render import IGNORE_INDEX, render_conversation, render_text
 from tests.data.make_roundtrip import OUT as CORPUS
-from tests.data.make_roundtrip import expressible
 from tests.unit.test_roundtrip import expressible_rows
 
 SHIPPED = [f for f in available_formats() if f != "native"]
