@@ -280,9 +280,8 @@ def validate_conversation(row: Any, rules: RowRules | list[str], dataset_tools: 
                 raise RowError(f"{where}: a tool result must follow an assistant message with tool_calls")
             answered = _answer(pending, msg, where)
             if rules.fenced_calls:
-                matched = next(c for k, c in enumerate(pending) if k >= len(answered) or answered[k] is not c)
-                call_order[len(out)] = next(k for k, c in enumerate(turn_calls) if c is matched)
-            pending = answered
+                call_order[len(out)] = next(k for k, c in enumerate(turn_calls) if c is answered)
+            pending = [c for c in pending if c is not answered]
             out.append({"role": "tool", "content": content or "", **_tool_ids(msg)})
         prev = role
 
@@ -405,25 +404,25 @@ def _tool_ids(msg: dict) -> dict:
     return ids
 
 
-def _answer(pending: list[dict], msg: dict, where: str) -> list[dict]:
-    """Match a tool result to one pending call: by id, else by name, else in order."""
+def _answer(pending: list[dict], msg: dict, where: str) -> dict:
+    """The pending call a tool result answers: by id, else by name, else the first."""
     if not pending:
         raise RowError(f"{where}: more tool results than tool calls in the previous assistant turn")
     call_id, name = msg.get("tool_call_id"), msg.get("name")
     if call_id is not None:
-        for k, call in enumerate(pending):
+        for call in pending:
             if call["id"] == call_id:
-                return pending[:k] + pending[k + 1 :]
+                return call
         ids = ", ".join(str(c["id"]) for c in pending)
         raise RowError(f"{where}: tool_call_id {call_id!r} matches no pending tool call (pending: {ids})")
     if any(c["id"] is not None for c in pending):
         raise RowError(f"{where}: tool result without tool_call_id, but the calls have ids; add tool_call_id")
     if name is not None:
-        for k, call in enumerate(pending):
+        for call in pending:
             if call["function"]["name"] == name:
-                return pending[:k] + pending[k + 1 :]
+                return call
         raise RowError(f"{where}: tool result for {name!r} matches no pending tool call")
-    return pending[1:]
+    return pending[0]
 
 
 def _one_answer(value: Any, side: str) -> dict:
