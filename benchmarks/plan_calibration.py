@@ -59,12 +59,13 @@ HELD_OUT = {
     "200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=16,
                  num_key_value_heads=4, head_dim=64, vocab_size=40960),
 }
+SHAPES = {**CONFIGS, **HELD_OUT}
 SEQ_LEN, MICRO_BATCH, STEPS = 512, 2, 5
 
 
 def config_dict(name: str) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 4096,
-            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **{**CONFIGS, **HELD_OUT}[name]}
+            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **SHAPES[name]}
 
 
 def case_overrides(model_dir: str, peft: str, strategy: str) -> list[str]:
@@ -395,7 +396,7 @@ def write_md(command: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--config", choices=sorted({**CONFIGS, **HELD_OUT}))
+    p.add_argument("--config", choices=sorted(SHAPES))
     p.add_argument("--peft", choices=["none", "lora"])
     p.add_argument("--strategy", choices=["ddp", "zero3"])
     p.add_argument("--model-dir")

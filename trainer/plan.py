@@ -240,16 +240,16 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     # peak together: activations at the start of backward, gradients at its end. (With gradient
     # accumulation the gradients of earlier micro-batches are live through later forwards.
     # DeepSpeed keeps its gradient partitions and buckets for the whole run.)
+    grad_values = shape.trainable * 4  # the full-size fp32 .grad tensors backward makes
     not_together = 0.0
     if d.strategy in ("ddp", "fsdp2") and t.grad_accum == 1:
-        grad_values = shape.trainable * 4 / (n if d.strategy == "fsdp2" else 1)
-        not_together = min(act, grad_values)
+        not_together = min(act, grad_values / (n if d.strategy == "fsdp2" else 1))
     subtotal = weights + grads + opt + act + reference - not_together
     heap_kept = 0.0
     if cpu:
         # freed by backward: activations and ZeRO-3's gathered parameters; reused: the full-size
         # gradients backward makes (every strategy makes them before reducing or bucketing them)
-        heap_kept = max(0.0, CPU_HEAP_KEPT * (act + gathered) - shape.trainable * 4)
+        heap_kept = max(0.0, CPU_HEAP_KEPT * (act + gathered) - grad_values)
         overhead = (CPU_DEEPSPEED_RUNTIME if deepspeed else 0) + OVERHEAD_FRACTION * subtotal
         notes.append("CPU: includes the freed heap glibc malloc keeps resident (fitted: "
                      "benchmarks/results/plan_calibration.md)")
