@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.plan import GIB, Cluster, estimate, model_shape, plan
+from trainer.plan import GIB, Cluster, estimate, model_shape, plan, render
 from trainer.recipe import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
@@ -153,3 +153,9 @@ def test_cpu_plan_counts_fp32_states_ddp_buckets_and_deepspeed_partitions(tmp_pa
     # no malloc heap term on a GPU: tensors live in the CUDA caching allocator
     r = load_recipe(QUICKSTART, [f"model.path={tmp_path}", "training.seq_len=512", "training.micro_batch_size=2"])
     assert estimate(r, model_shape(config, r.peft), Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=2)).heap_kept == 0
+    # what `keel plan --gpu cpu` prints: per process, with the heap and not-together lines
+    text = render(plan(load_recipe(QUICKSTART, [f"model.path={tmp_path}", "training.seq_len=512",
+                                                "training.micro_batch_size=2", "training.precision=fp32"]),
+                       cpu2, config))
+    assert "memory per process" in text and "memory per GPU" not in text
+    assert "  malloc heap " in text and "  not together " in text and "glibc" in text
