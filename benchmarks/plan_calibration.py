@@ -307,9 +307,10 @@ mapping whose pages the kernel faults in and zeroes each step. On 100M LoRA zero
 (0.75 to 2.72 s per step in the pair where it was recorded).
 
 Tried and not kept: `malloc_trim(0)` after every optimizer step (2026-11-26 20:17-20:23 UTC),
-which hands whole free pages back without moving anything. 100M LoRA zero3 peaked at 2527 MiB
-(-250 MiB), 100M LoRA ddp at 2214 MiB (no better), and system time per step doubled (0.75 to
-1.5 s): the memory kept at the peak is freed within the same step, before the peak.
+which hands whole free pages back without moving anything (rows in plan_calibration.malloc.jsonl).
+100M LoRA zero3 peaked at 2527 MiB (-250 MiB) and its system time per step doubled (0.75 to
+1.5 s); 100M LoRA ddp peaked at 2112 MiB (no better than 2102-2128). The memory kept at the
+peak is freed within the same step, before the peak.
 
 On GPUs tensors live in the CUDA caching allocator, not malloc's heap, so the GPU figures have no
 heap term. ZeRO-3's setup peak is the whole fp32 model on every rank: Keel builds the model
