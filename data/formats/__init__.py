@@ -50,13 +50,35 @@ class Supports(BaseModel):
     content_with_tool_calls: bool
 
 
+class HarmonyPrompt(BaseModel):
+    """What vLLM's harmony path puts in the system message of every gpt-oss prompt, pinned so
+    that training renders what the server renders (`keel serve` sets VLLM_SYSTEM_START_DATE
+    from start_date; a request's reasoning_effort other than this one changes the prompt)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start_date: str
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+
+    @model_validator(mode="after")
+    def _iso_date(self):
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.start_date):
+            raise ValueError(f"harmony.start_date {self.start_date!r}: write the date as YYYY-MM-DD")
+        return self
+
+
 class FormatSpec(BaseModel):
     """What spec.yaml holds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     description: str = ""
-    chat_template: str
+    # "jinja": the chat template (chat_template, with {% generation %} markers) renders training
+    # text and the served prompt. "harmony": OpenAI's harmony encoding renders both, to token ids
+    # (gpt-oss; vLLM never reads a chat template for that model type), with the prompt's fixed
+    # parts in `harmony`; such a format has no chat template (data/harmony.py).
+    renderer: Literal["jinja", "harmony"] = "jinja"
+    chat_template: str | None = None
+    harmony: HarmonyPrompt | None = None
     think: Delimiters | None = None
     tool_call: Delimiters | None = None
     # "tagged": each call inside the tool_call delimiters. "bare": a turn with calls is only the
@@ -94,6 +116,14 @@ class FormatSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.renderer == "harmony":
+            if self.chat_template is not None or self.harmony is None:
+                raise ValueError("renderer 'harmony' takes no chat_template and needs harmony: {start_date: YYYY-MM-DD}")
+            return self
+        if self.chat_template is None:
+            raise ValueError("chat_template: name the format's Jinja template file (renderer 'jinja')")
+        if self.harmony is not None:
+            raise ValueError("harmony: only for renderer 'harmony'")
         if self.tool_call_json == "tagged" and self.supports.tools and self.tool_call is None:
             raise ValueError("tool_call_json 'tagged' needs tool_call delimiters")
         if self.tool_call_json == "list" and self.supports.tools and (
@@ -111,9 +141,9 @@ class FormatSpec(BaseModel):
 
 
 class Format:
-    """A loaded format: its spec and the text of its chat template."""
+    """A loaded format: its spec and the text of its chat template (None for renderer harmony)."""
 
-    def __init__(self, spec: FormatSpec, chat_template: str, directory: Path):
+    def __init__(self, spec: FormatSpec, chat_template: str | None, directory: Path):
         self.spec = spec
         self.chat_template = chat_template
         self.directory = directory
@@ -143,7 +173,14 @@ class Format:
         return out + list(self.spec.tool_tokens)
 
     @property
+    def harmony(self) -> bool:
+        """Rendered by the harmony encoding (gpt-oss), not by a chat template."""
+        return self.spec.renderer == "harmony"
+
+    @property
     def has_generation_markers(self) -> bool:
+        if self.chat_template is None:
+            return False
         return bool(GENERATION_MARKER.search(JINJA_COMMENT.sub("", self.chat_template)))
 
     def row_rules(self) -> RowRules:
@@ -169,7 +206,7 @@ class Format:
             if not self.spec.supports.reasoning:
                 raise KeelError(f"data.history_reasoning: format {self.name!r} renders no reasoning, so there is "
                                 "no history reasoning to keep or drop; remove the key")
-            if self.spec.native_syntax is not None or "history_reasoning" not in template:
+            if self.spec.native_syntax is not None or template is None or "history_reasoning" not in template:
                 raise KeelError(f"data.history_reasoning: the chat template of format {self.name!r} always "
                                 f"renders history reasoning as {self.spec.history_reasoning!r} and has no option "
                                 "to change it; remove the key or use a Keel format")
@@ -202,6 +239,8 @@ class Format:
                 f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()
             )
             raise KeelError(f"{spec_path}: invalid format spec: {problems}") from None
+        if spec.chat_template is None:
+            return cls(spec, None, directory)
         template_path = directory / spec.chat_template
         try:
             template = template_path.read_text(encoding="utf-8")
