@@ -305,8 +305,31 @@ def test_a_tokenizer_that_is_not_harmonys_is_refused_naming_the_fix():
         check_tokenizer(fast, FMT, where="models/x")
 
 
-@pytest.mark.slow
-def test_the_harmony_tokenizer_passes_the_check():
+@pytest.mark.slow  # the harmony tokenizer is built once (about 12 s)
+def test_prepare_writes_the_harmony_examples_and_rejects_bad_rows_with_the_reason(tmp_path):
+    """The real preparation path (tokenizer check, workers, Arrow cache) with the harmony
+    tokenizer, which passes check_tokenizer: the cache holds render_conversation's ids and labels; a row harmony cannot carry
+    is left out with its reason; a second prepare reuses the cache."""
     from data.harmony_tokenizer import build_harmony_tokenizer
+    from data.prepare import PrepOptions, prepare_file
 
-    check_tokenizer(build_harmony_tokenizer(), FMT, where="built")
+    build_harmony_tokenizer().save_pretrained(tmp_path / "tok")
+    rows = [CONVERSATIONS[n] for n in ("tool_loop", "unicode_nested", "multi_turn")]
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a <|call|> b"}]}
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rows, bad]), encoding="utf-8")
+    options = PrepOptions(on_invalid="skip")
+    prepared = prepare_file(data, tokenizer_dir=tmp_path / "tok", fmt=FMT, seq_len=4096, cache_root=tmp_path / "c",
+                            options=options, num_proc=1)
+    assert (prepared.stats.rows, prepared.stats.rejected) == (4, 1)
+    [rejected] = [json.loads(line) for line in prepared.rejected_file.read_text().splitlines()]
+    assert rejected["where"].endswith(":4") and "messages[1].content" in rejected["reason"]
+    want = [ex for r in rows for ex in render_conversation(validate_conversation(copy.deepcopy(r), FMT.row_rules()),
+                                                           tokenizer=None, fmt=FMT)]
+    got = prepared.load()
+    assert [list(x) for x in got["input_ids"]] == [ex.input_ids for ex in want]
+    assert [list(x) for x in got["labels"]] == [ex.labels for ex in want]
+    again = prepare_file(data, tokenizer_dir=tmp_path / "tok", fmt=FMT, seq_len=4096, cache_root=tmp_path / "c",
+                         options=options, num_proc=1)
+    assert again.reused and again.path == prepared.path
+
