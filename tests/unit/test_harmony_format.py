@@ -102,7 +102,7 @@ def vllm():
                                           reasoning_parser_name=FMT.spec.vllm.reasoning_parser,
                                           enable_auto_tools=True, is_harmony=True)
 
-    def request(messages, tools):
+    def request(messages, tools, **extra):
         """A client's request for these (validated) messages: reasoning_content sent as vLLM's
         `reasoning` (Keel's serving middleware maps it), arguments as the JSON string the server
         returned for the call."""
@@ -115,10 +115,10 @@ def vllm():
                 m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
                                    for c in m["tool_calls"]]
             out.append(m)
-        return ChatCompletionRequest(model="m", messages=out, tools=tools or None)
+        return ChatCompletionRequest(model="m", messages=out, tools=tools or None, **extra)
 
-    def prompt(messages, tools):
-        _, [engine_input] = OnlineRenderer._make_request_with_harmony(server, request(messages, tools))
+    def prompt(messages, tools, **extra):
+        _, [engine_input] = OnlineRenderer._make_request_with_harmony(server, request(messages, tools, **extra))
         return list(engine_input["prompt_token_ids"])
 
     def parse(ids, tools):
@@ -237,6 +237,21 @@ def test_train_on_last_trains_the_last_turn_only(vllm):
     [(conv, i, ids, start, end)] = trained_turns("tool_loop", fmt)
     assert i == len(conv["messages"]) - 1
     assert ids[:start] == vllm.prompt(conv["messages"][:i], conv["tools"]) and end == len(ids)
+
+
+def test_the_specs_reasoning_effort_is_the_one_vllm_writes_for_a_request_naming_it(vllm):
+    from data.formats import Format, HarmonyPrompt
+
+    high = Format(FMT.spec.model_copy(update={"harmony": HarmonyPrompt(start_date=FMT.spec.harmony.start_date,
+                                                                       reasoning_effort="high")}), None, FMT.directory)
+    [(conv, i, ids, start, _)] = trained_turns("reasoning", high)
+    assert ids[:start] == vllm.prompt(conv["messages"][:i], None, reasoning_effort="high")
+    assert ids[:start] != vllm.prompt(conv["messages"][:i], None)  # medium, what a request naming none gets
+
+
+def test_history_reasoning_is_not_an_option_for_harmony():
+    with pytest.raises(KeelError, match="data.history_reasoning: format 'harmony' renders the history as vLLM"):
+        resolve_format("harmony", history_reasoning="keep")
 
 
 def test_preference_pair_prompt_is_vllms_and_each_answer_parses_back(vllm):
