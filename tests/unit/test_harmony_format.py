@@ -249,6 +249,22 @@ def test_the_specs_reasoning_effort_is_the_one_vllm_writes_for_a_request_naming_
     assert ids[:start] != vllm.prompt(conv["messages"][:i], None)  # medium, what a request naming none gets
 
 
+def test_a_tool_result_without_an_id_is_written_from_the_tool_it_answers():
+    """vLLM names a result's author by tool_call_id; a row that pairs them another way (Keel's
+    validation accepts results without ids when the calls have none) gets the called tool's name,
+    as vLLM writes it for a client that sends the id."""
+    from data.harmony import encoding
+
+    row = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "{\"temp\": 18}"}, {"role": "assistant", "content": "18."}]}
+    [ex] = render_conversation(validate_conversation(row, FMT.row_rules()), tokenizer=None, fmt=FMT)
+    assert "<|start|>functions.get_weather<|channel|>commentary to=assistant<|message|>{\"temp\": 18}<|end|>" in \
+        encoding().decode_utf8(ex.input_ids)
+
+
 def test_history_reasoning_is_not_an_option_for_harmony():
     with pytest.raises(KeelError, match="data.history_reasoning: format 'harmony' renders the history as vLLM"):
         resolve_format("harmony", history_reasoning="keep")
