@@ -133,7 +133,11 @@ def cache_key(source: Source, tokenizer_dir: Path, fmt: Format, seq_len: int, op
     h = hashlib.sha256()
     h.update(f"keel-prepare-v{PREP_VERSION}|seq_len={seq_len}|{json.dumps(asdict(options), sort_keys=True)}|".encode())
     h.update(fmt.spec.model_dump_json().encode())
-    h.update(fmt.chat_template.encode())
+    h.update((fmt.chat_template or "").encode())
+    if fmt.harmony:  # no template: the harmony library renders, and its releases have changed the layout
+        from data.harmony import library_version
+
+        h.update(f"|harmony={library_version()}".encode())
     for name in TOKENIZER_FILES:
         p = tokenizer_dir / name
         if p.is_file():

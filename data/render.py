@@ -18,6 +18,10 @@ Which turns are trained (the format's train_on and history_reasoning, set from t
     train_on last                   one example per conversation, its last assistant turn
 A tool list written before the last user message (mistral's tool_list_at: last_user_turn) splits
 a conversation with tools the way dropped history does, for the same reason.
+
+The harmony format (gpt-oss) has no chat template: vLLM renders its prompts to token ids with
+OpenAI's harmony encoding, and data/harmony.py renders training examples the same way; the
+functions below hand such a format to it.
 """
 
 from __future__ import annotations
@@ -55,7 +59,20 @@ class RenderedPair:
 
 
 def check_tokenizer(tokenizer, fmt: Format, where: str) -> None:
-    """Each delimiter and control token of the format must be one token of the tokenizer."""
+    """Each delimiter and control token of the format must be one token of the tokenizer; for
+    harmony, the tokenizer must give the harmony encoding's ids (vLLM renders and parses gpt-oss
+    by those ids, whatever the model's tokenizer says)."""
+    if fmt.harmony:
+        from data.harmony_tokenizer import same_ids_as_harmony
+
+        problem = same_ids_as_harmony(tokenizer)
+        if problem:
+            raise KeelError(
+                f"{where}: format {fmt.name!r} needs gpt-oss's o200k_harmony tokenizer (vLLM renders the prompt and "
+                f"parses the output with the harmony encoding's ids), and this one differs: {problem}. Use the "
+                "published gpt-oss tokenizer, or build a tiny model with it: keel tiny-model --arch gpt_oss"
+            )
+        return
     missing = [
         tok for tok in fmt.single_tokens() if len(tokenizer.encode(tok, add_special_tokens=False)) != 1
     ]
@@ -149,6 +166,11 @@ def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int
 
 def render_conversation(conversation: dict, *, tokenizer, fmt: Format) -> list[RenderedExample]:
     """Token ids and labels of a validated conversation, one example per stretch of trained turns."""
+    if fmt.harmony:  # token ids straight from the harmony encoding (check_tokenizer holds the tokenizer to it)
+        from data import harmony
+
+        return [RenderedExample(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
+                for ids, mask in harmony.render_conversation(conversation, fmt)]
     messages, tools = conversation["messages"], conversation.get("tools") or None
     special = _special_tokens(tokenizer)
     examples = []
@@ -181,6 +203,10 @@ def _answer_ids(tokenizer, fmt: Format, special: dict, prompt: list[dict], answe
 
 def render_preference(pair: dict, *, tokenizer, fmt: Format) -> RenderedPair:
     """Prompt, chosen and rejected token ids of a validated preference pair."""
+    if fmt.harmony:
+        from data import harmony
+
+        return RenderedPair(*harmony.render_preference(pair, fmt))
     special = _special_tokens(tokenizer)
     prompt_ids, chosen = _answer_ids(tokenizer, fmt, special, pair["prompt"], pair["chosen"], pair["tools"])
     prompt_again, rejected = _answer_ids(tokenizer, fmt, special, pair["prompt"], pair["rejected"], pair["tools"])
@@ -200,6 +226,10 @@ def render_document(text: str, *, tokenizer) -> list[int]:
 def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool = False,
                 special_tokens: dict | None = None) -> str:
     """The rendered prompt text, as the server would build it."""
+    if fmt.harmony:
+        from data import harmony
+
+        return harmony.render_text(conversation, fmt, add_generation_prompt=add_generation_prompt)
     text, _ = _render(conversation["messages"], conversation.get("tools"), fmt, special_tokens or {},
                       add_generation_prompt=add_generation_prompt)
     return text

@@ -206,6 +206,10 @@ class Format:
             if not self.spec.supports.reasoning:
                 raise KeelError(f"data.history_reasoning: format {self.name!r} renders no reasoning, so there is "
                                 "no history reasoning to keep or drop; remove the key")
+            if self.harmony:
+                raise KeelError(f"data.history_reasoning: format {self.name!r} renders the history as vLLM's "
+                                "harmony path sends it, which drops every reasoning before the last final answer; "
+                                "remove the key")
             if self.spec.native_syntax is not None or template is None or "history_reasoning" not in template:
                 raise KeelError(f"data.history_reasoning: the chat template of format {self.name!r} always "
                                 f"renders history reasoning as {self.spec.history_reasoning!r} and has no option "

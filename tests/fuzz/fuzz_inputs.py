@@ -26,6 +26,7 @@ with atheris.instrument_imports(include=["data", "trainer.recipe"]):
     from data.conversation import RowRules, validate_conversation, validate_document, validate_preference
     from data.errors import KeelError
     from data.formats import available_formats, load_format
+    from data.render import render_conversation
     from data.shapes import KINDS, detect_shape, to_canonical
     from data.sources import open_source
     from trainer.recipe import parse_recipe
@@ -39,6 +40,7 @@ WORDS = ["user", "assistant", "system", "tool", "human", "gpt", "function_call",
          "get_weather", "<think>", "</think>", "<tool_call>", "{", "[", "{\"a\": 1}", "object", "string", "#/x",
          "file:///etc/passwd", "hermes-qwen3", "native", "lora", "zero3"]
 RULES = [RowRules()] + [load_format(n).row_rules() for n in available_formats() if n != "native"]
+HARMONY = load_format("harmony")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +98,9 @@ def fuzz_conversation(data: bytes) -> None:
             row = json.loads(data[3:])
         except (ValueError, RecursionError):  # not a row: the JSONL reader reports those (target jsonl)
             return
-    keel_errors_only(validate_conversation, row, rules)
+    conv = keel_errors_only(validate_conversation, row, rules)
+    if conv is not None and rules.format_name == "harmony":  # rendered by the harmony library, no tokenizer needed
+        keel_errors_only(lambda c: render_conversation(c, tokenizer=None, fmt=HARMONY), conv)
     keel_errors_only(validate_preference, row, rules)
     keel_errors_only(detect_shape, row, "fuzz.jsonl:1")
     canonical = keel_errors_only(to_canonical, shape, row)

@@ -181,25 +181,36 @@ def tokenizer(tiny_model):
 @pytest.mark.slow  # ~10-15 s on 2 busy cores: the default tier's budget is spent
 def test_renderer_raises_only_keel_errors_and_masks_only_assistant_text(tokenizer, record_property):
     """Rows that validate render to ids and labels of equal length; labels are the ids where
-    trained; rows that cannot be rendered raise a KeelError."""
+    trained; rows that cannot be rendered raise a KeelError. Each row goes through a Jinja
+    format (hermes-qwen3) and through harmony (gpt-oss, rendered by the harmony library, which
+    needs no tokenizer; there every trained run also ends on <|return|> or <|call|>)."""
     from data.render import IGNORE_INDEX, render_conversation, render_document, render_preference
 
-    fmt = load_format("hermes-qwen3")
-    rules = fmt.row_rules()
+    formats = [(load_format("hermes-qwen3"), tokenizer), (load_format("harmony"), None)]
+    stops = {200002, 200012}  # harmony's <|return|>, <|call|>
 
-    def check(row):
+    def render_row(row, fmt, tok):
+        rules = fmt.row_rules()
         conv = keel_error_only(validate_conversation, row, rules)
         if conv is not None:
-            for ex in keel_error_only(render_conversation, conv, tokenizer=tokenizer, fmt=fmt) or []:
+            for ex in keel_error_only(render_conversation, conv, tokenizer=tok, fmt=fmt) or []:
                 assert len(ex.input_ids) == len(ex.labels)
-                assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ex.input_ids, ex.labels))
+                assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ex.input_ids, ex.labels))
+                if fmt.harmony:
+                    ends = [k for k in range(len(ex.labels)) if ex.labels[k] != IGNORE_INDEX
+                            and (k + 1 == len(ex.labels) or ex.labels[k + 1] == IGNORE_INDEX)]
+                    assert ends and all(ex.input_ids[k] in stops for k in ends)
             messages = conv["messages"]
             last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
             pair = {"prompt": messages[:last_user + 1], "chosen": messages[-1],
                     "rejected": {"role": "assistant", "content": "no"}, "tools": row.get("tools")}
             pair = keel_error_only(validate_preference, pair, rules)
             if pair is not None:
-                keel_error_only(render_preference, pair, tokenizer=tokenizer, fmt=fmt)
+                keel_error_only(render_preference, pair, tokenizer=tok, fmt=fmt)
+
+    def check(row):
+        for fmt, tok in formats:
+            render_row(row, fmt, tok)
         text = row.get("messages") if isinstance(row, dict) else None
         if isinstance(text, str) and text.strip():
             assert keel_error_only(render_document, text, tokenizer=tokenizer)

@@ -189,7 +189,10 @@ class Server:
 
 
 def test_every_shipped_format_is_covered():
-    assert {c[1] for c in CASES} >= set(available_formats())
+    # harmony (gpt-oss) round-trips in tests/unit/test_harmony_format.py: vLLM's HarmonyParser reads
+    # the output ids (no detokenizer, no tiny model), and its prompt is vLLM's harmony render, not a
+    # template, so the template-based path here does not apply
+    assert {c[1] for c in CASES} | {"harmony"} >= set(available_formats())
 
 
 def test_the_corpus_holds_the_hard_cases():
