@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 
-# What an eval prompt's system message says when the process has not pinned the date: vLLM
-# would write today's, so a prompt built without the pin is refused.
+# Unset, vLLM writes today's date into the system message: a prompt built without it is refused.
 START_DATE_ENV = "VLLM_SYSTEM_START_DATE"
 
 
@@ -53,17 +52,17 @@ def prompt_ids(messages: list[dict], tools: list[dict] | None, *, reasoning_effo
     `<|start|>assistant`, where the model writes)."""
     import os
 
+    from data.errors import KeelError
+
+    if not os.environ.get(START_DATE_ENV):
+        raise KeelError(f"${START_DATE_ENV} is not set: vLLM would write today's date into the harmony prompt; "
+                        "set it to the format's harmony.start_date (keel eval and keel serve do)")
     from vllm.entrypoints.openai.parser.harmony_utils import (build_harmony_preamble,
                                                               extract_instructions_from_messages,
                                                               parse_chat_inputs_to_harmony_messages,
                                                               render_for_completion)
     from vllm.tokenizers.mistral import maybe_serialize_tool_calls
 
-    from data.errors import KeelError
-
-    if not os.environ.get(START_DATE_ENV):
-        raise KeelError(f"${START_DATE_ENV} is not set: vLLM would write today's date into the harmony prompt; "
-                        "set it to the format's harmony.start_date (keel eval and keel serve do)")
     request = chat_request(messages, tools, reasoning_effort=reasoning_effort)
     maybe_serialize_tool_calls(request)  # as the server does: tool_calls out of pydantic's lazy iterator
     instructions, rest = extract_instructions_from_messages(list(request.messages))

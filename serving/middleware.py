@@ -45,12 +45,14 @@ import signal
 
 API_KEY_ENV = "KEEL_API_KEY"
 REASONING_EFFORT_ENV = "KEEL_REASONING_EFFORT"  # serving/server.py sets it for harmony formats
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/invocations"})
+# Chat requests whose prompt vLLM renders with harmony for gpt-oss (render: the prompt ids only, no
+# generation; /tokenize renders with a chat template, which a harmony export has none of).
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/v1/chat/completions/render"})
 # Open without a key: probes and scraping must work without the secret, and none of these
 # runs the model or the tokenizer.
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 # Routes whose JSON body may carry chat messages.
-MESSAGE_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/tokenize"})
+MESSAGE_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/tokenize", "/v1/chat/completions/render"})
 _engine_died = False
 
 

@@ -158,7 +158,8 @@ def check_renderer(fmt, config: dict, served: ServedModel) -> None:
     harmony (the chat template unread), every other type through the chat template. A format
     that renders otherwise would be served prompts unlike training's, so it is refused."""
     model_type = (config.get("text_config") or config).get("model_type") or config.get("model_type")
-    where = served.template_dir / FORMAT_DIR / SPEC_FILE if served.template_dir else "--format"
+    exported = served.template_dir / FORMAT_DIR if served.template_dir else None
+    where = exported / SPEC_FILE if fmt is not None and fmt.directory == exported else "--format"
     if fmt is not None and fmt.harmony and model_type != HARMONY_MODEL_TYPE:
         raise KeelError(f"{where}: format {fmt.name!r} is rendered by the harmony encoding, which vLLM uses only "
                         f"for model_type {HARMONY_MODEL_TYPE!r}; {served.base_dir / 'config.json'} has model_type "

@@ -147,6 +147,15 @@ def test_served_prompt_is_harmony_with_the_trained_date_and_tools(harmony_server
     assert prompt.endswith("<|start|>assistant"), prompt[-200:]
     assert_keel_shape(data["choices"][0]["message"])
 
+    # the prompt without generating: vLLM's render route (harmony, as chat completions renders);
+    # /tokenize renders with a chat template, which a harmony export has none of
+    r = requests.post(harmony_server["url"] + "/v1/chat/completions/render", headers=auth(), timeout=60,
+                      json={"model": harmony_server["name"], "messages": CONVERSATION, "tools": TOOLS})
+    assert r.status_code == 200 and r.json()["token_ids"] == ids, r.text
+    r = requests.post(harmony_server["url"] + "/tokenize", headers=auth(), timeout=60,
+                      json={"model": harmony_server["name"], "messages": CONVERSATION, "tools": TOOLS})
+    assert r.status_code == 400 and "chat template" in r.text, r.text
+
     # keel eval renders every prompt the same way (serving/harmony.py, vLLM's functions), so its
     # scores are of what the server sees
     from serving import harmony
