@@ -156,6 +156,8 @@ def test_served_prompt_is_harmony_with_the_trained_date_and_tools(harmony_server
                       json={"model": harmony_server["name"], "messages": CONVERSATION, "tools": TOOLS})
     assert r.status_code == 400 and "chat template" in r.text, r.text
 
+    # `ids` is the served prompt for the messages before the next assistant turn: the training
+    # render's prompt for that turn (data/harmony.py, once it lands) must equal it token for token.
     # keel eval renders every prompt the same way (serving/harmony.py, vLLM's functions), so its
     # scores are of what the server sees
     from serving import harmony
