@@ -46,7 +46,8 @@ import signal
 API_KEY_ENV = "KEEL_API_KEY"
 REASONING_EFFORT_ENV = "KEEL_REASONING_EFFORT"  # serving/server.py sets it for harmony formats
 # Chat requests whose prompt vLLM renders with harmony for gpt-oss (render: the prompt ids only, no
-# generation; /tokenize renders with a chat template, which a harmony export has none of).
+# generation, served only with vLLM's --enable-scale-out; /tokenize renders with a chat template,
+# which a harmony export has none of).
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/v1/chat/completions/render"})
 # Open without a key: probes and scraping must work without the secret, and none of these
 # runs the model or the tokenizer.
