@@ -157,13 +157,14 @@ def check_renderer(fmt, config: dict, served: ServedModel) -> None:
     """vLLM picks the prompt renderer by model type, not by flags: gpt_oss always goes through
     harmony (the chat template unread), every other type through the chat template. A format
     that renders otherwise would be served prompts unlike training's, so it is refused."""
-    model_type = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    model_type = config.get("model_type")  # vLLM reads the top-level one (renderers/online_renderer.py)
     exported = served.template_dir / FORMAT_DIR if served.template_dir else None
     where = exported / SPEC_FILE if fmt is not None and fmt.directory == exported else "--format"
     if fmt is not None and fmt.harmony and model_type != HARMONY_MODEL_TYPE:
         raise KeelError(f"{where}: format {fmt.name!r} is rendered by the harmony encoding, which vLLM uses only "
                         f"for model_type {HARMONY_MODEL_TYPE!r}; {served.base_dir / 'config.json'} has model_type "
-                        f"{model_type!r}. Serve it with the format it was trained with (--format NAME)")
+                        f"{model_type!r}. Format 'harmony' is for gpt-oss models; serve this one with a Jinja format "
+                        "(--format NAME)")
     if fmt is not None and not fmt.harmony and model_type == HARMONY_MODEL_TYPE:
         raise KeelError(f"{where}: vLLM renders every {HARMONY_MODEL_TYPE} prompt with the harmony encoding and "
                         f"never reads a chat template, so format {fmt.name!r} (a Jinja template) would be served "
