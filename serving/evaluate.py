@@ -2,7 +2,8 @@
 
 Each assistant turn of each conversation in DATA is a case: the messages before it are the
 prompt, the turn is the reference. Prompts are rendered with the model dir's own format (the
-template training used; tests/serving/test_history.py proves the server renders the same),
+template training used; tests/serving/test_history.py proves the server renders the same; for
+a harmony format, vLLM's own harmony rendering, as its chat server does: serving/harmony.py),
 generated greedily by `vllm.LLM` with the engine settings `keel serve` would use, and parsed
 by the same parser class the server composes from the format spec (Keel's plugin included), so
 a score here is a score of what the server returns.
@@ -14,7 +15,9 @@ Scores (n is the number of cases or calls each is taken over):
     tool_name_match       on reference turns with calls: the same tool names (as a multiset)
     arguments_match       on reference turns with calls: the same names with the same arguments
     reasoning_format      (formats with reasoning) the output opens with the think delimiter and
-                          closes it once, and no delimiter is left in the content
+                          closes it once, and no delimiter is left in the content (harmony: it
+                          opens with one analysis message, ended by <|end|>, and no harmony
+                          markup is left in the content)
     answer_exact_match    on reference turns that answer in text: the same text
     finished              the turn ended with its end-of-turn token, not max_tokens
 """
@@ -85,7 +88,12 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
         except jsonschema.ValidationError:
             pass
     spec = fmt.spec
-    begun = raw.count(spec.tool_call.open) if spec.tool_call else len(calls)
+    if fmt.harmony:
+        from serving.harmony import begun_calls
+
+        begun = begun_calls(raw)
+    else:
+        begun = raw.count(spec.tool_call.open) if spec.tool_call else len(calls)
     ref_calls = [(c["function"]["name"], c["function"]["arguments"]) for c in case.reference.get("tool_calls") or []]
     out = {"reasoning": reasoning, "content": content, "calls": calls, "finish": finish,
            "valid_calls": valid, "begun_calls": max(begun, len(calls)),
@@ -95,7 +103,11 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
         out["arguments_match"] = _canonical(calls) == _canonical(ref_calls)
     elif case.reference.get("content"):
         out["answer_exact_match"] = (content or "").strip() == case.reference["content"].strip()
-    if spec.supports.reasoning and spec.think:
+    if spec.supports.reasoning and fmt.harmony:
+        from serving.harmony import reasoning_format
+
+        out["reasoning_format"] = reasoning_format(raw, content)
+    elif spec.supports.reasoning and spec.think:
         text = raw.lstrip()
         out["reasoning_format"] = (text.startswith(spec.think.open) and text.count(spec.think.close) == 1
                                    and text.count(spec.think.open) == 1
@@ -174,14 +186,24 @@ def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int
     llm, served, settings, lora = _engine(served)
     from data.model_loading import LoadPolicy, load_tokenizer
 
-    tokenizer = load_tokenizer(served.template_dir, LoadPolicy(
-        trust_remote_code=served.export_info.get("trust_remote_code") is True), key="model")
-    special = dict(tokenizer.special_tokens_map)
+    if fmt.harmony:
+        # as the server renders gpt-oss: vLLM's harmony functions, the date pinned by _engine's env
+        from serving import harmony
+
+        def prompt_of(case):
+            return harmony.prompt_ids(case.messages, case.tools, reasoning_effort=fmt.spec.harmony.reasoning_effort)
+    else:
+        tokenizer = load_tokenizer(served.template_dir, LoadPolicy(
+            trust_remote_code=served.export_info.get("trust_remote_code") is True), key="model")
+        special = dict(tokenizer.special_tokens_map)
+
+        def prompt_of(case):
+            text = render_text({"messages": case.messages, "tools": case.tools}, fmt=fmt, add_generation_prompt=True,
+                               special_tokens=special)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
     prompts, params, kept = [], [], []
     for case in cases:
-        text = render_text({"messages": case.messages, "tools": case.tools}, fmt=fmt, add_generation_prompt=True,
-                           special_tokens=special)
-        case.prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        case.prompt_ids = prompt_of(case)
         room = settings.max_model_len - len(case.prompt_ids)
         if room <= 0:
             case.result = {"skipped": "prompt beyond the context length"}
@@ -190,16 +212,22 @@ def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int
         params.append(SamplingParams(temperature=0, max_tokens=min(max_tokens, room), skip_special_tokens=False))
         kept.append(case)
     outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
-    ToolParserManager.import_tool_parser(PARSER_PLUGIN)
     engine_tokenizer = llm.get_tokenizer()
-    parser_cls = ParserManager.get_parser(tool_parser_name=fmt.spec.vllm.tool_parser,
-                                          reasoning_parser_name=fmt.spec.vllm.reasoning_parser,
-                                          enable_auto_tools=True, tokenizer=engine_tokenizer)
+    if fmt.harmony:
+        parser_cls = harmony.parser_class(fmt)
+    else:
+        ToolParserManager.import_tool_parser(PARSER_PLUGIN)
+        parser_cls = ParserManager.get_parser(tool_parser_name=fmt.spec.vllm.tool_parser,
+                                              reasoning_parser_name=fmt.spec.vllm.reasoning_parser,
+                                              enable_auto_tools=True, tokenizer=engine_tokenizer)
     for case, output in zip(kept, outputs):
         gen = output.outputs[0]
         request = ChatCompletionRequest(model="keel", messages=[{"role": "user", "content": "x"}], tools=case.tools,
                                         tool_choice="auto" if case.tools else None)
-        if parser_cls is None:
+        if fmt.harmony:
+            reasoning, content, calls = harmony.parse_output(parser_cls, engine_tokenizer, request, gen.text,
+                                                             gen.token_ids)
+        elif parser_cls is None:
             reasoning, content, calls = None, gen.text, []
         else:
             parser = parser_cls(engine_tokenizer, request.tools, chat_template_kwargs={})

@@ -25,7 +25,14 @@ leaves to the operator:
    messages (it keeps `reasoning`, vllm#38488), so a client that sends back what SGLang and
    older vLLM returned would get a prompt without that reasoning: a history rendered unlike
    training. `reasoning_content` is copied to `reasoning` on incoming assistant messages, so
-   the chat template (which reads either) renders the turn as training did.
+   the chat template (which reads either) renders the turn as training did. (vLLM 0.32's
+   request model renames it as well; this stays for the versions that drop it.) Responses
+   carry `reasoning`, from the chat template's reasoning parser or, for gpt-oss, harmony's
+   analysis channel alike.
+6. The trained reasoning effort (gpt-oss). vLLM writes "Reasoning: medium" into the harmony
+   system message unless a request names `reasoning_effort`, and has no server setting for
+   it; `keel serve` passes the format's harmony.reasoning_effort in $KEEL_REASONING_EFFORT and
+   a chat request that names none gets it, so the default prompt is the trained one.
 """
 
 from __future__ import annotations
@@ -37,11 +44,16 @@ import os
 import signal
 
 API_KEY_ENV = "KEEL_API_KEY"
+REASONING_EFFORT_ENV = "KEEL_REASONING_EFFORT"  # serving/server.py sets it for harmony formats
+# Chat requests whose prompt vLLM renders with harmony for gpt-oss (render: the prompt ids only, no
+# generation, served only with vLLM's --enable-scale-out; /tokenize renders with a chat template,
+# which a harmony export has none of).
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/v1/chat/completions/render"})
 # Open without a key: probes and scraping must work without the secret, and none of these
 # runs the model or the tokenizer.
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 # Routes whose JSON body may carry chat messages.
-MESSAGE_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/tokenize"})
+MESSAGE_PATHS = frozenset({"/v1/chat/completions", "/invocations", "/tokenize", "/v1/chat/completions/render"})
 _engine_died = False
 
 
@@ -73,9 +85,18 @@ def reasoning_as_trained(payload: dict) -> bool:
     return changed
 
 
+def default_reasoning_effort(payload: dict, effort: str) -> bool:
+    """Name `effort` in a chat request that names no reasoning_effort; True if anything changed."""
+    if "messages" not in payload or payload.get("reasoning_effort") is not None:
+        return False
+    payload["reasoning_effort"] = effort
+    return True
+
+
 class KeelMiddleware:
     def __init__(self, app):
         self.app = app
+        self._reasoning_effort = os.environ.get(REASONING_EFFORT_ENV) or None
         key = os.environ.get(API_KEY_ENV) or ""
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         self.draining = False
@@ -141,13 +162,15 @@ class KeelMiddleware:
                                  "authentication_error", [(b"www-authenticate", b"Bearer")])(send)
             return
         if scope["type"] == "http" and scope.get("method") == "POST" and path in MESSAGE_PATHS:
-            scope, receive, refusal = await self._check_messages(scope, receive, invocation=path == "/invocations")
+            scope, receive, refusal = await self._check_messages(
+                scope, receive, invocation=path == "/invocations",
+                effort=self._reasoning_effort if path in CHAT_PATHS else None)
             if refusal is not None:
                 await refusal(send)
                 return
         await self.app(scope, receive, send)
 
-    async def _check_messages(self, scope, receive, *, invocation: bool):
+    async def _check_messages(self, scope, receive, *, invocation: bool, effort: str | None = None):
         """(scope, receive, None), the body rewritten if needed; or a 400 answer to send."""
         chunks, more, messages = [], True, []
         while more:
@@ -160,7 +183,7 @@ class KeelMiddleware:
         body = b"".join(chunks)
         complete = bool(messages) and messages[-1]["type"] == "http.request"
         payload = None
-        if complete and (invocation or b'"reasoning_content"' in body):
+        if complete and (invocation or effort or b'"reasoning_content"' in body):
             try:
                 payload = json.loads(body)
             except ValueError:
@@ -169,7 +192,10 @@ class KeelMiddleware:
             problem = chat_body_problem(json.loads(body))  # a copy: vLLM's validators edit messages
             if problem:
                 return scope, receive, _json_response(400, problem, "BadRequestError")
-        if isinstance(payload, dict) and reasoning_as_trained(payload):
+        changed = isinstance(payload, dict) and reasoning_as_trained(payload)
+        if isinstance(payload, dict) and effort and default_reasoning_effort(payload, effort):
+            changed = True
+        if changed:
             body = json.dumps(payload, ensure_ascii=False).encode()
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
             scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])

