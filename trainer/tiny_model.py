@@ -153,9 +153,6 @@ def check_arch_format(arch: str, fmt_name: str) -> None:
 
 def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str | None = None,
                      vocab_size: int = 4096, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     if arch not in ARCHS:
         raise KeelError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
     fmt_name = fmt_name or (HARMONY if arch == "gpt_oss" else "hermes-qwen3")
@@ -168,6 +165,9 @@ def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str 
     if out.exists() and any(out.iterdir()):
         raise KeelError(f"{out}: already exists and is not empty; choose a new directory or delete it")
     fmt = load_format(fmt_name)
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     if arch == "gpt_oss":
         from data.harmony_tokenizer import build_harmony_tokenizer
 
