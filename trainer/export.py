@@ -72,14 +72,19 @@ def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: dict)
     if not hasattr(model, "peft_config"):
         model.config.eos_token_id = stop_ids[0]
     model.save_pretrained(tmp, safe_serialization=True)
+    # A harmony format (gpt-oss) has no chat template: vLLM renders its prompts with the harmony
+    # encoding, so the export carries none (a stale one from the base would show a different
+    # prompt than the server sends); its spec below says how it is rendered.
     tokenizer.chat_template = fmt.chat_template
     tokenizer.save_pretrained(tmp)
-    (tmp / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
+    if fmt.chat_template is not None:
+        (tmp / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     fmt_dir = tmp / FORMAT_DIR
     fmt_dir.mkdir()
     # The spec as training used it, rendering options included (not the shipped file).
     (fmt_dir / SPEC_FILE).write_text(fmt.spec_yaml(), encoding="utf-8")
-    (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
+    if fmt.chat_template is not None:
+        (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     (tmp / EXPORT_INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
