@@ -53,7 +53,7 @@ def model_config(model_path: str) -> dict:
 
     try:
         return PretrainedConfig.get_config_dict(model_path)[0]
-    except OSError:
+    except (OSError, ValueError):
         return {}  # loading the model reports what is missing
 
 
@@ -84,14 +84,34 @@ def is_mxfp4(config: dict) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
 
 
+def load_base_model(path: str, policy, *, dtype, config: dict | None = None):
+    """A full-precision copy of the base model in `dtype`, loaded as training loads it: eager
+    attention for a model with attention sinks, MXFP4 experts dequantized (transformers'
+    Mxfp4Config(dequantize=True): the blocks and scales become bf16 weights on CPU and GPU alike,
+    no kernels fetched; then cast, so every weight has one dtype). Used for the trained model,
+    DPO's reference copy and export's rebuilt model."""
+    from data.model_loading import load_causal_lm
+
+    config = model_config(str(path)) if config is None else config
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if has_attention_sinks(config):
+        kwargs["attn_implementation"] = "eager"
+    if is_mxfp4(config):
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = load_causal_lm(path, policy, **kwargs)
+    if is_mxfp4(config):
+        model = model.to(dtype)  # dequantization writes bf16 whatever `dtype` asked
+    return model
+
+
 def build_model(*, model_section, peft, training):
     """The base model, in the dtype it trains in; 4-bit for QLoRA.
 
     gpt-oss: eager attention, the implementation that honours its attention sinks; an MXFP4
-    checkpoint is dequantized at load (transformers' Mxfp4Config(dequantize=True): the expert
-    blocks and scales become bf16 weights, on CPU and GPU alike, nothing fetched), then held as
-    the run computes: bf16 for a LoRA base on a bf16 run (the frozen 20B then takes ~42 GB, not
-    ~84 GB in fp32), fp32 otherwise."""
+    checkpoint is dequantized at load and held as the run computes: bf16 for a LoRA base on a
+    bf16 run (the frozen 20B then takes ~42 GB, not ~84 GB in fp32), fp32 otherwise."""
     import torch
 
     from data.model_loading import load_causal_lm
@@ -102,32 +122,24 @@ def build_model(*, model_section, peft, training):
                         "in MXFP4 (quantization_config.quant_method mxfp4), which Keel dequantizes to bf16 for "
                         "training; use peft.kind: lora (the bf16 base is frozen)")
     check_device_support(peft=peft, training=training)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if peft.kind != "qlora":
+        dtype = torch.float32
+        if is_mxfp4(config) and peft.kind == "lora" and compute_precision(training) == "bf16":
+            dtype = torch.bfloat16
+        return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config)
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
     if has_attention_sinks(config):
         kwargs["attn_implementation"] = "eager"
-    if is_mxfp4(config):
-        from transformers import Mxfp4Config
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        if peft.kind == "lora" and compute_precision(training) == "bf16":
-            kwargs["dtype"] = torch.bfloat16
-    if peft.kind == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["dtype"] = torch.bfloat16
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model = load_causal_lm(model_section.path, model_section.load_policy, **kwargs)
-    if is_mxfp4(config):
-        # dequantization writes bf16 whatever `dtype` asked: one dtype for every weight
-        model = model.to(kwargs["dtype"])
-    if peft.kind == "qlora":
-        from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
-    return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
 
 
 def build_peft_config(peft):

@@ -43,7 +43,9 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
         # on CPU and load the gathered state (for QLoRA, only the adapter: the base is unchanged).
         if quantized:
             state = {k: v for k, v in state.items() if "lora_" in k}
-        model = load_causal_lm(recipe_model_path, load_policy, dtype=torch.float32)
+        from trainer.build import load_base_model
+
+        model = load_base_model(recipe_model_path, load_policy, dtype=torch.float32)
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -120,7 +122,9 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
         from peft import PeftModel
 
         # the adapter is Keel's own export: adapter_model.safetensors
-        model = PeftModel.from_pretrained(load_causal_lm(adapter_base, load_policy, dtype=torch.float32),
+        from trainer.build import load_base_model
+
+        model = PeftModel.from_pretrained(load_base_model(adapter_base, load_policy, dtype=torch.float32),
                                           str(out_dir))
     else:
         # Keel wrote these weights as safetensors: pickle is never needed to read them back
