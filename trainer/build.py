@@ -35,28 +35,111 @@ def check_device_support(*, peft, training) -> None:
               file=sys.stderr, flush=True)
 
 
+def model_config(model_path: str) -> dict:
+    """The base model's config.json as a dict: a local directory's, the kept one of a hub id Keel
+    knows (trainer/architectures/), or the hub's (config only; no weights, no model code)."""
+    import json
+    from pathlib import Path
+
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    from trainer.known_models import known_model
+
+    known = known_model(model_path)
+    if known is not None:
+        return known.config()
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(model_path)[0]
+    except (OSError, ValueError):
+        return {}  # loading the model reports what is missing
+
+
+def has_attention_sinks(config: dict) -> bool:
+    """gpt-oss: every attention head has a learned sink logit (a softmax column no key fills).
+    transformers' eager attention adds it; SDPA cannot (gpt-oss declares no SDPA), flash-attention-2
+    drops it silently, and Keel's CPU packed attention (document_attention.py) has no place for it."""
+    return config.get("model_type") == "gpt_oss"
+
+
+PACKING_WITH_SINKS = (
+    "training.packing: {what} has attention sinks (model type gpt_oss), which only eager attention adds here, "
+    "and packed examples need a mask that keeps them apart: transformers' GptOss model builds its mask without "
+    "the restarting position ids, so packed examples would attend to each other, while flash attention's varlen "
+    "kernels and Keel's per-document SDPA (CPU) would drop the sinks; set training.packing: false")
+
+
+def packing_problem(config: dict, packing: bool, what: str) -> str | None:
+    """Why packed rows cannot train this model correctly (None: they can)."""
+    if packing and has_attention_sinks(config):
+        return PACKING_WITH_SINKS.format(what=what)
+    return None
+
+
+def is_mxfp4(config: dict) -> bool:
+    """A checkpoint whose experts are stored in MXFP4 (*_blocks, *_scales), as gpt-oss is published."""
+    quant = config.get("quantization_config") or {}
+    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+
+
+def load_base_model(path: str, policy, *, dtype, config: dict | None = None):
+    """A full-precision copy of the base model in `dtype`, loaded as training loads it: eager
+    attention for a model with attention sinks, MXFP4 experts dequantized (transformers'
+    Mxfp4Config(dequantize=True): the blocks and scales become bf16 weights on CPU and GPU alike,
+    no kernels fetched; then cast, so every weight has one dtype). Used for the trained model,
+    DPO's reference copy and export's rebuilt model."""
+    from data.model_loading import load_causal_lm
+
+    config = model_config(str(path)) if config is None else config
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if has_attention_sinks(config):
+        kwargs["attn_implementation"] = "eager"
+    if is_mxfp4(config):
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = load_causal_lm(path, policy, **kwargs)
+    if is_mxfp4(config):
+        model = model.to(dtype)  # dequantization writes bf16 whatever `dtype` asked
+    return model
+
+
 def build_model(*, model_section, peft, training):
-    """The base model, in the dtype it trains in; 4-bit for QLoRA."""
+    """The base model, in the dtype it trains in; 4-bit for QLoRA.
+
+    gpt-oss: eager attention, the implementation that honours its attention sinks; an MXFP4
+    checkpoint is dequantized at load and held as the run computes: bf16 for a LoRA base on a
+    bf16 run (the frozen 20B then takes ~42 GB, not ~84 GB in fp32), fp32 otherwise."""
     import torch
 
     from data.model_loading import load_causal_lm
 
+    config = model_config(model_section.path)
+    if is_mxfp4(config) and peft.kind == "qlora":
+        raise KeelError(f"peft.kind: qlora quantizes the base to 4-bit NF4, but {model_section.path} is stored "
+                        "in MXFP4 (quantization_config.quant_method mxfp4), which Keel dequantizes to bf16 for "
+                        "training; use peft.kind: lora (the bf16 base is frozen)")
     check_device_support(peft=peft, training=training)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if peft.kind == "qlora":
-        from transformers import BitsAndBytesConfig
+    if peft.kind != "qlora":
+        dtype = torch.float32
+        if is_mxfp4(config) and peft.kind == "lora" and compute_precision(training) == "bf16":
+            dtype = torch.bfloat16
+        return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config)
+    from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["dtype"] = torch.bfloat16
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    if has_attention_sinks(config):
+        kwargs["attn_implementation"] = "eager"
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model = load_causal_lm(model_section.path, model_section.load_policy, **kwargs)
-    if peft.kind == "qlora":
-        from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
-    return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
 
 
 def build_peft_config(peft):

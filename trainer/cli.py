@@ -38,11 +38,15 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def cmd_tiny_model(argv: list[str]) -> int:
     p = _parser("tiny-model", "Build a tiny random-init causal LM and a BPE tokenizer trained on text the repository ships.")
     p.add_argument("out_dir")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen3"])
-    p.add_argument("--format", default="hermes-qwen3", help="format whose delimiters become single tokens")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 64; head_dim is 64)")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen3", "gpt_oss"],
+                   help="gpt_oss: a tiny gpt-oss (experts, attention sinks) with the o200k_harmony tokenizer")
+    p.add_argument("--format", default=None,
+                   help="format whose delimiters become single tokens (default hermes-qwen3; harmony for gpt_oss, "
+                        "the only format it takes)")
+    p.add_argument("--hidden", type=int, default=128,
+                   help="hidden size (a multiple of 64; head_dim is 64; for gpt_oss a multiple of 32)")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (gpt_oss: always 201,088)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from trainer.tiny_model import build_tiny_model

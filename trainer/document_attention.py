@@ -20,6 +20,8 @@ Both give the same loss as the padded per-example path (tests/unit/test_fast_pat
 
 from __future__ import annotations
 
+from data.errors import KeelError
+
 ATTENTION = "keel_document_sdpa"
 
 
@@ -74,9 +76,18 @@ def register() -> str:
     return ATTENTION
 
 
+def has_sinks(model) -> bool:
+    """Attention with learned sinks (gpt-oss): document_sdpa has no place for them."""
+    return any(hasattr(module, "sinks") for module in model.modules())
+
+
 def use_document_attention(model) -> None:
     """Switch a (PEFT-wrapped or plain) transformers model to document_sdpa."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if has_sinks(base):
+        # SDPA has no sink column: training would silently drop a part of the model
+        raise KeelError(f"{type(base).__name__} has attention sinks, which Keel's per-document SDPA ignores; "
+                        "it trains with eager attention on unpacked rows (training.packing: false)")
     base.set_attn_implementation(register())
 
 

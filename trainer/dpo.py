@@ -28,7 +28,8 @@ def build_dpo_trainer(*, model, tokenizer, peft_config, dpo, model_path: str, ar
     import torch
     from trl import DPOConfig
 
-    from data.model_loading import LoadPolicy, load_causal_lm
+    from data.model_loading import LoadPolicy
+    from trainer.build import load_base_model
 
     config = DPOConfig(
         **args,
@@ -41,7 +42,7 @@ def build_dpo_trainer(*, model, tokenizer, peft_config, dpo, model_path: str, ar
     if dpo.reference == "copy" or (dpo.reference == "auto" and peft_config is None):
         # A frozen copy of the starting weights. TRL would also build one from the model's
         # name, but loading it here makes its dtype and source explicit.
-        ref_model = load_causal_lm(model_path, load_policy or LoadPolicy(), dtype=torch.float32)
+        ref_model = load_base_model(model_path, load_policy or LoadPolicy(), dtype=torch.float32)
         ref_model.requires_grad_(False).eval()
     return make_dpo_trainer_class()(
         model=model, ref_model=ref_model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,

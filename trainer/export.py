@@ -43,7 +43,9 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
         # on CPU and load the gathered state (for QLoRA, only the adapter: the base is unchanged).
         if quantized:
             state = {k: v for k, v in state.items() if "lora_" in k}
-        model = load_causal_lm(recipe_model_path, load_policy, dtype=torch.float32)
+        from trainer.build import load_base_model
+
+        model = load_base_model(recipe_model_path, load_policy, dtype=torch.float32)
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -72,14 +74,19 @@ def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: dict)
     if not hasattr(model, "peft_config"):
         model.config.eos_token_id = stop_ids[0]
     model.save_pretrained(tmp, safe_serialization=True)
+    # A harmony format (gpt-oss) has no chat template: vLLM renders its prompts with the harmony
+    # encoding, so the export carries none (a stale one from the base would show a different
+    # prompt than the server sends); its spec below says how it is rendered.
     tokenizer.chat_template = fmt.chat_template
     tokenizer.save_pretrained(tmp)
-    (tmp / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
+    if fmt.chat_template is not None:
+        (tmp / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     fmt_dir = tmp / FORMAT_DIR
     fmt_dir.mkdir()
     # The spec as training used it, rendering options included (not the shipped file).
     (fmt_dir / SPEC_FILE).write_text(fmt.spec_yaml(), encoding="utf-8")
-    (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
+    if fmt.chat_template is not None:
+        (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     (tmp / EXPORT_INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
@@ -115,7 +122,9 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
         from peft import PeftModel
 
         # the adapter is Keel's own export: adapter_model.safetensors
-        model = PeftModel.from_pretrained(load_causal_lm(adapter_base, load_policy, dtype=torch.float32),
+        from trainer.build import load_base_model
+
+        model = PeftModel.from_pretrained(load_base_model(adapter_base, load_policy, dtype=torch.float32),
                                           str(out_dir))
     else:
         # Keel wrote these weights as safetensors: pickle is never needed to read them back

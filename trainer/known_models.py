@@ -54,9 +54,11 @@ CHAT_FAMILIES = {
                               "header turns fit; `native` would pair the model's own template (no place for "
                               "reasoning_content) with the tool syntax of the base's model type (qwen2 or llama), "
                               "which the distilled model does not write"),
-    "harmony": ChatFamily((), "gpt-oss speaks OpenAI's harmony format (<|start|>, <|channel|>, <|message|>, "
-                              "analysis/final channels), served by vLLM's harmony path, for which Keel ships no "
-                              "format yet"),
+    "harmony": ChatFamily(("harmony",),
+                          "gpt-oss speaks OpenAI's harmony format (<|start|>, <|channel|>, <|message|>, analysis/final "
+                          "channels), which vLLM renders and parses through the harmony encoding for model type "
+                          "gpt_oss, never through a chat template; `native` is not offered (vLLM ignores the "
+                          "model's template on that path)"),
 }
 
 
@@ -99,6 +101,6 @@ def format_problem(model_path: str, fmt: str) -> str | None:
     fix = (f"use model.format: {' or '.join(known.family.formats)}" if known.family.formats else
            "Keel cannot serve this model family with a matching reasoning/tool format yet; train a family "
            "that has one (llama with llama3-json, qwen3 with hermes-qwen3, gemma3 with gemma3, "
-           "DeepSeek-R1-Distill with deepseek-r1)")
+           "DeepSeek-R1-Distill with deepseek-r1, gpt-oss with harmony)")
     return (f"model.format: {fmt!r} does not fit {known.hub_id} (chat family {known.chat}): {known.family.why_not}; "
             f"{fix}")

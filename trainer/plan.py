@@ -15,7 +15,10 @@ strategy shards over):
                  values (attention scores are never materialised with SDPA/flash attention); with
                  gradient checkpointing, each layer's input plus one layer recomputed at a time;
                  plus the logits and their gradient in fp32 (2*vocab per token) which dominate
-                 for large vocabularies
+                 for large vocabularies. Models with attention sinks (gpt-oss) train with eager
+                 attention, which materialises every layer's scores: seq^2 x heads per sequence
+                 and layer, kept for backward (the softmax output), and about three such matrices
+                 live while one layer runs (scores, scores with the sink column, probabilities)
     reference    DPO's frozen reference copy (none with peft: the base with adapters disabled)
     overhead     CUDA context, NCCL buffers and allocator fragmentation: 2 GiB + 5%
 
@@ -105,6 +108,11 @@ class ModelShape:
     max_positions: int | None
     active: int = 0  # parameters a token passes through (a mixture of experts uses top-k of its experts)
     attention_width: int = 0  # heads x head_dim (what attention scores are computed over)
+    heads: int = 0  # attention heads (query heads: eager attention makes one score matrix each)
+    experts: int = 0  # experts per MoE layer (0: dense)
+    experts_per_token: int = 0
+    eager_attention: bool = False  # attention sinks: trained with eager attention (trainer/build.py)
+    mxfp4: bool = False  # an MXFP4 checkpoint, dequantized to bf16 at load (trainer/build.py)
 
     def __post_init__(self):
         self.active = self.active or self.params
@@ -170,10 +178,14 @@ def model_shape(config: dict, peft) -> ModelShape:
         intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    from trainer.build import has_attention_sinks, is_mxfp4
+
     return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
                       intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
                       max_positions=getattr(text, "max_position_embeddings", None), active=active,
-                      attention_width=heads * head_dim)
+                      attention_width=heads * head_dim, heads=heads, experts=experts or 0,
+                      experts_per_token=top_k or 0, eager_attention=has_attention_sinks(config),
+                      mxfp4=is_mxfp4(config))
 
 
 def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
@@ -198,8 +210,20 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
         w_f = 2 if deepspeed else 4
     if recipe.peft.kind == "qlora":
         w_f = NF4_BYTES
+    elif recipe.peft.kind == "lora" and not cpu and shape.mxfp4:
+        w_f = 2  # trainer/build.py: a dequantized MXFP4 base stays bf16 under LoRA on bf16 runs
+        notes.append("MXFP4 checkpoint: experts dequantized to bf16 at load; the frozen base is held in bf16")
     elif recipe.peft.kind == "lora" and not deepspeed and not cpu:
         notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
+    if shape.mxfp4 and (recipe.peft.kind != "lora" or cpu):
+        notes.append("MXFP4 checkpoint: experts dequantized at load (bf16, then the run's dtype)")
+    if shape.experts:
+        notes.append(f"mixture of experts: {shape.experts} experts, {shape.experts_per_token} per token "
+                     f"({shape.active / 1e9:.3g}B of {shape.params / 1e9:.3g}B parameters active); every expert's "
+                     "weights are held")
+    if shape.eager_attention:
+        notes.append("attention sinks: eager attention (flash attention and SDPA would drop the sinks), whose "
+                     f"score matrices (seq_len^2 x {shape.heads} heads per layer) are in the activations")
     weights = shape.trainable * w_t + frozen * w_f
     grads = shape.trainable * g_t
     opt = shape.trainable * o_t
@@ -275,7 +299,20 @@ def activation_bytes(recipe, shape: ModelShape, *, cpu: bool) -> tuple[float, fl
     logits = tokens * shape.vocab * (16 if cpu else 2 + 4 + 4)
     no_ckpt = shape.layers * per_layer + logits
     ckpt = shape.layers * tokens * shape.hidden * value + per_layer + logits
+    if shape.eager_attention:
+        scores = eager_scores_bytes(recipe, shape, cpu=cpu)
+        # kept by every layer for backward, plus two more while a layer runs; with checkpointing
+        # only the layer being recomputed holds them (and its backward the gradient of one)
+        no_ckpt += (shape.layers + 2) * scores
+        ckpt += 3 * scores
     return no_ckpt, ckpt
+
+
+def eager_scores_bytes(recipe, shape: ModelShape, *, cpu: bool) -> float:
+    """One layer's attention score matrix under eager attention: seq_len^2 per head and sequence."""
+    t = recipe.training
+    seqs = t.micro_batch_size * (2 if recipe.technique == "dpo" else 1)
+    return seqs * shape.heads * t.seq_len ** 2 * (4 if cpu else 2)
 
 
 # Dense bf16 peak FLOP/s per GPU (vendor figures, no sparsity) and the model FLOPs utilisation the

@@ -193,6 +193,13 @@ class Recipe(Section):
                             + ", ".join(available_formats()))
         elif problem := format_problem(self.model.path, self.model.format):
             problems.append(problem)
+        from trainer.known_models import known_model
+
+        if (known := known_model(self.model.path)) is not None:
+            from trainer.build import packing_problem
+
+            if problem := packing_problem(known.config(), self.training.packing, known.hub_id):
+                problems.append(problem)
         if self.model.native_syntax is not None:
             if self.model.format != "native":
                 problems.append(f"model.native_syntax: only for model.format native (the format is "
@@ -427,12 +434,17 @@ def _model_fit_problems(recipe: Recipe, config_file: Path) -> list[str]:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         return [f"  - model.path: {config_file} is not readable JSON ({exc})"]
+    from trainer.build import packing_problem
+
+    problems = []
+    if problem := packing_problem(config, recipe.training.packing, str(config_file.parent)):
+        problems.append(f"  - {problem}")
     config = config.get("text_config", config)
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and recipe.training.seq_len > positions:
-        return [f"  - training.seq_len: {recipe.training.seq_len} is beyond the model's {positions} positions "
-                f"(max_position_embeddings in {config_file}); use at most {positions}"]
-    return []
+        problems.append(f"  - training.seq_len: {recipe.training.seq_len} is beyond the model's {positions} "
+                        f"positions (max_position_embeddings in {config_file}); use at most {positions}")
+    return problems
 
 
 def check_paths(recipe: Recipe, source: str) -> None:

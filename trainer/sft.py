@@ -97,6 +97,13 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
     from trl import SFTConfig
 
     rows_layout = packed and packed_layout == "packed-rows"
+    if packed:
+        from data.errors import KeelError
+        from trainer.build import packing_problem
+        from trainer.document_attention import has_sinks
+
+        if has_sinks(model):  # validation refuses it first (trainer/recipe.py); never train it silently
+            raise KeelError(packing_problem({"model_type": "gpt_oss"}, True, type(model).__name__))
     config = SFTConfig(
         **args,
         # Data is prepared (rendered, tokenized, truncated, packed, labels built) by Keel; TRL

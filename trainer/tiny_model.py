@@ -5,6 +5,13 @@ the repository ships (data/corpus/ and the quickstart conversations), with the f
 delimiters (<think>, <tool_call>, ...) as single tokens. It is saved with `save_pretrained`,
 exactly like a real base model, so every later step takes the same code path a real model
 takes. head_dim is 64, which vLLM's CPU attention supports (16 is not supported).
+
+`--arch gpt_oss` builds a tiny GptOssForCausalLM instead (format harmony only): gpt-oss's own
+o200k_harmony tokenizer (data/harmony_tokenizer.py, vocab 201,088, built offline), attention
+sinks, a few experts (top-2), yarn rope as published, and sliding-window attention on the even
+layers, which is where vLLM's gpt_oss model puts it whatever `layer_types` says. Hidden and
+expert sizes are multiples of 32 (vLLM's CPU MoE kernel). Saved in bf16, as published models are
+(vLLM's CPU path loads and generates it).
 """
 
 from __future__ import annotations
@@ -16,7 +23,15 @@ from data.errors import KeelError
 from data.formats import load_format
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-ARCHS = ("llama", "qwen3")
+ARCHS = ("llama", "qwen3", "gpt_oss")
+HARMONY = "harmony"  # the only format gpt_oss takes, and only gpt_oss takes it
+# What the published gpt-oss configs say (trainer/architectures/gpt-oss-20b.json)
+GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096, "truncate": False}
+# generation_config of the published model: stop at <|return|>, <|endoftext|>, <|call|>
+GPT_OSS_EOS = [200002, 199999, 200012]
+GPT_OSS_PAD = 199999
+GPT_OSS_BOS = 199998
 
 
 def _corpus_lines(fmt) -> list[str]:
@@ -78,6 +93,9 @@ def build_tokenizer(fmt, vocab_size: int):
 def build_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, *, hidden: int, layers: int):
     from transformers import LlamaConfig, Qwen3Config
 
+    if arch == "gpt_oss":
+        return gpt_oss_config(hidden=hidden, layers=layers)
+
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -100,26 +118,73 @@ def build_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, *, hidden
     raise KeelError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
 
 
-def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str = "hermes-qwen3",
-                     vocab_size: int = 4096, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def gpt_oss_config(*, hidden: int, layers: int, experts: int = 4):
+    """A tiny GptOssConfig shaped like the published one (yarn rope, sinks, alternating sliding
+    window starting on layer 0, biased attention, experts top-2) and servable by vLLM's CPU path."""
+    from transformers import GptOssConfig
 
+    heads = max(2, hidden // 64 * 2)  # even, so the key/value heads (half) divide them
+    return GptOssConfig(
+        vocab_size=VOCAB_SIZE_HARMONY, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=64,
+        num_local_experts=experts, num_experts_per_tok=2, sliding_window=32,
+        # vLLM's GptOss model slides on layer_idx % 2 == 0 and ignores layer_types: say the same here
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        max_position_embeddings=4096, rope_parameters=dict(GPT_OSS_ROPE), tie_word_embeddings=False,
+        attention_bias=True, swiglu_limit=7.0, router_aux_loss_coef=0.9, output_router_logits=False,
+        bos_token_id=GPT_OSS_BOS, eos_token_id=GPT_OSS_EOS[0], pad_token_id=GPT_OSS_PAD,
+    )
+
+
+VOCAB_SIZE_HARMONY = 201088
+
+
+def check_arch_format(arch: str, fmt_name: str) -> None:
+    """gpt_oss takes the harmony format and only it; harmony needs gpt_oss."""
+    if arch == "gpt_oss" and fmt_name != HARMONY:
+        raise KeelError(f"--format {fmt_name}: --arch gpt_oss is trained and served with the harmony format only "
+                        "(vLLM renders and parses gpt-oss through the harmony encoding, whatever the template); "
+                        "use --format harmony or leave --format out")
+    if arch != "gpt_oss" and fmt_name == HARMONY:
+        raise KeelError(f"--format harmony: only --arch gpt_oss is served through harmony (vLLM uses it for model "
+                        f"type gpt_oss only), so a {arch} model cannot speak it; use --arch gpt_oss, or another "
+                        "format with this arch")
+
+
+def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", fmt_name: str | None = None,
+                     vocab_size: int = 4096, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
     if arch not in ARCHS:
         raise KeelError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
-    if hidden % 64:
+    fmt_name = fmt_name or (HARMONY if arch == "gpt_oss" else "hermes-qwen3")
+    check_arch_format(arch, fmt_name)
+    if arch == "gpt_oss" and hidden % 32:
+        raise KeelError(f"--hidden {hidden}: must be a multiple of 32 for gpt_oss (vLLM's CPU MoE kernel)")
+    if arch != "gpt_oss" and hidden % 64:
         raise KeelError(f"--hidden {hidden}: must be a multiple of 64 (head_dim is 64)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise KeelError(f"{out}: already exists and is not empty; choose a new directory or delete it")
     fmt = load_format(fmt_name)
-    tokenizer = build_tokenizer(fmt, vocab_size)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in fmt.spec.stop_tokens]
-    pad_id = tokenizer.convert_tokens_to_ids(fmt.spec.pad_token)
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch == "gpt_oss":
+        from data.harmony_tokenizer import build_harmony_tokenizer
+
+        tokenizer = build_harmony_tokenizer()  # vocab_size is o200k_harmony's own
+        eos_ids, pad_id = list(GPT_OSS_EOS), GPT_OSS_PAD
+        gen_extra = {"bos_token_id": GPT_OSS_BOS}
+    else:
+        tokenizer = build_tokenizer(fmt, vocab_size)
+        eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in fmt.spec.stop_tokens]
+        pad_id = tokenizer.convert_tokens_to_ids(fmt.spec.pad_token)
+        gen_extra = {}
     config = build_config(arch, len(tokenizer), eos_ids[0], pad_id, hidden=hidden, layers=layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+    if arch == "gpt_oss":
+        model = model.to(torch.bfloat16)  # as published (bf16 weights once the MXFP4 experts are dequantized)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id, **gen_extra)
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -201,8 +201,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         mlflow_section=recipe.tracking.mlflow,
         params={**flatten(recipe_public), "world_size": world},
         artifacts={"recipe.yaml": yaml.safe_dump(recipe_public, sort_keys=False),
-                   f"format/{fmt.spec.chat_template}": fmt.chat_template, "format/spec.yaml": fmt.spec_yaml(),
-                   **env_artifacts},
+                   # a harmony format has no chat template (its spec says how it renders)
+                   **({f"format/{fmt.spec.chat_template}": fmt.chat_template} if fmt.chat_template is not None
+                      else {}),
+                   "format/spec.yaml": fmt.spec_yaml(), **env_artifacts},
         tags=env_tags, run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
         resume_step=resume_step, model_params=sum(p.numel() for p in model.parameters()), world=world,
     )

@@ -131,13 +131,16 @@ def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
     assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
 
 
-@pytest.mark.parametrize("hub_id", ["openai/gpt-oss-20b"])
-def test_families_without_a_keel_format_are_refused_for_every_format_but_still_plan(hub_id):
+def test_gpt_oss_takes_the_harmony_format_and_only_it():
+    hub_id = "openai/gpt-oss-20b"
     for fmt in ("hermes-qwen3", "llama3-json", "native"):
-        with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*cannot serve"):
+        with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*harmony.*"
+                                            "use model.format: harmony"):
             catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
-    assert load_config(hub_id)["model_type"]  # keel plan still knows the architecture
-    assert CHAT_FAMILIES[known_models()[hub_id].chat].formats == ()
+    assert catalogue_recipe(f"model.path={hub_id}", "model.format=harmony").model.format == "harmony"
+    with pytest.raises(KeelError, match="does not fit meta-llama/Llama-3.1-8B-Instruct"):
+        catalogue_recipe("model.format=harmony")  # and no other family speaks harmony
+    assert CHAT_FAMILIES[known_models()[hub_id].chat].formats == ("harmony",)
 
 
 @pytest.mark.parametrize("hub_id", ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"])
@@ -201,7 +204,14 @@ SHRINK_SLIDING = dict(sliding_window=16, sliding_window_pattern=2)
 STEP_RECIPES = ["llama/llama-3.1-8b-sft-lora.yaml", "llama/llama-3.1-8b-dpo-lora.yaml", "qwen3/qwen3-4b-cpt-full.yaml",
                 "qwen3/qwen3-30b-a3b-sft-lora.yaml", "gemma/gemma-3-27b-sft-lora.yaml",
                 "deepseek/deepseek-r1-distill-qwen-7b-sft-lora.yaml",  # qwen2 architecture, reasoning and fenced tool calls
-                "mistral/mistral-small-24b-2501-sft-lora.yaml"]  # mistral architecture, [INST] turns, listed tool calls
+                "mistral/mistral-small-24b-2501-sft-lora.yaml",  # mistral architecture, [INST] turns, listed tool calls
+                # gpt_oss architecture (sinks, experts), harmony rendering: needs data/harmony.py (helper DATA);
+                # tests/unit/test_gpt_oss_training.py trains the same targets on ids built directly
+                "gpt-oss/gpt-oss-20b-sft-lora.yaml"]
+# gpt-oss: its experts (num_local_experts), two layer types for two layers, no MXFP4 (random weights)
+SHRINK_GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, experts_per_token=2, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"], head_dim=64,
+                      max_position_embeddings=131072)  # yarn: 32 x the original 4096, as published
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +221,7 @@ def shrunken_models(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from data.formats import load_format
+    from data.harmony_tokenizer import build_harmony_tokenizer
     from trainer.tiny_model import build_tokenizer
 
     built = {}
@@ -219,10 +230,12 @@ def shrunken_models(tmp_path_factory):
         key = (recipe.model.path, recipe.model.format)
         if key not in built:
             fmt = load_format(recipe.model.format)
-            tok = build_tokenizer(fmt, vocab_size=512)
-            config = load_config(recipe.model.path)
+            tok = build_harmony_tokenizer() if fmt.harmony else build_tokenizer(fmt, vocab_size=512)
+            config = dict(load_config(recipe.model.path))
+            config.pop("quantization_config", None)
             shrink = {**SHRINK, **(SHRINK_MOE if "num_experts" in config else {}),
-                      **(SHRINK_SLIDING if "sliding_window_pattern" in config else {})}
+                      **(SHRINK_SLIDING if "sliding_window_pattern" in config else {}),
+                      **(SHRINK_GPT_OSS if config["model_type"] == "gpt_oss" else {})}
             eos = tok.convert_tokens_to_ids(fmt.spec.stop_tokens[0])
             config.update(shrink, vocab_size=len(tok), eos_token_id=eos, bos_token_id=None,
                           pad_token_id=tok.convert_tokens_to_ids(fmt.spec.pad_token))
