@@ -16,11 +16,9 @@ import re
 
 import pytest
 import requests
-import yaml
 
 from conftest import API_KEY, free_port, keel_cmd, start_server, stop
-from data.formats import SPEC_FILE, load_format
-from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR
+from data.formats import load_format
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
@@ -33,45 +31,24 @@ TOOLS = [{"type": "function", "function": {
 MARKUP = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 
 
-def build_tiny_gptoss(out):
-    """A tiny random GptOssForCausalLM with harmony's tokenizer, shaped for vLLM's CPU kernels
-    (head_dim 64; hidden and intermediate multiples of 32; sliding window on even layers, where
-    vLLM puts it; bf16). To be replaced by trainer.tiny_model.build_tiny_model(out,
-    arch="gpt_oss", fmt_name="harmony")."""
-    import torch
-    from transformers import GenerationConfig, GptOssConfig, GptOssForCausalLM
+def export_tiny_gptoss(root):
+    """`keel tiny-model --arch gpt_oss` (bf16, harmony's tokenizer, shaped for vLLM's CPU kernels),
+    written out by the export's own model-dir writer as a trained harmony model is: the spec as
+    training used it, no chat template (harmony renders), the stop ids."""
+    from data.model_loading import load_causal_lm, load_tokenizer
+    from trainer.export import write_model_dir
+    from trainer.tiny_model import build_tiny_model
 
-    from data.harmony_tokenizer import build_harmony_tokenizer
-
-    tokenizer = build_harmony_tokenizer()
-    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in FMT.spec.stop_tokens]
-    pad_id = tokenizer.convert_tokens_to_ids(FMT.spec.pad_token)
-    config = GptOssConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_local_experts=4,
-                          num_experts_per_tok=2, sliding_window=128,
-                          layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096,
-                          eos_token_id=stop_ids, pad_token_id=pad_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=pad_id)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def export_files(model_dir):
-    """What trainer/export.py writes beside the weights for a harmony format: the spec as
-    training used it (no chat template: harmony renders) and the training facts."""
-    (model_dir / FORMAT_DIR).mkdir()
-    (model_dir / FORMAT_DIR / SPEC_FILE).write_text(FMT.spec_yaml(), encoding="utf-8")
-    (model_dir / EXPORT_INFO_FILE).write_text(yaml.safe_dump({"seq_len": SEQ_LEN, "dtype": "bfloat16"}))
+    base = build_tiny_model(root / "base", arch="gpt_oss", hidden=64)
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    return write_model_dir(model, tokenizer, fmt=FMT, out_dir=root / "run" / "model",
+                           info={"format": FMT.name, "seq_len": SEQ_LEN, "dtype": "bfloat16"})
 
 
 @pytest.fixture(scope="module")
 def harmony_server(tmp_path_factory, keel_env):
     root = tmp_path_factory.mktemp("harmony-serve")
-    model_dir = build_tiny_gptoss(root / "run" / "model")
-    export_files(model_dir)
+    model_dir = export_tiny_gptoss(root)
     port = free_port()
     log = root / "server.log"
     env = {k: v for k, v in keel_env.items() if k not in ("VLLM_SYSTEM_START_DATE", "KEEL_REASONING_EFFORT")}
@@ -154,10 +131,19 @@ def test_served_prompt_is_harmony_with_the_trained_date_and_tools(harmony_server
                       json={"model": harmony_server["name"], "messages": CONVERSATION, "tools": TOOLS})
     assert r.status_code == 400 and "chat template" in r.text, r.text
 
-    # `ids` is the served prompt for the messages before the next assistant turn: the training
-    # render's prompt for that turn (data/harmony.py, once it lands) must equal it token for token.
-    # keel eval renders every prompt the same way (serving/harmony.py, vLLM's functions), so its
-    # scores are of what the server sees
+    # `ids` is the served prompt for the messages before the next assistant turn. Training renders
+    # that turn of the same conversation (data/harmony.py, without vLLM) on exactly these ids,
+    # and trains from the next token on; keel eval renders prompts with vLLM's own functions
+    # (serving/harmony.py), so its scores are of what the server sees too.
+    from data.conversation import validate_conversation
+    from data.harmony import render_conversation
+
+    answer = {"role": "assistant", "content": "It is 21 C in Paris.", "reasoning_content": "The tool said 21."}
+    row = validate_conversation({"messages": [*CONVERSATION, answer], "tools": TOOLS}, FMT.row_rules())
+    examples = render_conversation(row, FMT)
+    example_ids, trained = next((e_ids, mask) for e_ids, mask in examples if e_ids[:len(ids)] == ids)
+    # (the earlier call turn is trained in the same example; the prompt's own tokens after it are not)
+    assert not trained[len(ids) - 1] and trained[len(ids)], "the served prompt is not where training starts"
     from serving import harmony
 
     monkeypatch.setenv("VLLM_SYSTEM_START_DATE", START_DATE)
