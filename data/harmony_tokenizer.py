@@ -45,14 +45,30 @@ PROBES = (
 )
 
 
-def harmony_encoding():
-    """The gpt-oss harmony encoding (loaded from the `openai_harmony` package, offline)."""
+@lru_cache(maxsize=1)
+def harmony_lib():
+    """The `openai_harmony` module (vLLM depends on it; Keel needs it only for gpt-oss)."""
     try:
-        from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+        import openai_harmony
     except ImportError:
         raise KeelError("the harmony format needs the openai_harmony package, which vLLM installs "
                         "(pip install 'keel[cpu]' here, or vllm on a GPU machine)") from None
-    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+    return openai_harmony
+
+
+@lru_cache(maxsize=1)
+def harmony_encoding():
+    """The gpt-oss harmony encoding (loaded from the `openai_harmony` package, offline)."""
+    h = harmony_lib()
+    return h.load_harmony_encoding(h.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@lru_cache(maxsize=1)
+def special_token_names() -> tuple[str, ...]:
+    """The text of every special token, in id order from FIRST_SPECIAL (<|startoftext|>, ...,
+    <|start|>, ..., <|reserved_200017|>, ...)."""
+    enc = harmony_encoding()
+    return tuple(enc.decode([i]) for i in range(FIRST_SPECIAL, VOCAB_SIZE))
 
 
 @lru_cache(maxsize=1)
@@ -67,8 +83,7 @@ def _tokenizer_json() -> str:
             for rank in range(FIRST_SPECIAL):
                 f.write(f"{base64.b64encode(bytes(enc._inner.decode_bytes([rank]))).decode()} {rank}\n")
         tok = TikTokenConverter(vocab_file=str(ranks), pattern=O200K_PATTERN).converted()
-    names = [enc.decode([i]) for i in range(FIRST_SPECIAL, VOCAB_SIZE)]
-    tok.add_special_tokens([AddedToken(name, normalized=False, special=True) for name in names])
+    tok.add_special_tokens([AddedToken(name, normalized=False, special=True) for name in special_token_names()])
     return tok.to_str()
 
 
@@ -91,8 +106,7 @@ def same_ids_as_harmony(tokenizer) -> str | None:
     """Why `tokenizer` is not the harmony encoding (None: it gives the same ids on every special
     token and on PROBES)."""
     enc = harmony_encoding()
-    for i in range(FIRST_SPECIAL, VOCAB_SIZE):
-        name = enc.decode([i])
+    for i, name in enumerate(special_token_names(), start=FIRST_SPECIAL):
         if tokenizer.convert_tokens_to_ids(name) != i:
             return f"{name!r} is id {tokenizer.convert_tokens_to_ids(name)}, harmony has it at {i}"
     for text in PROBES:
