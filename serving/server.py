@@ -24,6 +24,7 @@ from data.errors import KeelError
 from data.formats import SPEC_FILE
 from data.model_dir import FORMAT_DIR
 from serving.engine import GIB, Target, engine_settings
+from serving.harmony import START_DATE_ENV
 from serving.middleware import REASONING_EFFORT_ENV
 from serving.model_source import ServedModel, resolve
 
@@ -38,10 +39,9 @@ KEEL_ROOT = Path(__file__).resolve().parent.parent
 # In-flight requests get this long to finish after SIGTERM; under Kubernetes' default 30 s
 # grace period, so the pod is not killed mid-drain.
 SHUTDOWN_TIMEOUT_S = 25
-# gpt-oss (renderer harmony): the model type vLLM renders with harmony, and the env var that pins
-# the harmony system message's date (Keel's middleware reads REASONING_EFFORT_ENV for the effort).
+# gpt-oss (renderer harmony): the model type vLLM renders with harmony (START_DATE_ENV pins the
+# harmony system message's date; Keel's middleware reads REASONING_EFFORT_ENV for the effort).
 HARMONY_MODEL_TYPE = "gpt_oss"
-START_DATE_ENV = "VLLM_SYSTEM_START_DATE"
 
 
 @dataclass
