@@ -36,19 +36,15 @@ def check_device_support(*, peft, training) -> None:
 
 
 def model_config(model_path: str) -> dict:
-    """The base model's config.json as a dict: a local directory's, the kept one of a hub id Keel
-    knows (trainer/architectures/), or the hub's (config only; no weights, no model code)."""
-    import json
-    from pathlib import Path
+    """The base model's config.json as a dict: what `keel plan` reads (a local directory's, or the
+    kept one of a hub id Keel knows: trainer/plan.py load_config), else the hub's (config only; no
+    weights, no model code)."""
+    from trainer.plan import load_config
 
-    local = Path(model_path).expanduser() / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
-    from trainer.known_models import known_model
-
-    known = known_model(model_path)
-    if known is not None:
-        return known.config()
+    try:
+        return load_config(model_path)
+    except KeelError:
+        pass
     from transformers import PretrainedConfig
 
     try:
@@ -84,24 +80,27 @@ def is_mxfp4(config: dict) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
 
 
-def load_base_model(path: str, policy, *, dtype, config: dict | None = None):
-    """A full-precision copy of the base model in `dtype`, loaded as training loads it: eager
-    attention for a model with attention sinks, MXFP4 experts dequantized (transformers'
-    Mxfp4Config(dequantize=True): the blocks and scales become bf16 weights on CPU and GPU alike,
-    no kernels fetched; then cast, so every weight has one dtype). Used for the trained model,
-    DPO's reference copy and export's rebuilt model."""
+def load_base_model(path: str, policy, *, dtype, config: dict | None = None, quantization_config=None):
+    """The base model in `dtype`, loaded as training loads it: eager attention for a model with
+    attention sinks; MXFP4 experts dequantized (transformers' Mxfp4Config(dequantize=True): the
+    blocks and scales become bf16 weights on CPU and GPU alike, no kernels fetched; then cast, so
+    every weight has one dtype) unless another `quantization_config` (QLoRA's 4-bit) is given.
+    Used for the trained model, DPO's reference copy and export's rebuilt model."""
     from data.model_loading import load_causal_lm
 
     config = model_config(str(path)) if config is None else config
     kwargs: dict[str, Any] = {"dtype": dtype}
     if has_attention_sinks(config):
         kwargs["attn_implementation"] = "eager"
-    if is_mxfp4(config):
+    dequantize = quantization_config is None and is_mxfp4(config)
+    if dequantize:
         from transformers import Mxfp4Config
 
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        quantization_config = Mxfp4Config(dequantize=True)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     model = load_causal_lm(path, policy, **kwargs)
-    if is_mxfp4(config):
+    if dequantize:
         model = model.to(dtype)  # dequantization writes bf16 whatever `dtype` asked
     return model
 
@@ -114,8 +113,6 @@ def build_model(*, model_section, peft, training):
     bf16 run (the frozen 20B then takes ~42 GB, not ~84 GB in fp32), fp32 otherwise."""
     import torch
 
-    from data.model_loading import load_causal_lm
-
     config = model_config(model_section.path)
     if is_mxfp4(config) and peft.kind == "qlora":
         raise KeelError(f"peft.kind: qlora quantizes the base to 4-bit NF4, but {model_section.path} is stored "
@@ -127,17 +124,13 @@ def build_model(*, model_section, peft, training):
         if is_mxfp4(config) and peft.kind == "lora" and compute_precision(training) == "bf16":
             dtype = torch.bfloat16
         return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config)
+    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
-    if has_attention_sinks(config):
-        kwargs["attn_implementation"] = "eager"
-    kwargs["quantization_config"] = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    model = load_causal_lm(model_section.path, model_section.load_policy, **kwargs)
-    from peft import prepare_model_for_kbit_training
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = load_base_model(model_section.path, model_section.load_policy, dtype=torch.bfloat16, config=config,
+                            quantization_config=nf4)
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
 

@@ -99,11 +99,11 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
     rows_layout = packed and packed_layout == "packed-rows"
     if packed:
         from data.errors import KeelError
-        from trainer.build import packing_problem
+        from trainer.build import PACKING_WITH_SINKS
         from trainer.document_attention import has_sinks
 
         if has_sinks(model):  # validation refuses it first (trainer/recipe.py); never train it silently
-            raise KeelError(packing_problem({"model_type": "gpt_oss"}, True, type(model).__name__))
+            raise KeelError(PACKING_WITH_SINKS.format(what=type(model).__name__))
     config = SFTConfig(
         **args,
         # Data is prepared (rendered, tokenized, truncated, packed, labels built) by Keel; TRL

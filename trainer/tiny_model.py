@@ -123,9 +123,11 @@ def gpt_oss_config(*, hidden: int, layers: int, experts: int = 4):
     window starting on layer 0, biased attention, experts top-2) and servable by vLLM's CPU path."""
     from transformers import GptOssConfig
 
+    from data.harmony_tokenizer import VOCAB_SIZE
+
     heads = max(2, hidden // 64 * 2)  # even, so the key/value heads (half) divide them
     return GptOssConfig(
-        vocab_size=VOCAB_SIZE_HARMONY, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=64,
         num_local_experts=experts, num_experts_per_tok=2, sliding_window=32,
         # vLLM's GptOss model slides on layer_idx % 2 == 0 and ignores layer_types: say the same here
@@ -134,9 +136,6 @@ def gpt_oss_config(*, hidden: int, layers: int, experts: int = 4):
         attention_bias=True, swiglu_limit=7.0, router_aux_loss_coef=0.9, output_router_logits=False,
         bos_token_id=GPT_OSS_BOS, eos_token_id=GPT_OSS_EOS[0], pad_token_id=GPT_OSS_PAD,
     )
-
-
-VOCAB_SIZE_HARMONY = 201088
 
 
 def check_arch_format(arch: str, fmt_name: str) -> None:
