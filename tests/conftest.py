@@ -278,3 +278,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"inputs tried by property tests ({len(lines)} tests):")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def trained_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of trained tokens in a rendered example's labels."""
+    from data.render import IGNORE_INDEX
+
+    spans, start = [], None
+    for k, lab in enumerate([*labels, IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = k
+        elif lab == IGNORE_INDEX and start is not None:
+            spans.append((start, k))
+            start = None
+    return spans

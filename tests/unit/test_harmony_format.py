@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import trained_spans
 from data.conversation import RowError, validate_conversation, validate_preference
 from data.errors import KeelError
 from data.formats import load_format, resolve_format
@@ -147,18 +148,6 @@ def vllm():
     return SimpleNamespace(prompt=prompt, parse=parse, parse_streaming=parse_streaming)
 
 
-def runs(labels):
-    """(start, end) of each run of trained tokens."""
-    out, start = [], None
-    for k, lab in enumerate([*labels, IGNORE_INDEX]):
-        if lab != IGNORE_INDEX and start is None:
-            start = k
-        elif lab == IGNORE_INDEX and start is not None:
-            out.append((start, k))
-            start = None
-    return out
-
-
 def rendered(name, fmt=FMT):
     conv = validate_conversation(copy.deepcopy(CONVERSATIONS[name]), fmt.row_rules())
     return conv, render_conversation(conv, tokenizer=None, fmt=fmt)
@@ -170,7 +159,7 @@ def trained_turns(name, fmt=FMT):
     turns = [i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant"]
     if fmt.spec.train_on == "last":
         turns = turns[-1:]
-    spans = [(ex.input_ids, s, e) for ex in examples for s, e in runs(ex.labels)]
+    spans = [(ex.input_ids, s, e) for ex in examples for s, e in trained_spans(ex.labels)]
     assert len(spans) == len(turns), name
     return [(conv, i, *span) for i, span in zip(turns, spans)]
 
@@ -204,7 +193,7 @@ def test_only_what_the_assistant_writes_is_trained(name):
     conv, examples = rendered(name)
     for ex in examples:
         assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ex.input_ids, ex.labels))
-        for s, e in runs(ex.labels):
+        for s, e in trained_spans(ex.labels):
             assert ex.input_ids[s - 2:s] == [START, ASSISTANT]
             assert ex.input_ids[e - 1] in (RETURN, CALL)
             inner = [k for k in range(s, e) if ex.input_ids[k] == START]

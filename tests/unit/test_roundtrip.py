@@ -18,12 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from transformers import AutoTokenizer
 
 from data.conversation import validate_conversation
 from data.formats import available_formats, resolve_format
 from data.prepare import prepare_file, read_jsonl
-from data.render import IGNORE_INDEX, split_examples
+from conftest import trained_spans
+from data.render import split_examples
 from tests.data.make_roundtrip import OUT as CORPUS
 from tests.data.make_roundtrip import expressible
 
@@ -89,17 +89,6 @@ def case(request, tiny_model_for, tmp_path_factory):
                       for (s, e), i in zip(spans, trained)]
     assert next(examples, None) is None
     return SimpleNamespace(fmt=fmt, model=model, turns=turns)
-
-
-def trained_spans(labels: list[int]) -> list[tuple[int, int]]:
-    spans, start = [], None
-    for k, lab in enumerate([*labels, IGNORE_INDEX]):
-        if lab != IGNORE_INDEX and start is None:
-            start = k
-        elif lab == IGNORE_INDEX and start is not None:
-            spans.append((start, k))
-            start = None
-    return spans
 
 
 class Server:
