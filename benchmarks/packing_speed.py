@@ -51,7 +51,7 @@ def run(layout: str, prepared, model_dir: str, steps: int, warmup: int, batch: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.sft import build_sft_trainer
+    from trainer.techniques.sft import build_sft_trainer
 
     torch.manual_seed(0)
     timer = Timer(warmup)

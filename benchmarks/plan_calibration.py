@@ -1,8 +1,8 @@
 """Calibrate `keel plan`'s memory model against measured peaks on CPU.
 
 For a tiny and a ~100M-parameter Llama-shaped config x {full, lora} x {ddp, zero3}, run two
-training processes under torchrun (gloo) through Keel's own builders (trainer/build.py,
-trainer/sft.py: the TRL trainer, DeepSpeed config and LoRA that `keel train` uses) on fixed-length
+training processes under torchrun (gloo) through Keel's own builders (trainer/models/loading.py,
+trainer/techniques/sft.py: the TRL trainer, DeepSpeed config and LoRA that `keel train` uses) on fixed-length
 synthetic rows, and measure per rank:
 
     measured = peak RSS during training steps 2..N  -  RSS before the model was built
@@ -125,16 +125,18 @@ def worker(args) -> None:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-    from trainer.build import build_peft_config, training_args
+    from trainer.models.loading import build_peft_config
+
+    from trainer.arguments import training_args
     from trainer.recipe import load_recipe
-    from trainer.sft import build_sft_trainer
+    from trainer.techniques.sft import build_sft_trainer
     from trainer.train import dist_env, init_process_group
 
     # Everything the trainer imports is imported before the baseline: the measurement is the
     # training state and the runtime's working memory, not module code.
     import deepspeed  # noqa: F401
     import peft  # noqa: F401
-    from trainer.sft import make_sft_trainer_class
+    from trainer.techniques.sft import make_sft_trainer_class
 
     make_sft_trainer_class()
     rank, local_rank, world = dist_env()
@@ -188,7 +190,7 @@ def worker(args) -> None:
 
 
 def estimate_for(config: str, peft: str, strategy: str, model_dir: str):
-    from trainer.plan import Cluster, model_shape, estimate
+    from trainer.plan import Cluster, estimate, model_shape
     from trainer.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART, case_overrides(model_dir, peft, strategy))

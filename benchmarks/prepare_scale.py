@@ -38,7 +38,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def keel_prepare(data: Path, model: str, cache: Path, num_proc: int) -> dict:
-    cmd = [sys.executable, "-m", "trainer.cli", "prepare", str(RECIPE), f"model.path={model}", f"data.train={data}",
+    cmd = [sys.executable, "-m", "keel.cli", "prepare", str(RECIPE), f"model.path={model}", f"data.train={data}",
            f"data.cache_dir={cache}", f"data.num_proc={num_proc}", "training.packing=true"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         return load(args.url, args.api_key)
     port = free_port()
-    cmd = [sys.executable, "-m", "trainer.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "keel.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--api-key", API_KEY]
     with Server(cmd, port, dict(os.environ), LOGS / "serve_load-server.log") as url:
         return load(url, API_KEY)

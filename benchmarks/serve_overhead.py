@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_env = plan_served(resolve(str(model_dir)), host="127.0.0.1", port=keel_port, target=Target()).env
     env = server_env(API_KEY, engine_env)
-    keel_cmd = [sys.executable, "-m", "trainer.cli", "serve", str(model_dir), "--host", "127.0.0.1",
+    keel_cmd = [sys.executable, "-m", "keel.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                 "--port", str(keel_port), "--api-key", API_KEY]
     rows = []
     with Server(bare_vllm_command(model_dir, bare_port), bare_port, env, LOGS / "overhead-bare.log") as bare_url, \

@@ -5,7 +5,7 @@
 Each cell (a model and a data set) trains fresh copies of the same random-init model on the
 same tokenized examples, one epoch, so every configuration trains the same loss-bearing tokens:
 
-    keel              Keel's training path (trainer/sft.py) on Keel-packed rows (training.packing):
+    keel              Keel's training path (trainer/techniques/sft.py) on Keel-packed rows (training.packing):
                       padding-free micro-batches, attention per document, loss on trained tokens
     trl_default       TRL SFTTrainer, padded batches of examples (its default collation)
     trl_packing       TRL packing=True (bfd rows of seq_len)
@@ -135,7 +135,7 @@ def build_trainer(config: str, *, model_dir: str, data: dict, batch: dict, lr: f
                   report_to="none", use_cpu=not torch.cuda.is_available(), save_strategy="no", logging_steps=1,
                   disable_tqdm=True, seed=0, data_seed=0, gradient_checkpointing=False, bf16=False)
     if config == "keel":
-        from trainer.sft import build_sft_trainer
+        from trainer.techniques.sft import build_sft_trainer
 
         return build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=None, packed=True,
                                  args={**common, "per_device_train_batch_size": batch["rows"],
@@ -191,7 +191,7 @@ def run_one(config: str, cell: dict, *, lr: float, seq_len: int, out: Path) -> d
 def build_models(work: Path, which: list[str]) -> dict[str, str]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     tiny = str(build_tiny_model(work / "tiny"))
     models = {"tiny": tiny}

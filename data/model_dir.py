@@ -21,7 +21,7 @@ from data.formats import Format
 EXPORT_INFO_FILE = "keel-export.yaml"
 FORMAT_DIR = "keel-format"
 # the artifact of an MLflow registry version that points at an export living elsewhere (a shared
-# volume): {"location": PATH}; written by trainer/tracking.py, followed by serving/pull.py
+# volume): {"location": PATH}; written by trainer/tracking/tracker.py, followed by serving/pull.py
 MODEL_REF_FILE = "keel-model-ref.json"
 
 

@@ -20,6 +20,7 @@ RUN pip install pip==26.3 \
 COPY pyproject.toml README.md /src/
 COPY data /src/data
 COPY trainer /src/trainer
+COPY keel /src/keel
 COPY serving /src/serving
 RUN pip install --no-deps /src
 

@@ -12,6 +12,7 @@ RUN python3 -m pip install -r /tmp/requirements.txt
 COPY pyproject.toml README.md /src/
 COPY data /src/data
 COPY trainer /src/trainer
+COPY keel /src/keel
 COPY serving /src/serving
 COPY --chmod=755 docker/serve /usr/local/bin/serve
 # Keel without its training dependencies (vLLM brings what `keel serve` imports); the import

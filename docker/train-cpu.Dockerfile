@@ -17,10 +17,11 @@ RUN pip install pip==26.3 \
 COPY pyproject.toml README.md /src/
 COPY data /src/data
 COPY trainer /src/trainer
+COPY keel /src/keel
 COPY serving /src/serving
 RUN pip install --no-deps /src \
  && pip check \
- && python -c "import trainer.pod_entrypoint, trainer.train"
+ && python -c "import keel.launch.pod_entrypoint, trainer.train"
 
 FROM ${PYTHON_IMAGE}
 # Keel's user is 10001 in every image; the rendered pods' securityContext names it.
@@ -29,4 +30,4 @@ COPY --from=build /opt/keel /opt/keel
 ENV PATH=/opt/keel/bin:$PATH PYTHONUNBUFFERED=1 HOME=/home/keel
 WORKDIR /home/keel
 USER 10001:10001
-ENTRYPOINT ["python", "-m", "trainer.pod_entrypoint"]
+ENTRYPOINT ["python", "-m", "keel.launch.pod_entrypoint"]

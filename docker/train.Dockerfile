@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Keel's training image (CUDA). Its entrypoint runs `torchrun -m trainer RECIPE [key=value ...]`
 # with launcher options taken from the Kubeflow PyTorchJob environment
-# (trainer/pod_entrypoint.py), so the same image runs as Master, as Worker and under elastic
+# (keel/launch/pod_entrypoint.py), so the same image runs as Master, as Worker and under elastic
 # rendezvous. Build from the repository root:
 #   docker build -f docker/train.Dockerfile -t keel-train:0.1.0 .
 #   docker build -f docker/train.Dockerfile --build-arg FLASH_ATTN=1 -t keel-train:0.1.0-fa .
@@ -31,10 +31,11 @@ RUN if [ "$FLASH_ATTN" = "1" ]; then MAX_JOBS=8 pip install --no-build-isolation
 COPY pyproject.toml README.md /src/
 COPY data /src/data
 COPY trainer /src/trainer
+COPY keel /src/keel
 COPY serving /src/serving
 RUN pip install --no-deps /src \
  && pip check \
- && python -c "import trainer.pod_entrypoint, trainer.train"
+ && python -c "import keel.launch.pod_entrypoint, trainer.train"
 
 FROM ${CUDA_RUNTIME}
 ENV DEBIAN_FRONTEND=noninteractive
@@ -49,4 +50,4 @@ COPY --from=build /opt/keel /opt/keel
 ENV PATH=/opt/keel/bin:$PATH PYTHONUNBUFFERED=1 HOME=/home/keel
 WORKDIR /home/keel
 USER 10001:10001
-ENTRYPOINT ["python", "-m", "trainer.pod_entrypoint"]
+ENTRYPOINT ["python", "-m", "keel.launch.pod_entrypoint"]

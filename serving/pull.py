@@ -1,6 +1,6 @@
 """`keel pull URI DEST`: fetch an exported model dir before the server starts.
 
-A Kubernetes init container runs it (serving/deploy.py) so the server container only ever
+A Kubernetes init container runs it (keel/launch/deploy.py) so the server container only ever
 sees a complete model. MLflow's artifact client does the transfer, so one code path covers
 `models:/NAME/VERSION` (the registry; $MLFLOW_TRACKING_URI says where) and storage URIs
 such as `s3://bucket/runs/sft/model` (credentials from the usual AWS variables or the pod's

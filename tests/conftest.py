@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def keel_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", *args]
+    return [sys.executable, "-m", "keel.cli", *args]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def keel_env(session_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_model(session_dir) -> Path:
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     return build_tiny_model(session_dir / "tiny-base")
 
@@ -72,7 +72,7 @@ def tiny_model(session_dir) -> Path:
 def tiny_model_for(session_dir, tiny_model):
     """tiny_model_for(format_name): a tiny model whose tokenizer holds that format's tokens and
     carries its template as its own chat template; each built once per session."""
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     built = {"hermes-qwen3": tiny_model}
 

@@ -23,7 +23,7 @@ def small_data(dst: Path, rows: int = 48) -> Path:
 
 def train_cmd(tiny_model: Path, run_dir: Path, data: Path, *overrides: str, nproc: int = 2,
               launcher: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", "train", str(QUICKSTART_RECIPE), f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "keel.cli", "train", str(QUICKSTART_RECIPE), f"--nproc-per-node={nproc}",
             *launcher, f"model.path={tiny_model}", f"output.dir={run_dir}", f"data.train={data}",
             "training.seq_len=512", "training.warmup_ratio=0", "training.log_every_steps=1",
             "tracking.mlflow.experiment=keel-dist-tests", *overrides]

@@ -43,7 +43,7 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
         # on CPU and load the gathered state (for QLoRA, only the adapter: the base is unchanged).
         if quantized:
             state = {k: v for k, v in state.items() if "lora_" in k}
-        from trainer.build import load_base_model
+        from trainer.models.loading import load_base_model
 
         model = load_base_model(recipe_model_path, load_policy, dtype=torch.float32)
         if peft_config is not None:
@@ -122,7 +122,7 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
         from peft import PeftModel
 
         # the adapter is Keel's own export: adapter_model.safetensors
-        from trainer.build import load_base_model
+        from trainer.models.loading import load_base_model
 
         model = PeftModel.from_pretrained(load_base_model(adapter_base, load_policy, dtype=torch.float32),
                                           str(out_dir))

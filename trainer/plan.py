@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.errors import KeelError
+from trainer.models.config import has_attention_sinks, is_mxfp4
 
 GIB = 1024**3
 # usable memory as torch reports it, per GPU kind
@@ -111,8 +112,8 @@ class ModelShape:
     heads: int = 0  # attention heads (query heads: eager attention makes one score matrix each)
     experts: int = 0  # experts per MoE layer (0: dense)
     experts_per_token: int = 0
-    eager_attention: bool = False  # attention sinks: trained with eager attention (trainer/build.py)
-    mxfp4: bool = False  # an MXFP4 checkpoint, dequantized to bf16 at load (trainer/build.py)
+    eager_attention: bool = False  # attention sinks: trained with eager attention (trainer/models/loading.py)
+    mxfp4: bool = False  # an MXFP4 checkpoint, dequantized to bf16 at load (trainer/models/loading.py)
 
     def __post_init__(self):
         self.active = self.active or self.params
@@ -178,8 +179,6 @@ def model_shape(config: dict, peft) -> ModelShape:
         intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    from trainer.build import has_attention_sinks, is_mxfp4
-
     return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
                       intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
                       max_positions=getattr(text, "max_position_embeddings", None), active=active,
@@ -211,7 +210,7 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     if recipe.peft.kind == "qlora":
         w_f = NF4_BYTES
     elif recipe.peft.kind == "lora" and not cpu and shape.mxfp4:
-        w_f = 2  # trainer/build.py: a dequantized MXFP4 base stays bf16 under LoRA on bf16 runs
+        w_f = 2  # trainer/models/loading.py: a dequantized MXFP4 base stays bf16 under LoRA on bf16 runs
         notes.append("MXFP4 checkpoint: experts dequantized to bf16 at load; the frozen base is held in bf16")
     elif recipe.peft.kind == "lora" and not deepspeed and not cpu:
         notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
@@ -444,23 +443,6 @@ class Plan:
     fits: bool
     suggestion: str | None
     step: StepTime | None = None
-
-
-def load_config(model_path: str) -> dict:
-    """The model's config.json: from a local directory, or kept in trainer/architectures/ for the
-    hub ids Keel knows (never fetched from the hub)."""
-    from trainer.known_models import known_model
-
-    known = known_model(model_path)
-    if known is not None:
-        return known.config()
-    p = Path(model_path).expanduser()
-    if not (p / "config.json").is_file():
-        raise KeelError(f"model.path: {model_path!r}: keel plan reads the model's config.json and found none there; "
-                        "point model.path at a local model directory, or at a hub id Keel keeps the config of "
-                        "(trainer/architectures/models.yaml; other hub ids need the config downloaded first)")
-    config = json.loads((p / "config.json").read_text())
-    return config
 
 
 def count_rows(path: str) -> int | None:

@@ -16,7 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data.errors import KeelError
+from data.formats import available_formats
 from data.redaction import URL_USERINFO, redact_text
+from trainer.models.config import packing_problem
+from trainer.models.known import format_problem, known_model, path_kind
 
 
 class Section(BaseModel):
@@ -184,20 +187,13 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_field(self):
-        from data.formats import available_formats
-        from trainer.known_models import format_problem
-
         problems = []
         if self.model.format not in available_formats():
             problems.append(f"model.format: {self.model.format!r} is not a known format; use one of: "
                             + ", ".join(available_formats()))
         elif problem := format_problem(self.model.path, self.model.format):
             problems.append(problem)
-        from trainer.known_models import known_model
-
         if (known := known_model(self.model.path)) is not None:
-            from trainer.build import packing_problem
-
             if problem := packing_problem(known.config(), self.training.packing, known.hub_id):
                 problems.append(problem)
         if self.model.native_syntax is not None:
@@ -384,22 +380,6 @@ def parse_recipe(text: str, source: str, overrides: list[str] | None = None) -> 
 
 # --------------------------------------------------------------------------- paths
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def path_kind(value: str) -> Literal["local", "hub", "uri"]:
-    """How a model or data location is read.
-
-    `scheme://...` is a URI (s3://, gs://, ...); a path that exists, or that starts with
-    `/`, `./`, `../` or `~`, is local; `org/name` otherwise is a hub id.
-    """
-    if "://" in value:
-        return "uri"
-    if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists():
-        return "local"
-    return "hub" if _HUB_ID.match(value) else "local"
-
-
 def missing_paths(recipe: Recipe) -> list[str]:
     """Problems with local paths the recipe names (hub ids and URIs are checked at run time)."""
     problems = []
@@ -408,8 +388,6 @@ def missing_paths(recipe: Recipe) -> list[str]:
               ("data.train", recipe.data.train, data_kinds)]
     if recipe.data.eval:
         checks.append(("data.eval", recipe.data.eval, data_kinds))
-    from trainer.known_models import known_model
-
     known = known_model(recipe.model.path)
     if known is not None:  # a hub id whose config Keel keeps: its positions are known offline
         problems += _model_fit_problems(recipe, known.config_file)
@@ -434,8 +412,6 @@ def _model_fit_problems(recipe: Recipe, config_file: Path) -> list[str]:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         return [f"  - model.path: {config_file} is not readable JSON ({exc})"]
-    from trainer.build import packing_problem
-
     problems = []
     if problem := packing_problem(config, recipe.training.packing, str(config_file.parent)):
         problems.append(f"  - {problem}")

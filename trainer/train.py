@@ -127,7 +127,7 @@ def log_load_policy(recipe: Recipe) -> None:
 
 def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
-    from trainer.checkpoints import check_run_dir, clear_run_dir, write_run_file
+    from trainer.resilience.checkpoints import check_run_dir, clear_run_dir, write_run_file
 
     decision = check_run_dir(recipe, overwrite=overwrite)
     if is_main:
@@ -146,15 +146,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
 
     from data.model_loading import load_tokenizer
 
-    from trainer.build import build_model, build_peft_config, compute_precision, training_args
-    from trainer.checkpoints import (CheckpointCompletion, fail_loudly_on_save, latest_complete_checkpoint,
+    from trainer.models.loading import build_model, build_peft_config
+
+    from trainer.arguments import compute_precision, training_args
+    from trainer.resilience.checkpoints import (CheckpointCompletion, fail_loudly_on_save, latest_complete_checkpoint,
                                      set_aside_damaged, set_aside_incomplete)
     from trainer.export import export_trained
-    from trainer.heartbeat import Heartbeat, is_collective_timeout
-    from trainer.sft import build_sft_trainer
+    from trainer.resilience.heartbeat import Heartbeat, is_collective_timeout
+    from trainer.techniques.sft import build_sft_trainer
     from trainer.run_facts import redact, run_environment
-    from trainer.stopping import StopOnSigterm, StoppedBySignal
-    from trainer.tracking import NodeSystemMetrics, RunTracker, share_run
+    from trainer.resilience.stopping import StopOnSigterm, StoppedBySignal
+    from trainer.tracking.tracker import NodeSystemMetrics, RunTracker, share_run
 
     rank, local_rank, world = dist_env()
     is_main = rank == 0
@@ -229,7 +231,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                      heartbeat, stopper]
         datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
         if recipe.technique == "dpo":
-            from trainer.dpo import build_dpo_trainer
+            from trainer.techniques.dpo import build_dpo_trainer
 
             trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
                                         dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
@@ -278,7 +280,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         )
         trainer.accelerator.wait_for_everyone()
         if is_main:
-            from trainer.checkpoints import write_run_file
+            from trainer.resilience.checkpoints import write_run_file
 
             model_location = str(out.resolve())
             if remote.get("output.dir"):
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     except KeelError as exc:
         rank = dist_env()[0]
-        from trainer.stopping import EXIT_STATUS, StoppedBySignal  # transformers is loaded by now
+        from trainer.resilience.stopping import EXIT_STATUS, StoppedBySignal  # transformers is loaded by now
 
         if isinstance(exc, StoppedBySignal):
             if rank == 0:

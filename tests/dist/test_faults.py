@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from dist_helpers import REPO, losses, max_rel_diff, run, small_data, train_cmd, wait_for, workers
-from trainer.checkpoints import COMPLETE_MARKER
+from trainer.resilience.checkpoints import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from conftest import QUICKSTART_DATA, QUICKSTART_RECIPE, REPO, free_port, keel_c
 from data.model_dir import read_export_info
 from dockerfiles import last
 from kubeflow_operator import pod_env
-from trainer.pytorchjob import PORT, launch_manifests
+from keel.launch.pytorchjob import PORT, launch_manifests
 
 pytestmark = pytest.mark.dist
 JOB = "sim"

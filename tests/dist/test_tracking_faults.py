@@ -51,7 +51,7 @@ def tracker_away_at_start(run_dir: Path, uri: str):
     """Rank 0's tracker callback, in this process, started while nothing listens at `uri`; it
     logs data statistics and three steps."""
     from trainer.recipe import MlflowSection
-    from trainer.tracking import RunTracker
+    from trainer.tracking.tracker import RunTracker
 
     run_dir.mkdir()
     tracker = RunTracker(mlflow_section=MlflowSection(tracking_uri=uri, experiment=EXPERIMENT, run_name="away"),

@@ -118,13 +118,13 @@ def test_registered_model_is_pulled_by_reference_from_the_registry(trained_run, 
 
     assert f"registered {trained_run.model_dir.resolve()} as models:/{REGISTERED_NAME}/1" in trained_run.output
     dest = tmp_path / "pulled"
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "pull", f"models:/{REGISTERED_NAME}/1", str(dest)],
+    out = subprocess.run([sys.executable, "-m", "keel.cli", "pull", f"models:/{REGISTERED_NAME}/1", str(dest)],
                          env={**keel_env, "MLFLOW_TRACKING_URI": trained_run.tracking_uri}, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (dest / name).read_bytes() == (trained_run.model_dir / name).read_bytes(), name
-    gone = subprocess.run([sys.executable, "-m", "trainer.cli", "pull", f"models:/{REGISTERED_NAME}/7", str(tmp_path / "x")],
+    gone = subprocess.run([sys.executable, "-m", "keel.cli", "pull", f"models:/{REGISTERED_NAME}/7", str(tmp_path / "x")],
                           env={**keel_env, "MLFLOW_TRACKING_URI": trained_run.tracking_uri}, capture_output=True,
                           text=True, timeout=300)
     assert gone.returncode != 0 and f"models:/{REGISTERED_NAME}/7" in gone.stderr

@@ -37,7 +37,7 @@ def export_tiny_gptoss(root):
     training used it, no chat template (harmony renders), the stop ids."""
     from data.model_loading import load_causal_lm, load_tokenizer
     from trainer.export import write_model_dir
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     base = build_tiny_model(root / "base", arch="gpt_oss", hidden=64)
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)

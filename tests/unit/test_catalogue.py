@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from data.errors import KeelError
-from trainer.known_models import CHAT_FAMILIES, known_models
-from trainer.plan import Cluster, load_config, model_shape, plan
+from trainer.models.known import CHAT_FAMILIES, known_models
+from trainer.plan import Cluster, model_shape, plan
+from trainer.models.config import load_config
 from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,14 +80,14 @@ def test_keel_plan_and_validate_run_offline_on_a_hub_id(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
     path = rel(REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml")
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "plan", path, "--gpus-per-node", "8"],
+    out = subprocess.run([sys.executable, "-m", "keel.cli", "plan", path, "--gpus-per-node", "8"],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Qwen/Qwen3-8B: 8.19B parameters" in out.stdout and "step time" in out.stdout
-    too_long = subprocess.run([sys.executable, "-m", "trainer.cli", "plan", path, "training.seq_len=50000"],
+    too_long = subprocess.run([sys.executable, "-m", "keel.cli", "plan", path, "training.seq_len=50000"],
                               capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert too_long.returncode == 1 and "beyond the model's 40960 positions" in too_long.stderr
-    ok = subprocess.run([sys.executable, "-m", "trainer.cli", "validate", *map(rel, CATALOGUE)],
+    ok = subprocess.run([sys.executable, "-m", "keel.cli", "validate", *map(rel, CATALOGUE)],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
 
@@ -185,7 +186,7 @@ def test_keel_validate_prints_the_format_error_and_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "recipes" / "qwen3" / "qwen3-8b-sft-lora.yaml").read_text()
                    .replace("format: hermes-qwen3", "format: llama3-json"))
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "validate", str(bad)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "keel.cli", "validate", str(bad)], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert "model.format: 'llama3-json' does not fit Qwen/Qwen3-8B" in out.stderr
@@ -222,7 +223,7 @@ def shrunken_models(tmp_path_factory):
 
     from data.formats import load_format
     from data.harmony_tokenizer import build_harmony_tokenizer
-    from trainer.tiny_model import build_tokenizer
+    from trainer.models.tiny import build_tokenizer
 
     built = {}
 
@@ -272,7 +273,9 @@ def step_data(technique: str, fmt: str, path: Path) -> Path:
 def test_one_training_step_on_the_recipes_architecture_technique_targets_and_format(name, shrunken_models, tmp_path):
     import torch
 
-    from trainer.build import build_model, build_peft_config, training_args
+    from trainer.models.loading import build_model, build_peft_config
+
+    from trainer.arguments import training_args
     from trainer.train import prepared_split, recipe_format
 
     recipe = load_recipe(REPO / "recipes" / name)
@@ -295,13 +298,13 @@ def test_one_training_step_on_the_recipes_architecture_technique_targets_and_for
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if recipe.technique == "dpo":
-        from trainer.dpo import build_dpo_trainer
+        from trainer.techniques.dpo import build_dpo_trainer
 
         trainer = build_dpo_trainer(model=model, tokenizer=tok, peft_config=peft_config, dpo=recipe.dpo_settings,
                                     model_path=recipe.model.path, args=args, train_dataset=data.load(),
                                     eval_dataset=None, callbacks=[])
     else:
-        from trainer.sft import build_sft_trainer
+        from trainer.techniques.sft import build_sft_trainer
 
         trainer = build_sft_trainer(model=model, tokenizer=tok, peft_config=peft_config, args=args,
                                     packed=data.packed, train_dataset=data.load(), eval_dataset=None, callbacks=[])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data.errors import KeelError
-from trainer.checkpoints import (
+from trainer.resilience.checkpoints import (
     COMPLETE_MARKER,
     RUN_FILE,
     check_run_dir,
@@ -96,7 +96,7 @@ def test_clear_removes_only_keels_files(tmp_path):
 
 
 def test_a_checkpoint_changed_on_disk_after_its_marker_is_set_aside_naming_the_file(tmp_path):
-    from trainer.checkpoints import set_aside_damaged, write_complete_marker
+    from trainer.resilience.checkpoints import set_aside_damaged, write_complete_marker
 
     root = tmp_path / "checkpoints"
     first = make_ckpt(root, 100, False)
@@ -115,7 +115,7 @@ def test_a_checkpoint_changed_on_disk_after_its_marker_is_set_aside_naming_the_f
 def test_run_file_keeps_no_credentials_and_the_run_still_resumes(tmp_path):
     """keel-run.yaml lives in a run dir people share and upload: a tracking URI's password and a
     presigned URL's signature are redacted there, and resuming compares like with like."""
-    from trainer.metrics_sync import without_redacted_password
+    from trainer.tracking.local import without_redacted_password
 
     r = recipe(tmp_path, "tracking.mlflow.tracking_uri=http://keel:hunter2-planted@127.0.0.1:5000",
                "data.train=https://bucket.example/train.jsonl?X-Amz-Signature=planted-sig&x=1")
@@ -129,7 +129,7 @@ def test_run_file_keeps_no_credentials_and_the_run_still_resumes(tmp_path):
 
 
 def test_prune_keeps_the_newest_complete_checkpoints_and_leaves_incomplete_ones(tmp_path):
-    from trainer.checkpoints import prune_checkpoints
+    from trainer.resilience.checkpoints import prune_checkpoints
 
     for step, complete in ((2, True), (4, True), (6, False), (8, True)):
         make_ckpt(tmp_path, step, complete)
@@ -145,8 +145,8 @@ def test_with_keep_last_1_a_complete_checkpoint_exists_at_every_save(tmp_path, t
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from trainer.build import training_args
-    from trainer.checkpoints import CheckpointCompletion
+    from trainer.arguments import training_args
+    from trainer.resilience.checkpoints import CheckpointCompletion
 
     r = recipe(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=1", "training.max_steps=3",
                "training.micro_batch_size=1", "training.grad_accum=1", "training.precision=fp32")

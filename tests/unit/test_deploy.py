@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from data.errors import KeelError
-from serving.deploy import deploy_manifests
+from keel.launch.deploy import deploy_manifests
 from serving.pull import PULLED_MARKER, pull_model
-from trainer.cli import main as keel
+from keel.cli import main as keel
 
 K8S_VERSION = "1.37.0"
 IMAGE = "registry.example/keel-serve:0.1.0"

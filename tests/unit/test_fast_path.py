@@ -1,4 +1,4 @@
-"""Keel's CPU fast path (trainer/document_attention.py) trains exactly what the plain path trains.
+"""Keel's CPU fast path (trainer/models/document_attention.py) trains exactly what the plain path trains.
 
 On the same examples, packed rows flattened by the trainer's padding-free collator, attention per
 document and logits only at trained positions, give the same loss per trained token and the same
@@ -49,7 +49,7 @@ def _loss_and_grads(model, loss_fn):
 def test_fast_path_loss_and_gradients_equal_the_padded_path(tiny_model, examples):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from trainer.document_attention import trained_positions_loss, use_document_attention
+    from trainer.models.document_attention import trained_positions_loss, use_document_attention
 
     columns = pack_window(examples, SEQ_LEN)
     rows = [{k: columns[k][r].tolist() for k in columns} for r in range(len(columns["input_ids"]))]

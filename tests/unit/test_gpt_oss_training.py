@@ -1,5 +1,5 @@
 """Training gpt-oss: a shrunken GptOss (sinks, sliding window on even layers, experts top-2) is
-loaded the way `keel train` loads gpt-oss-20b (trainer/build.py) and trained with the catalogue
+loaded the way `keel train` loads gpt-oss-20b (trainer/models/loading.py) and trained with the catalogue
 recipe's LoRA targets on token ids built here (no format rendering).
 
 - The published checkpoint stores the experts in MXFP4 (*_blocks, *_scales): a checkpoint laid
@@ -29,7 +29,7 @@ FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.
 
 
 def tiny_config():
-    from trainer.tiny_model import gpt_oss_config
+    from trainer.models.tiny import gpt_oss_config
 
     config = gpt_oss_config(hidden=64, layers=2)  # what `keel tiny-model --arch gpt_oss` builds
     config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = VOCAB, 1, 2, 0
@@ -68,7 +68,7 @@ def recipe_for(model_dir, *overrides):
 
 
 def build(recipe):
-    from trainer.build import build_model
+    from trainer.models.loading import build_model
 
     return build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
 
@@ -143,9 +143,9 @@ def test_packing_is_refused_for_gpt_oss_because_packed_examples_would_see_each_o
     import torch
 
     from data.errors import KeelError
-    from trainer.document_attention import use_document_attention
+    from trainer.models.document_attention import use_document_attention
     from trainer.recipe import check_paths, load_recipe
-    from trainer.sft import build_sft_trainer
+    from trainer.techniques.sft import build_sft_trainer
 
     model = build(recipe_for(model_dir))
     assert model.config._attn_implementation == "eager"
@@ -180,8 +180,10 @@ def test_one_lora_step_with_the_recipes_targets_trains_attention_with_sinks(mode
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from trainer.build import build_peft_config, training_args
-    from trainer.sft import build_sft_trainer
+    from trainer.models.loading import build_peft_config
+
+    from trainer.arguments import training_args
+    from trainer.techniques.sft import build_sft_trainer
 
     recipe = recipe_for(model_dir, "training.max_steps=1", "training.epochs=", "training.micro_batch_size=2",
                         "training.grad_accum=1", "training.warmup_ratio=0", "checkpoint.every_steps=",

@@ -40,7 +40,7 @@ def test_saved_and_reloaded_it_still_passes_for_harmony_and_a_different_tokenize
     tok.add_tokens(["<|start|>x"])  # an extra token is harmless while every id above still matches
     assert same_ids_as_harmony(tok) is None
     from data.formats import load_format
-    from trainer.tiny_model import build_tokenizer
+    from trainer.models.tiny import build_tokenizer
 
     other = build_tokenizer(load_format("hermes-qwen3"), vocab_size=512)
     assert "harmony has it at" in same_ids_as_harmony(other)

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from dockerfiles import REPO, dockerfiles, final_stage, instructions, last
-from trainer.k8s_objects import IMAGE_UID
+from keel.launch.k8s_objects import IMAGE_UID
 
 TRAIN_IMAGES = ["train.Dockerfile", "train-cpu.Dockerfile"]
 SERVE_IMAGES = ["serve.Dockerfile", "serve-cpu.Dockerfile"]
-TRAIN_ENTRYPOINT = ["python", "-m", "trainer.pod_entrypoint"]
+TRAIN_ENTRYPOINT = ["python", "-m", "keel.launch.pod_entrypoint"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
@@ -116,7 +116,7 @@ def _keel_on_path(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     keel = bin_dir / "keel"
-    keel.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m trainer.cli "$@"\n')
+    keel.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m keel.cli "$@"\n')
     keel.chmod(keel.stat().st_mode | stat.S_IXUSR)
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
 

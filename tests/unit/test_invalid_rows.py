@@ -80,7 +80,7 @@ def test_skip_leaves_invalid_rows_out_and_lists_them_with_reasons(mixed, tiny_mo
         assert rec["row"] == (None if isinstance(row, str) else row)  # the row as it was in the file
     again = prepare_file(mixed, **kwargs)  # the cache keeps the list and the count
     assert again.reused and again.stats.rejected == len(INVALID) and again.rejected_file is not None
-    # the trainer logs every scalar stat to MLflow as a number (trainer/tracking.py log_stats)
+    # the trainer logs every scalar stat to MLflow as a number (trainer/tracking/tracker.py log_stats)
     numbers = s.numbers()
     assert numbers["rejected"] == len(INVALID) and numbers["examples"] == 2
     assert set(numbers) == {k for k, v in asdict(s).items() if isinstance(v, int)}

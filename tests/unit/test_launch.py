@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from kubeflow_operator import webhook_problems
-from trainer.cli import main as keel
-from trainer.pytorchjob import launch_manifests
+from keel.cli import main as keel
+from keel.launch.pytorchjob import launch_manifests
 from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]

@@ -174,8 +174,8 @@ def test_loss_per_trained_token_is_the_same_packed_or_padded(tiny_model, varied)
 def test_the_trainer_batches_packed_rows_padding_free_and_trains(tiny_model, prepared_pair, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.document_attention import ATTENTION
-    from trainer.sft import build_sft_trainer
+    from trainer.models.document_attention import ATTENTION
+    from trainer.techniques.sft import build_sft_trainer
 
     packed = prepared_pair[1]
     trainer = build_sft_trainer(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.plan import GIB, Cluster, estimate, model_shape, plan, render
+from trainer.plan import Cluster, GIB, estimate, model_shape, plan, render
 from trainer.recipe import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
@@ -84,7 +84,7 @@ def test_qlora_fits_a_70b_model_on_one_48gb_class_gpu(model_dirs):
 
 def test_keel_plan_command(model_dirs, tmp_path):
     def keel_plan(*args):
-        return subprocess.run([sys.executable, "-m", "trainer.cli", "plan", str(QUICKSTART), *args],
+        return subprocess.run([sys.executable, "-m", "keel.cli", "plan", str(QUICKSTART), *args],
                               capture_output=True, text=True, timeout=300)
 
     ok = keel_plan(f"model.path={model_dirs['8b']}", "peft.kind=lora", "training.gradient_checkpointing=true",

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.plan import GIB, Cluster, estimate, load_config, model_shape, plan, render
+from trainer.plan import Cluster, GIB, estimate, model_shape, plan, render
+
+from trainer.models.config import load_config
 from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]

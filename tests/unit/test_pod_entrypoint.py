@@ -12,8 +12,8 @@ import pytest
 
 from data.errors import KeelError
 from kubeflow_operator import pod_env
-from trainer.pod_entrypoint import command, torchrun_args
-from trainer.pytorchjob import launch_manifests
+from keel.launch.pod_entrypoint import command, torchrun_args
+from keel.launch.pytorchjob import launch_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
@@ -83,7 +83,7 @@ def test_environment_that_cannot_work_is_an_error_naming_the_variable(env, messa
 
 def test_entrypoint_exits_2_with_the_reason_before_starting_torchrun():
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer.pod_entrypoint", "/etc/keel/recipe.yaml"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "keel.launch.pod_entrypoint", "/etc/keel/recipe.yaml"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("keel: error: $PET_NNODES=2 but no $PET_MASTER_ADDR")

@@ -26,7 +26,7 @@ def write_recipe(tmp_path: Path, mutate) -> Path:
 
 
 def keel(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "keel.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_quickstart_recipe_validates():

@@ -51,7 +51,7 @@ def test_environment_records_packages_and_keel_commit():
 
 
 def test_mfu_estimate_follows_6nd_over_peak():
-    from trainer.tracking import mfu
+    from trainer.tracking.tracker import mfu
 
     # Llama 3.1 8B at 3,000 tokens/s per H100 across 8 GPUs: 6 x 8.03e9 x 24,000 / (8 x 989e12)
     assert mfu(24_000, params=8_030_000_000, world=8, device_name="NVIDIA H100 80GB HBM3") == \

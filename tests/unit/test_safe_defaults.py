@@ -21,7 +21,7 @@ from data.formats import load_format
 from data.model_loading import LoadPolicy, check_weight_files, load_causal_lm, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("trainer", "data", "serving")
+PACKAGES = ("keel", "trainer", "data", "serving")
 QUICKSTART = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 FMT = load_format("hermes-qwen3")
 
@@ -77,7 +77,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(pickle_model):
 
 def test_training_refuses_a_pickle_model_before_loading_it(pickle_model):
     """build_model is what `keel train` calls; the recipe key turns pickle on."""
-    from trainer.build import build_model
+    from trainer.models.loading import build_model
     from trainer.recipe import load_recipe
 
     r = load_recipe(QUICKSTART, [f"model.path={pickle_model}"])
@@ -279,7 +279,7 @@ def test_a_symlink_out_of_a_documents_directory_is_not_read(tmp_path, tiny_model
 
 
 def test_output_dir_holding_something_keel_cannot_identify_is_not_overwritten(tmp_path):
-    from trainer.checkpoints import RUN_FILE, check_run_dir
+    from trainer.resilience.checkpoints import RUN_FILE, check_run_dir
     from trainer.recipe import load_recipe
 
     run = tmp_path / "run"

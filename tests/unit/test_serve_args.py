@@ -53,7 +53,7 @@ def flag(cmd: list[str], name: str) -> str:
 
 
 def keel_serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", "serve", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "keel.cli", "serve", *args], capture_output=True, text=True,
                           cwd=KEEL_ROOT, env={**os.environ, **(env or {})}, timeout=120)
 
 

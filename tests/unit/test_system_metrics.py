@@ -9,7 +9,7 @@ import time
 
 
 def test_samples_reach_the_sink_whatever_the_tracking_store(monkeypatch, tmp_path):
-    from trainer.tracking import NodeSystemMetrics
+    from trainer.tracking.tracker import NodeSystemMetrics
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")  # refused by MLflow 3
     samples = []
@@ -25,7 +25,7 @@ def test_samples_reach_the_sink_whatever_the_tracking_store(monkeypatch, tmp_pat
 
 
 def test_a_failing_sink_stops_sampling_with_a_warning_not_the_run(capsys):
-    from trainer.tracking import NodeSystemMetrics
+    from trainer.tracking.tracker import NodeSystemMetrics
 
     def sink(_):
         raise OSError("disk full")

@@ -13,7 +13,7 @@ from data.errors import KeelError
 
 
 def test_gpt_oss_takes_the_harmony_format_and_only_it(tmp_path):
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     with pytest.raises(KeelError, match="--arch gpt_oss is trained and served with the harmony format only"):
         build_tiny_model(tmp_path / "a", arch="gpt_oss", fmt_name="hermes-qwen3")
@@ -34,7 +34,7 @@ def test_tiny_gpt_oss_is_shaped_for_vllm_and_exports_without_a_chat_template(tmp
     from data.model_dir import load_model_format
     from data.model_loading import load_causal_lm, load_tokenizer
     from trainer.export import write_model_dir
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path / "tiny", arch="gpt_oss", hidden=64)
     config = AutoConfig.for_model(**json.loads((out / "config.json").read_text()))

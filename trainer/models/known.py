@@ -1,6 +1,6 @@
 """Models Keel knows offline: their architecture configs and the formats they can be served with.
 
-`trainer/architectures/models.yaml` maps a hub id to a kept config.json (the published values,
+`trainer/models/architectures/models.yaml` maps a hub id to a kept config.json (the published values,
 written out: no download) and to the chat family of the model's published tokenizer and
 template. A recipe that names such a hub id is planned (`keel plan`) and checked against the
 model's positions without touching the hub; training still reads the real model.
@@ -15,9 +15,11 @@ at the first data-preparation step.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -86,8 +88,6 @@ def known_models() -> dict[str, KnownModel]:
 def known_model(model_path: str) -> KnownModel | None:
     """The kept entry for a hub id (`org/name`); None otherwise. A local directory that happens
     to be named like a hub id wins (it is what training reads)."""
-    from trainer.recipe import path_kind
-
     if path_kind(model_path) != "hub":
         return None
     return known_models().get(model_path)
@@ -104,3 +104,19 @@ def format_problem(model_path: str, fmt: str) -> str | None:
            "DeepSeek-R1-Distill with deepseek-r1, gpt-oss with harmony)")
     return (f"model.format: {fmt!r} does not fit {known.hub_id} (chat family {known.chat}): {known.family.why_not}; "
             f"{fix}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def path_kind(value: str) -> Literal["local", "hub", "uri"]:
+    """How a model or data location is read.
+
+    `scheme://...` is a URI (s3://, gs://, ...); a path that exists, or that starts with
+    `/`, `./`, `../` or `~`, is local; `org/name` otherwise is a hub id.
+    """
+    if "://" in value:
+        return "uri"
+    if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists():
+        return "local"
+    return "hub" if _HUB_ID.match(value) else "local"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from data.errors import KeelError
-from trainer.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, labels, metadata,
+from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, labels, metadata,
                                   name_from)
 
 PORT = 8080

@@ -59,7 +59,7 @@ class StopOnSigterm(TrainerCallback):
                   f"(grace {self.grace_s:.0f}s, {GRACE_ENV})", flush=True)
 
     def _give_up(self) -> None:
-        from trainer.checkpoints import latest_complete_checkpoint
+        from trainer.resilience.checkpoints import latest_complete_checkpoint
 
         if self.rank == 0:
             latest = latest_complete_checkpoint(self.ckpt_root)
@@ -69,7 +69,7 @@ class StopOnSigterm(TrainerCallback):
         os._exit(EXIT_STATUS)
 
     def on_step_end(self, args, state, control, **kwargs):
-        from trainer.checkpoints import any_rank
+        from trainer.resilience.checkpoints import any_rank
 
         if any_rank(self.requested):  # every rank stops after the same step
             control.should_save = True

@@ -49,7 +49,7 @@ def cmd_tiny_model(argv: list[str]) -> int:
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (gpt_oss: always 201,088)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from trainer.tiny_model import build_tiny_model
+    from trainer.models.tiny import build_tiny_model
 
     build_tiny_model(a.out_dir, arch=a.arch, fmt_name=a.format, vocab_size=a.vocab_size,
                      hidden=a.hidden, layers=a.layers, seed=a.seed)
@@ -133,7 +133,8 @@ def cmd_plan(argv: list[str]) -> int:
     a = _recipe_and_overrides(p, argv)
     if a.nodes < 1 or a.gpus_per_node < 1:
         raise KeelError("--nodes and --gpus-per-node must be at least 1")
-    from trainer.plan import Cluster, load_config, plan, render
+    from trainer.plan import Cluster, plan, render
+    from trainer.models.config import load_config
     from trainer.recipe import load_recipe, missing_paths
 
     recipe = load_recipe(a.recipe, a.overrides)
@@ -159,8 +160,8 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
-    from trainer.build import check_device_support
-    from trainer.checkpoints import check_run_dir, clear_run_dir
+    from trainer.arguments import check_device_support
+    from trainer.resilience.checkpoints import check_run_dir, clear_run_dir
     from trainer.recipe import check_paths, load_recipe
 
     # Everything a user can get wrong is checked here, before any process starts.
@@ -189,7 +190,7 @@ def cmd_train(argv: list[str]) -> int:
 def run_torchrun(cmd: list[str], run_dir: Path) -> int:
     """torchrun, with SIGTERM and SIGINT passed on to it: when `keel train` is the container's
     main process, it is the one Kubernetes signals. torchrun passes the signal to the workers,
-    which save a checkpoint and stop (trainer/stopping.py)."""
+    which save a checkpoint and stop (trainer/resilience/stopping.py)."""
     import signal
 
     proc = subprocess.Popen(cmd)
@@ -207,7 +208,7 @@ def run_torchrun(cmd: list[str], run_dir: Path) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
-        from trainer.checkpoints import latest_complete_checkpoint
+        from trainer.resilience.checkpoints import latest_complete_checkpoint
         from trainer.train import CHECKPOINT_DIR
 
         latest = latest_complete_checkpoint(run_dir / CHECKPOINT_DIR)
@@ -251,7 +252,7 @@ def _mlflow_uri_for_pods() -> str | None:
 
 
 def _emit(docs: list[dict], *, apply: bool, hint: str) -> int:
-    from trainer.k8s_objects import dump_yaml, kubectl_apply
+    from keel.launch.k8s_objects import dump_yaml, kubectl_apply
 
     text = dump_yaml(docs)
     if apply:
@@ -288,7 +289,7 @@ def cmd_launch(argv: list[str]) -> int:
                    "repeatable")
     p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
     a = _recipe_and_overrides(p, argv)
-    from trainer.pytorchjob import launch_manifests
+    from keel.launch.pytorchjob import launch_manifests
 
     docs = launch_manifests(
         recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
@@ -333,7 +334,7 @@ def cmd_deploy(argv: list[str]) -> int:
                    help="how long a replica may take to load the model before it is restarted (default 1800)")
     p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
     a = p.parse_args(argv)
-    from serving.deploy import deploy_manifests
+    from keel.launch.deploy import deploy_manifests
 
     docs = deploy_manifests(
         model_uri=a.model_uri, image=a.image, name=a.name, namespace=a.namespace, replicas=a.replicas, gpus=a.gpus,
@@ -351,13 +352,13 @@ def cmd_pull(argv: list[str]) -> int:
 
 
 def cmd_sync(argv: list[str]) -> int:
-    from trainer.metrics_sync import main
+    from trainer.tracking.local import main
 
     return main(argv)
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    from trainer.quickstart import main
+    from keel.quickstart import main
 
     return main(argv)
 

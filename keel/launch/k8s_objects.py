@@ -1,4 +1,4 @@
-"""What `keel launch` (trainer/pytorchjob.py) and `keel deploy` (serving/deploy.py) share about
+"""What `keel launch` (keel/launch/pytorchjob.py) and `keel deploy` (keel/launch/deploy.py) share about
 Kubernetes objects: valid names, Keel's labels, the YAML they print, and `kubectl apply`.
 
 Plain dicts, no Kubernetes client: rendering must work on a laptop with nothing installed

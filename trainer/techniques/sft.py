@@ -16,7 +16,7 @@ def make_sft_trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
 
-    from trainer.document_attention import trained_positions_loss
+    from trainer.models.document_attention import trained_positions_loss
 
     class KeelSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -99,8 +99,8 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
     rows_layout = packed and packed_layout == "packed-rows"
     if packed:
         from data.errors import KeelError
-        from trainer.build import PACKING_WITH_SINKS
-        from trainer.document_attention import has_sinks
+        from trainer.models.config import PACKING_WITH_SINKS
+        from trainer.models.document_attention import has_sinks
 
         if has_sinks(model):  # validation refuses it first (trainer/recipe.py); never train it silently
             raise KeelError(PACKING_WITH_SINKS.format(what=type(model).__name__))
@@ -122,7 +122,7 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
         import torch
 
         if not torch.cuda.is_available():  # GPUs keep flash attention's varlen kernels and TRL's fused head
-            from trainer.document_attention import use_document_attention
+            from trainer.models.document_attention import use_document_attention
 
             use_document_attention(model)
     return make_sft_trainer_class()(

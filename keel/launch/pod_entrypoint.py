@@ -91,7 +91,7 @@ def command(argv: list[str], env: Mapping[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m trainer.pod_entrypoint RECIPE [key=value ...]\n"
+        print("usage: python -m keel.launch.pod_entrypoint RECIPE [key=value ...]\n"
               "Runs torchrun -m trainer with launcher options from the PyTorchJob / TrainJob environment.")
         return 0 if argv else 2
     try:

@@ -40,6 +40,28 @@ def bound_mlflow_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+def use_tracking_uri(uri: str | None) -> None:
+    """Point MLflow at `uri`. Credentials written into it (https://user:password@host) move to
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow sends as basic auth, so
+    the password is not printed in MLflow's "View run at" lines or Keel's logs."""
+    import os
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    import mlflow
+
+    bound_mlflow_retries()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+        if parts.password is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    mlflow.set_tracking_uri(uri)
+
+
 def tracking_reachable(uri: str, timeout_s: float = 2.0) -> bool:
     """Whether an http(s) tracking server accepts connections (other stores are local: True)."""
     parts = urlsplit(uri)
@@ -201,7 +223,7 @@ def main(argv: list[str]) -> int:
     import yaml
 
     from data.errors import KeelError
-    from trainer.checkpoints import RUN_FILE
+    from trainer.resilience.checkpoints import RUN_FILE
 
     run_dir = Path(a.run_dir)
     if not (run_dir / RUN_FILE).is_file():
@@ -211,7 +233,6 @@ def main(argv: list[str]) -> int:
     import mlflow
 
     from data.redaction import redact_text
-    from trainer.tracking import use_tracking_uri
 
     bound_mlflow_retries()
     use_tracking_uri(a.tracking_uri or without_redacted_password(mlflow_cfg.get("tracking_uri")))

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def keel(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", *args]
+    return [sys.executable, "-m", "keel.cli", *args]
 
 
 def run_step(title: str, *args: str) -> float:

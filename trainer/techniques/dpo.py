@@ -29,7 +29,7 @@ def build_dpo_trainer(*, model, tokenizer, peft_config, dpo, model_path: str, ar
     from trl import DPOConfig
 
     from data.model_loading import LoadPolicy
-    from trainer.build import load_base_model
+    from trainer.models.loading import load_base_model
 
     config = DPOConfig(
         **args,

@@ -19,13 +19,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import data
 from data.errors import KeelError
 from data.formats import load_format
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(data.__file__).resolve().parent  # the texts the data package ships
 ARCHS = ("llama", "qwen3", "gpt_oss")
 HARMONY = "harmony"  # the only format gpt_oss takes, and only gpt_oss takes it
-# What the published gpt-oss configs say (trainer/architectures/gpt-oss-20b.json)
+# What the published gpt-oss configs say (trainer/models/architectures/gpt-oss-20b.json)
 GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "original_max_position_embeddings": 4096, "truncate": False}
 # generation_config of the published model: stop at <|return|>, <|endoftext|>, <|call|>

@@ -1,7 +1,7 @@
 """`keel launch`: a recipe as a Kubeflow PyTorchJob (kubeflow.org/v1), plus the objects it needs.
 
 One Master and N-1 Workers run the training image, whose entrypoint maps the operator's
-environment to torchrun (trainer/pod_entrypoint.py). The recipe travels as a ConfigMap, as
+environment to torchrun (keel/launch/pod_entrypoint.py). The recipe travels as a ConfigMap, as
 written; cluster paths are `key=value` overrides on the command line, so one recipe file runs
 locally and on the cluster:
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import KeelError
-from trainer.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, is_object_name, labels,
+from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, is_object_name, labels,
                                   metadata, name_from)
 
 API_VERSION = "kubeflow.org/v1"

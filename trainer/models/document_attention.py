@@ -13,7 +13,7 @@ and both are replaced here by hand because no library does them on CPU:
   the assistant's tokens. `trained_positions_loss` asks the model for logits only at the
   positions whose next token is trained (`logits_to_keep` with indices) and sums their
   cross-entropy; TRL's fused LM head does the same with Triton on GPUs, and a per-tile torch
-  loop without it that is slower than the full head (trainer/sft.py).
+  loop without it that is slower than the full head (trainer/techniques/sft.py).
 
 Both give the same loss as the padded per-example path (tests/unit/test_fast_path.py).
 """

@@ -8,7 +8,7 @@ resumed run continues the same MLflow run.
 Every record is appended to RUN_DIR/metrics.jsonl before it is sent. When the tracking server
 cannot be reached (at start or mid-run), training goes on with a warning, the tracker retries
 every RETRY_S seconds and once more at the end, and `keel sync RUN_DIR` sends whatever is
-still missing (trainer/metrics_sync.py). System metrics are not kept while the server is away.
+still missing (trainer/tracking/local.py). System metrics are not kept while the server is away.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from data.redaction import redact_text
-from trainer.metrics_sync import (MAX_PARAM_BATCH, METRICS_FILE, PENDING_DIR, RUN_ID_FILE, append_record,
-                                  bound_mlflow_retries, register_export, save_pending, sync_run, tracking_reachable)
+from trainer.tracking.local import (MAX_PARAM_BATCH, METRICS_FILE, PENDING_DIR, RUN_ID_FILE, append_record,
+                                  bound_mlflow_retries, register_export, save_pending, sync_run, tracking_reachable,
+                                  use_tracking_uri)
 
 RETRY_S = 10.0  # while the tracking server is unreachable: a 2 s connection probe this often
 
@@ -395,28 +396,6 @@ class NodeSystemMetrics:
         if self.monitor is not None:
             self.monitor.finish()
             self.monitor = None
-
-
-def use_tracking_uri(uri: str | None) -> None:
-    """Point MLflow at `uri`. Credentials written into it (https://user:password@host) move to
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow sends as basic auth, so
-    the password is not printed in MLflow's "View run at" lines or Keel's logs."""
-    import os
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    import mlflow
-
-    bound_mlflow_retries()
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return
-    parts = urlsplit(uri)
-    if parts.username is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
-        if parts.password is not None:
-            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
-        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    mlflow.set_tracking_uri(uri)
 
 
 def share_run(run_id: str | None, tracking_uri: str | None, world: int) -> tuple[str | None, str]:
