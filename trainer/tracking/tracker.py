@@ -8,7 +8,8 @@ resumed run continues the same MLflow run.
 Every record is appended to RUN_DIR/metrics.jsonl before it is sent. When the tracking server
 cannot be reached (at start or mid-run), training goes on with a warning, the tracker retries
 every RETRY_S seconds and once more at the end, and `keel sync RUN_DIR` sends whatever is
-still missing (trainer/tracking/local.py). System metrics are not kept while the server is away.
+still missing (trainer/tracking/local.py). Node 0's system metrics go through the tracker
+and are kept the same way; other nodes' samples are lost while the server is away.
 """
 
 from __future__ import annotations
