@@ -42,7 +42,7 @@ def bare_vllm_command(model_dir: Path, port: int) -> list[str]:
     return [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--chat-template", str(model_dir / fmt.spec.chat_template),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser",
-            fmt.spec.vllm.reasoning_parser, "--max-model-len", str(info["seq_len"]), "--dtype", str(info["dtype"])]
+            fmt.spec.vllm.reasoning_parser, "--max-model-len", str(info.seq_len), "--dtype", str(info.dtype)]
 
 
 def one_round(url: str, n: int, concurrency: int, seed: int, max_tokens: int) -> dict:

@@ -91,7 +91,7 @@ def load_safety_args(served: ServedModel, *, taken: set[str]) -> list[str]:
     operator who passes --load-format after `--` takes over the weights check."""
     from data.model_loading import LoadPolicy, check_weight_files
 
-    trusted = served.export_info.get("trust_remote_code") is True
+    trusted = served.export_info.trust_remote_code
     if "--load-format" not in taken:
         allow = "pass `-- --load-format auto` to keel serve"
         check_weight_files(served.base_dir, LoadPolicy(), key="model", allow=allow)

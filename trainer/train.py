@@ -18,6 +18,7 @@ import yaml
 
 from data.errors import KeelError
 from data.formats import Format, resolve_format
+from data.model_dir import ExportInfo
 
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
@@ -193,15 +194,14 @@ def export_run(recipe: Recipe, trainer, *, tokenizer, peft_config, fmt: Format, 
         trainer, tokenizer, fmt=fmt, out_dir=out, recipe_model_path=recipe.model.path, peft_config=peft_config,
         merge_lora=recipe.output.merge_lora, precision=precision, quantized=recipe.peft.kind == "qlora",
         load_policy=recipe.model.load_policy,
-        info={"base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
-              "peft": recipe.peft.kind, "adapter": recipe.peft.kind != "none" and not recipe.output.merge_lora,
-              "seq_len": recipe.training.seq_len, "world_size": world,
-              # keel serve passes vLLM --trust-remote-code only for a model trained with it
-              "trust_remote_code": recipe.model.trust_remote_code,
-              # the dtype training computed in; the server uses it too (vLLM's CPU backend
-              # would otherwise downcast float32 weights to bfloat16)
-              "dtype": "bfloat16" if precision == "bf16" else "float32",
-              "mlflow_run_id": mlflow_run_id},
+        info=ExportInfo(base_model=recipe.model.path, format=fmt.name, technique=recipe.technique,
+                        peft=recipe.peft.kind, adapter=recipe.peft.kind != "none" and not recipe.output.merge_lora,
+                        seq_len=recipe.training.seq_len, world_size=world,
+                        trust_remote_code=recipe.model.trust_remote_code,
+                        # the dtype training computed in; the server uses it too (vLLM's CPU backend
+                        # would otherwise downcast float32 weights to bfloat16)
+                        dtype="bfloat16" if precision == "bf16" else "float32",
+                        mlflow_run_id=mlflow_run_id),
     )
     return out
 

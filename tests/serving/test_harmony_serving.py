@@ -36,13 +36,14 @@ def export_tiny_gptoss(root):
     written out by the export's own model-dir writer as a trained harmony model is: the spec as
     training used it, no chat template (harmony renders), the stop ids."""
     from data.model_loading import load_causal_lm, load_tokenizer
+    from data.model_dir import ExportInfo
     from trainer.export import write_model_dir
     from trainer.models.tiny import build_tiny_model
 
     base = build_tiny_model(root / "base", arch="gpt_oss", hidden=64)
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)
     return write_model_dir(model, tokenizer, fmt=FMT, out_dir=root / "run" / "model",
-                           info={"format": FMT.name, "seq_len": SEQ_LEN, "dtype": "bfloat16"})
+                           info=ExportInfo(format=FMT.name, seq_len=SEQ_LEN, dtype="bfloat16"))
 
 
 @pytest.fixture(scope="module")
