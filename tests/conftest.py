@@ -41,6 +41,19 @@ def _tracking_uri_not_carried_between_tests(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+def export_untrained(base: Path, fmt, out_dir: Path, *, seq_len: int = 1024, dtype: str = "float32") -> Path:
+    """A model dir written by the export's own writer (trainer/export.py write_model_dir) from an
+    untrained base, as `keel train` writes a trained one: for tests about serving, where which
+    weights the model has does not matter and a training run would only cost time."""
+    from data.model_dir import ExportInfo
+    from data.model_loading import load_causal_lm, load_tokenizer
+    from trainer.export import write_model_dir
+
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    return write_model_dir(model, tokenizer, fmt=fmt, out_dir=out_dir,
+                           info=ExportInfo(base_model=str(base), format=fmt.name, seq_len=seq_len, dtype=dtype))
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("keel-session")
