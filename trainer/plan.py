@@ -1,6 +1,6 @@
 """`keel plan`: what a recipe will do on a given cluster, and whether it fits in GPU memory,
-before any machine starts. Reads the model's config.json only: the model is built on PyTorch's
-meta device (exact parameter counts for any architecture, no memory, no weights).
+before any machine starts. Reads the model's config.json only: parameters are counted from its
+numbers for each architecture Keel knows (trainer/models/parameters.py; no torch, no weights).
 
 The memory model, per device, in bytes (P: parameters, T: trainable parameters, N: devices the
 strategy shards over):
@@ -45,13 +45,13 @@ assumed 40% MFU of the GPU's dense bf16 peak, plus the strategy's collectives, n
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.errors import KeelError
 from trainer.models.config import has_attention_sinks, is_mxfp4
+from trainer.models.parameters import parameter_counts, text_config
 
 GIB = 1024**3
 # usable memory as torch reports it, per GPU kind
@@ -143,45 +143,26 @@ class Estimate:
 
 
 def model_shape(config: dict, peft) -> ModelShape:
-    """Parameter counts from the architecture itself, built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(**config) if "model_type" in config else None
-    if cfg is None:
-        raise KeelError("model config has no model_type; keel plan needs the model's config.json")
-    with torch.device("meta"):
-        # never the model's own code: keel plan needs only the architecture's shapes
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    params = sum(p.numel() for p in model.parameters())
-    text = getattr(cfg, "text_config", None) or cfg
-    layers = text.num_hidden_layers
-    decoder = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
-    layer_params = sum(p.numel() for p in decoder.parameters())
-    trainable = params
-    if peft.kind != "none":
-        targets = peft.target_modules
-        trainable = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
-                continue
-            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
-                trainable += peft.r * (module.in_features + module.out_features)
-    intermediate = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    """Parameter counts from the config's numbers (trainer/models/parameters.py): no torch, no
+    weights."""
+    counts = parameter_counts(config)
+    text = text_config(config)
+    params = counts.total
+    trainable = params if peft.kind == "none" else counts.lora(peft.r, peft.target_modules)
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    intermediate = text.get("intermediate_size") or 4 * hidden
     active = params
-    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
-    top_k = getattr(text, "num_experts_per_tok", None)
+    experts = text.get("num_experts") or text.get("num_local_experts")
+    top_k = text.get("num_experts_per_tok")
     if experts and top_k:
         # A token runs through top_k of the experts: that is what it computes and keeps for
         # backward (every expert's weights are still held, trained and sharded).
-        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        active = params - round(expert_params * (1 - top_k / experts))
-        intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
-                      intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
-                      max_positions=getattr(text, "max_position_embeddings", None), active=active,
+        active = params - round(counts.experts * (1 - top_k / experts))
+        intermediate = (text.get("moe_intermediate_size") or intermediate) * top_k
+    head_dim = text.get("head_dim") or hidden // heads
+    return ModelShape(params=params, trainable=trainable, layers=text["num_hidden_layers"], hidden=hidden,
+                      intermediate=intermediate, vocab=text["vocab_size"], layer_params=counts.layer,
+                      max_positions=text.get("max_position_embeddings"), active=active,
                       attention_width=heads * head_dim, heads=heads, experts=experts or 0,
                       experts_per_token=top_k or 0, eager_attention=has_attention_sinks(config),
                       mxfp4=is_mxfp4(config))
