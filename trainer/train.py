@@ -19,6 +19,8 @@ import yaml
 from data.errors import KeelError
 from data.formats import Format, resolve_format
 
+from trainer.models.config import model_config
+from trainer.models.flops import model_flops_per_token
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
@@ -115,6 +117,16 @@ def describe_prepared(prepared) -> str:
             f"{s.rejected} rejected" + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
 
 
+def mfu_flops_per_token(recipe: Recipe) -> int:
+    """Training FLOPs per token for the tracker's MFU, counted as `keel plan` counts them
+    (trainer/models/flops.py); 0, with a note, for a model type that arithmetic has no layout for."""
+    try:
+        return model_flops_per_token(model_config(recipe.model.path), recipe.peft)
+    except KeelError as exc:
+        log(f"note: no MFU in the metrics: {exc}")
+        return 0
+
+
 def log_load_policy(recipe: Recipe) -> None:
     """Say so when the recipe lets loading run code (both are off by default)."""
     if recipe.model.trust_remote_code:
@@ -208,7 +220,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                       else {}),
                    "format/spec.yaml": fmt.spec_yaml(), **env_artifacts},
         tags=env_tags, run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
-        resume_step=resume_step, model_params=sum(p.numel() for p in model.parameters()), world=world,
+        resume_step=resume_step, flops_per_token=mfu_flops_per_token(recipe) if is_main else 0, world=world,
     )
     tracker.start()
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)

@@ -186,3 +186,21 @@ def parameter_counts(config: dict) -> ParameterCounts:
     if not tied:
         parts.append((Linear("lm_head", h, vocab), 1))
     return ParameterCounts(parts=tuple(parts), layer=sum(p.params for p in decoder[0]))
+
+
+def experts_and_top_k(config: dict) -> tuple[int, int]:
+    """Experts per MoE layer and how many of them a token is routed to; (0, 0) for a dense model."""
+    text = text_config(config)
+    experts = text.get("num_experts") or text.get("num_local_experts") or 0
+    top_k = text.get("num_experts_per_tok") or 0
+    return (experts, top_k) if experts and top_k else (0, 0)
+
+
+def active_parameters(config: dict, counts: ParameterCounts | None = None) -> int:
+    """Parameters a token passes through: all of them, less the experts it is not routed to (every
+    expert's weights are still held, trained and sharded)."""
+    counts = counts or parameter_counts(config)
+    experts, top_k = experts_and_top_k(config)
+    if not experts:
+        return counts.total
+    return counts.total - round(counts.experts * (1 - top_k / experts))
