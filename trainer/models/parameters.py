@@ -167,7 +167,9 @@ def parameter_counts(config: dict) -> ParameterCounts:
         raise KeelError("model config has no model_type; keel plan needs the model's config.json")
     if model_type not in KNOWN_TYPES:
         raise KeelError(f"model_type {model_type!r}: keel plan counts parameters from config.json for the model "
-                        f"types Keel knows ({', '.join(KNOWN_TYPES)}) and has no layout for this one")
+                        f"types Keel knows ({', '.join(KNOWN_TYPES)}) and has no layout for this one, so it cannot "
+                        "size the run; train without a plan, or add the architecture's layout to "
+                        "trainer/models/parameters.py (tests/unit/test_parameter_counts.py checks it)")
     config = with_defaults(config, model_type)
     text, text_type, parts = config, model_type, []
     if model_type == "gemma3":
