@@ -51,7 +51,6 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from data.errors import KeelError
 from trainer.models.config import has_attention_sinks, is_mxfp4
 from trainer.models.flops import PEAK_BF16_FLOPS, training_flops_per_token
 from trainer.models.parameters import active_parameters, experts_and_top_k, parameter_counts, text_config

@@ -7,7 +7,6 @@ exercise (a multimodal Gemma 3, a MoE with dense layers, configs that leave fiel
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
