@@ -1,6 +1,6 @@
 """The `keel` command. Each subcommand's work lives in the package that owns it; heavy
 libraries (torch, transformers, vllm, mlflow) are imported only by the subcommand that needs
-them, so `keel --help` and `keel validate` start at once."""
+them, so `keel --help`, `keel validate` and `keel plan` start at once (tests/unit/test_cli_imports.py)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ from data.errors import KeelError
 from data.formats import Format, resolve_format
 from data.model_dir import ExportInfo
 
+from trainer.models.config import model_config
+from trainer.models.flops import model_flops_per_token
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
@@ -114,6 +116,16 @@ def describe_prepared(prepared) -> str:
     return (f"{s.rows} rows -> {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained{rows}, "
             f"{s.truncated} truncated, {s.dropped_no_trained_tokens_after_truncation} dropped after truncation, "
             f"{s.rejected} rejected" + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
+
+
+def mfu_flops_per_token(recipe: Recipe) -> int:
+    """Training FLOPs per token for the tracker's MFU, counted as `keel plan` counts them
+    (trainer/models/flops.py); 0, with a note, for a model type that arithmetic has no layout for."""
+    try:
+        return model_flops_per_token(model_config(recipe.model.path), recipe.peft)
+    except KeelError as exc:
+        log(f"note: no MFU in the metrics: {exc}")
+        return 0
 
 
 def log_load_policy(recipe: Recipe) -> None:
@@ -245,7 +257,7 @@ def resume_point(ckpt_root: Path, *, is_main: bool, world: int) -> Path | None:
     return latest_complete_checkpoint(ckpt_root)
 
 
-def start_tracking(recipe: Recipe, *, fmt: Format, recipe_file: str | None, remote: dict, model, resume_step: int,
+def start_tracking(recipe: Recipe, *, fmt: Format, recipe_file: str | None, remote: dict, resume_step: int,
                    rank: int, local_rank: int, world: int):
     """(tracker, system metrics): the MLflow run (rank 0 creates it; every rank learns its id)
     with the redacted recipe, the format and the environment, and the node's system sampler."""
@@ -269,7 +281,7 @@ def start_tracking(recipe: Recipe, *, fmt: Format, recipe_file: str | None, remo
                       else {}),
                    "format/spec.yaml": fmt.spec_yaml(), **env_artifacts},
         tags=env_tags, run_dir=Path(recipe.output.dir), is_main=is_main, log_every=recipe.training.log_every_steps,
-        resume_step=resume_step, model_params=sum(p.numel() for p in model.parameters()), world=world,
+        resume_step=resume_step, flops_per_token=mfu_flops_per_token(recipe) if is_main else 0, world=world,
     )
     tracker.start()
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)
@@ -312,7 +324,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     tokenizer, model, peft_config = build_model_parts(recipe)
     resume_from = resume_point(ckpt_root, is_main=is_main, world=world)
     resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
-    tracker, system_metrics = start_tracking(recipe, fmt=fmt, recipe_file=recipe_file, remote=remote, model=model,
+    tracker, system_metrics = start_tracking(recipe, fmt=fmt, recipe_file=recipe_file, remote=remote,
                                              resume_step=resume_step, rank=rank, local_rank=local_rank, world=world)
     for split, prepared in (("train", train_data), ("eval", eval_data)):
         if prepared is not None:
