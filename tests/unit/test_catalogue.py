@@ -75,7 +75,7 @@ def test_recipe_validates_documents_itself_and_fits_where_it_is_sized_for(path):
     assert recipe.training.seq_len <= result.shape.max_positions
 
 
-@pytest.mark.slow  # three CLI processes, each importing torch and transformers
+# three CLI processes; none imports torch or transformers any more (tests/unit/test_cli_imports.py)
 def test_keel_plan_and_validate_run_offline_on_a_hub_id(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
