@@ -212,25 +212,36 @@ def _pip(args: list[str], cache: Path, timeout: int) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def local_wheels(tmp_path_factory) -> Path:
+def pip_cache(tmp_path_factory) -> Path:
+    """One pip cache for the module's resolutions: the index pages and metadata the four
+    requirement sets share are fetched once."""
+    return tmp_path_factory.mktemp("pip-cache")
+
+
+def _cache_bytes(cache: Path) -> int:
+    return sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def local_wheels(tmp_path_factory, pip_cache) -> Path:
     """Keel's own wheel, and DeepSpeed's (PyPI has only its source; the image builds the same
     pure-Python wheel), so a cross-platform, binary-only resolution can include both."""
     out = tmp_path_factory.mktemp("wheels")
-    cache = tmp_path_factory.mktemp("pip-cache")
     deepspeed = pins(REPO / "docker" / "requirements" / "train-cuda.txt")["deepspeed"]
-    _pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(REPO), f"deepspeed=={deepspeed}"], cache, 900)
+    _pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(REPO), f"deepspeed=={deepspeed}"], pip_cache, 900)
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESOLVE))
-def test_image_requirement_set_resolves(name, local_wheels, tmp_path):
+def test_image_requirement_set_resolves(name, local_wheels, pip_cache, tmp_path):
     import json
 
     with_keel, cuda = RESOLVE[name]
     reqs = requirements_file(REPO / "docker" / name)
     report = tmp_path / "report.json"
-    cache = tmp_path / "pip-cache"
+    cache = pip_cache
+    before = _cache_bytes(cache)
     args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), "-r", str(reqs),
             "--find-links", str(local_wheels)]
     if with_keel:
@@ -248,5 +259,5 @@ def test_image_requirement_set_resolves(name, local_wheels, tmp_path):
     assert any(n.startswith("nvidia-") for n in resolved) == cuda  # CUDA libraries in, or out
     if not with_keel:  # Keel goes in without deps: what `keel serve` and `keel pull` import must be there
         assert {"pyyaml", "pydantic", "mlflow-skinny", "boto3"} <= set(resolved)
-    used = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    used = _cache_bytes(cache) - before
     assert used < MAX_CACHE_BYTES, f"the resolution downloaded {used / 2**20:.0f} MiB: more than metadata"
