@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from data.errors import KeelError
+from data.files import read_yaml
 from data.formats import Format
 
 EXPORT_INFO_FILE = "keel-export.yaml"
@@ -29,10 +27,7 @@ def read_export_info(model_dir: str | Path) -> dict:
     path = Path(model_dir) / EXPORT_INFO_FILE
     if not path.is_file():
         return {}
-    info = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(info, dict):
-        raise KeelError(f"{path}: expected a mapping")
-    return info
+    return read_yaml(path, what="export record", expect=dict)
 
 
 def load_model_format(model_dir: str | Path) -> Format | None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import KeelError
+from data.model_config import read_model_config
 
 METRICS = ("tool_call_validity", "call_decision", "tool_name_match", "arguments_match", "reasoning_format",
            "answer_exact_match", "finished")
@@ -143,7 +144,7 @@ def _engine(served):
         os.environ.setdefault(key, value)
     from serving.engine import engine_settings
 
-    config = json.loads((served.base_dir / "config.json").read_text())
+    config = read_model_config(served.base_dir / "config.json")
     settings = engine_settings(config, served.export_info, target if target.gpus else Target(), served.adapters)
     from vllm import LLM
 

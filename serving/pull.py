@@ -9,12 +9,12 @@ service-account role).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from data.errors import KeelError
+from data.files import read_json
 from data.redaction import redact_text
 from data.model_dir import MODEL_REF_FILE
 
@@ -44,7 +44,10 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     ref = got / MODEL_REF_FILE
     if ref.is_file() and not (got / "config.json").is_file():
         # a registry version that points at an export on a shared volume or in object storage
-        location = json.loads(ref.read_text())["location"]
+        location = read_json(ref, what="model reference", expect=dict).get("location")
+        if not isinstance(location, str) or not location:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise KeelError(f"{uri}: its {MODEL_REF_FILE} names no location; register the export again")
         shutil.rmtree(staging, ignore_errors=True)
         if "://" in location:
             return pull_model(location, dest)

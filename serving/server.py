@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.formats import SPEC_FILE
+from data.model_config import read_model_config
 from data.model_dir import FORMAT_DIR
 from serving.engine import GIB, Target, engine_settings
 from serving.harmony import START_DATE_ENV
@@ -102,9 +103,7 @@ def load_safety_args(served: ServedModel, *, taken: set[str]) -> list[str]:
 
 def plan_served(served: ServedModel, *, host: str, port: int, target: Target, extra: list[str] = (),
                 shutdown_timeout: int = SHUTDOWN_TIMEOUT_S) -> ServePlan:
-    import json
-
-    config = json.loads((served.base_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(served.base_dir / "config.json")
     settings = engine_settings(config, served.export_info, target, served.adapters,
                                weight_bytes=_weight_bytes(served.base_dir))
     cmd = [sys.executable, "-m", KEEL_SERVER_MODULE, "--model", str(served.base_dir), "--host", host,

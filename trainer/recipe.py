@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data.errors import KeelError
+from data.files import parse_yaml, quote, read_text
+from data.model_config import read_model_config
 from data.formats import available_formats
 from data.redaction import URL_USERINFO, redact_text
 from trainer.models.config import packing_problem
@@ -265,9 +267,8 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
                 )
             node = child
         try:
-            node[parts[-1]] = (yaml.safe_load(value) if value != "" and flow_nesting(value) <= MAX_FLOW_NESTING
-                               else value or None)
-        except (yaml.YAMLError, ValueError, RecursionError):  # not a YAML value: the text itself
+            node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value != "" else None
+        except KeelError:  # not a YAML value: the text itself
             node[parts[-1]] = value
     return raw
 
@@ -303,8 +304,8 @@ def _fix_hint(err: dict) -> str:
         desc = f" ({field.description})" if field is not None and field.description else ""
         return f"required key is missing; add it{desc}"
     if kind == "literal_error":
-        return f"{err['msg']} (got {err.get('input')!r})"
-    return f"{err['msg']} (got {err.get('input')!r})"
+        return f"{err['msg']} (got {quote(err.get('input'))})"
+    return f"{err['msg']} (got {quote(err.get('input'))})"
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -322,51 +323,18 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KeelError(f"{source}: recipe file not found") from None
-    except IsADirectoryError:
-        raise KeelError(f"{source}: is a directory; pass the recipe's YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise KeelError(f"{source}: recipe is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise KeelError(f"{source}: cannot read the recipe ({exc.strerror or exc})") from None
-    return parse_recipe(text, source, overrides)
+    return parse_recipe(read_text(path, what="recipe file", max_bytes=MAX_RECIPE_BYTES), str(path), overrides)
 
 
-# PyYAML's scanner takes time quadratic in the nesting of [ ] and { } (2,000 levels: 3 s; 20,000:
-# minutes), and a recipe needs a handful of levels.
+# a recipe is a few KiB
+MAX_RECIPE_BYTES = 1 << 20
 MAX_FLOW_NESTING = 100
-
-
-def flow_nesting(text: str) -> int:
-    """How deep [ ] and { } nest in the text (brackets in quoted strings counted too)."""
-    depth = deepest = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}" and depth:
-            depth -= 1
-    return deepest
 
 
 def parse_recipe(text: str, source: str, overrides: list[str] | None = None) -> Recipe:
     """A recipe from its YAML text; `source` names it in every error."""
-    if flow_nesting(text) > MAX_FLOW_NESTING:
-        raise KeelError(f"{source}: [ ] or {{ }} nest more than {MAX_FLOW_NESTING} levels deep; a recipe needs a "
-                        "few (unbalanced brackets in a value? quote it)")
-    try:
-        # the safe loader only: no Python tags (!!python/object...), so a recipe cannot run code
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise KeelError(f"{source}: not valid YAML: {exc}") from None
-    except ValueError as exc:  # PyYAML builds dates itself: `2024-13-45` is a ValueError, not a YAMLError
-        raise KeelError(f"{source}: not valid YAML: a value looks like a date but is not one ({exc}); quote it") from None
-    except RecursionError:
-        raise KeelError(f"{source}: not valid YAML: nested too deeply") from None
+    # the safe loader only: no Python tags (!!python/object...), so a recipe cannot run code
+    raw = parse_yaml(text, source, what="recipe", max_nesting=MAX_FLOW_NESTING)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -406,12 +374,10 @@ def missing_paths(recipe: Recipe) -> list[str]:
 
 def _model_fit_problems(recipe: Recipe, config_file: Path) -> list[str]:
     """What the model's own config rules out: a seq_len beyond its positions."""
-    import json
-
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        return [f"  - model.path: {config_file} is not readable JSON ({exc})"]
+        config = read_model_config(config_file)
+    except KeelError as exc:
+        return [f"  - model.path: {exc}"]
     problems = []
     if problem := packing_problem(config, recipe.training.packing, str(config_file.parent)):
         problems.append(f"  - {problem}")
