@@ -15,17 +15,43 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.files import read_json
+from data.options import check_model_uri, check_output_dir
+from data.tracking_client import bound_mlflow_retries
 from data.redaction import redact_text
 from data.model_dir import MODEL_REF_FILE
 
 PULLED_MARKER = ".keel-pulled"
 
 
+# what MLflow's download_artifacts reads: its registry and runs, and the artifact stores it supports
+SCHEMES = ("models:/", "runs:/", "s3://", "gs://", "wasbs://", "abfss://", "hdfs://", "file://", "http://", "https://",
+           "mlflow-artifacts://")
+
+
+def check_pull_uri(uri: str) -> str:
+    if not uri.startswith(SCHEMES):
+        scheme = uri.split(":", 1)[0] + ":" if ":" in uri else None
+        got = f"scheme {scheme!r} is not one Keel pulls from" if scheme else "not a URI"
+        raise KeelError(f"{redact_text(uri)!r}: {got}; expected models:/NAME/VERSION or a storage URI such as "
+                        f"s3://bucket/path/model ({', '.join(SCHEMES)})")
+    return check_model_uri(uri)
+
+
 def pull_model(uri: str, dest: str | Path) -> Path:
-    """Download the model dir at `uri` into `dest` (created if needed); returns `dest`."""
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        raise KeelError(f"{uri!r}: expected a URI such as models:/NAME/VERSION or s3://bucket/path/model")
-    dest = Path(dest)
+    """Download the model dir at `uri` into `dest` (created if needed); returns `dest`. A failed pull
+    leaves `dest` as it found it: a directory it created is removed again."""
+    check_pull_uri(uri)
+    dest = check_output_dir(dest, "DEST")
+    created = not dest.exists()
+    try:
+        return _pull(uri, dest)
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _pull(uri: str, dest: Path) -> Path:
     marker = dest / PULLED_MARKER
     # An emptyDir outlives a restarted init container: a finished pull is not repeated.
     if marker.is_file() and marker.read_text().strip() == uri and (dest / "config.json").is_file():
@@ -34,6 +60,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest / ".keel-pull"
     shutil.rmtree(staging, ignore_errors=True)
+    bound_mlflow_retries()  # an unreachable registry: a Keel error in seconds, not minutes of retries
     from mlflow.artifacts import download_artifacts
 
     try:
@@ -50,7 +77,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
             raise KeelError(f"{uri}: its {MODEL_REF_FILE} names no location; register the export again")
         shutil.rmtree(staging, ignore_errors=True)
         if "://" in location:
-            return pull_model(location, dest)
+            return _pull(check_pull_uri(location), dest)
         if not (Path(location) / "config.json").is_file():
             raise KeelError(f"{uri}: registered by reference to {location}, which is not readable here; mount the "
                             "volume that holds it, or train with output.register_upload: true")

@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import KeelError
+from data.errors import KeelError, print_error
+from data.redaction import redact_args
 from data.formats import SPEC_FILE
 from data.model_config import read_model_config
 from data.model_dir import FORMAT_DIR
@@ -248,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_served(served, host=args.host, port=args.port, target=_target(args), extra=extra,
                            shutdown_timeout=args.shutdown_timeout)
     except KeelError as exc:
-        print(f"keel: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(f"[keel] warning: {warning}", file=sys.stderr, flush=True)
     for reason in plan.reasons:
         print(f"[keel] {reason}", flush=True)
-    print("[keel] " + " ".join(plan.command), flush=True)
+    print("[keel] " + " ".join(redact_args(plan.command)), flush=True)
     if args.dry_run:
         return 0
     os.execvpe(plan.command[0], plan.command, server_env(args.api_key, plan.env))

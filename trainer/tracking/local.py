@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from data.errors import KeelError
 from data.files import parse_json, read_json, read_yaml
+from data.tracking_client import bound_mlflow_retries
 
 METRICS_FILE = "metrics.jsonl"
 PENDING_DIR = "mlflow-pending"  # params, tags and artifacts of a run the server has not seen yet
@@ -35,13 +36,6 @@ RUN_ID_FILE = "mlflow_run_id"
 NOT_METRICS = ("step", "timestamp")
 MAX_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
 MAX_PARAM_BATCH = 100  # and at most 100 params
-
-
-def bound_mlflow_retries() -> None:
-    """Fail fast instead of MLflow's minutes of retries; an operator's explicit setting wins."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def use_tracking_uri(uri: str | None) -> None:
