@@ -25,7 +25,8 @@ from trainer.models.known import format_problem, known_model, path_kind
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `learning_rate: .inf` passes gt=0 and trains a model of NaNs
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
