@@ -147,16 +147,24 @@ def model_shape(config: dict, peft) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**config) if "model_type" in config else None
-    if cfg is None:
+    if not isinstance(config.get("model_type"), str):
         raise KeelError("model config has no model_type; keel plan needs the model's config.json")
-    with torch.device("meta"):
-        # never the model's own code: keel plan needs only the architecture's shapes
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            # never the model's own code: keel plan needs only the architecture's shapes
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except Exception as exc:  # transformers' config validators raise their own types (StrictDataclass...)
+        why = " ".join(str(exc).split())[:300]
+        raise KeelError(f"model config (model_type {config['model_type']!r}): transformers cannot build this "
+                        f"architecture from it ({type(exc).__name__}: {why}); is the config.json complete?") from None
     params = sum(p.numel() for p in model.parameters())
     text = getattr(cfg, "text_config", None) or cfg
     layers = text.num_hidden_layers
-    decoder = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    decoder = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
+    if decoder is None:
+        raise KeelError(f"model config (model_type {config['model_type']!r}): the model has no decoder layers; keel "
+                        "plan sizes decoder-only language models")
     layer_params = sum(p.numel() for p in decoder.parameters())
     trainable = params
     if peft.kind != "none":

@@ -8,6 +8,7 @@ path, why, and the fix.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from data.errors import KeelError
 from data.files import parse_yaml, quote, read_text
 from data.model_config import read_model_config
+from data.model_loading import tokenizer_problem
 from data.formats import available_formats
 from data.redaction import URL_USERINFO, redact_text
 from trainer.models.config import packing_problem
@@ -365,11 +367,14 @@ def missing_paths(recipe: Recipe) -> list[str]:
             continue
         p = Path(value).expanduser()
         if not p.exists():
-            problems.append(f"  - {key}: {value!r} does not exist (resolved to {p.resolve()}); expected {what}")
+            where = "a symlink loop" if p.is_symlink() else f"resolved to {os.path.abspath(p)}"
+            problems.append(f"  - {key}: {value!r} does not exist ({where}); expected {what}")
         elif key == "model.path" and not (p / "config.json").is_file():
             problems.append(f"  - {key}: {value!r} has no config.json; expected {what}")
         elif key == "model.path":
             problems += _model_fit_problems(recipe, p / "config.json")
+            if problem := tokenizer_problem(p):
+                problems.append(f"  - {problem}")
     return problems
 
 

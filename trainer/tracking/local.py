@@ -252,13 +252,12 @@ def main(argv: list[str]) -> int:
     if not (run_dir / RUN_FILE).is_file():
         raise KeelError(f"{run_dir} is not a Keel run dir (no {RUN_FILE}): pass the output.dir of a `keel train` run")
     saved = read_yaml(run_dir / RUN_FILE, what="run record") or {}
-    mlflow_cfg = saved.get("recipe") if isinstance(saved, dict) else None
-    for key in ("tracking", "mlflow"):
-        mlflow_cfg = mlflow_cfg.get(key) if isinstance(mlflow_cfg, dict) else None
-    if not isinstance(saved, dict) or not isinstance(mlflow_cfg, (dict, type(None))):
+    mlflow_cfg = saved
+    for key in ("recipe", "tracking", "mlflow"):
+        mlflow_cfg = mlflow_cfg.get(key) or {} if isinstance(mlflow_cfg, dict) else None
+    if not isinstance(mlflow_cfg, dict):
         raise KeelError(f"{run_dir / RUN_FILE}: not a Keel run record (expected a mapping whose recipe.tracking.mlflow "
                         "is a section); pass the output.dir of a `keel train` run")
-    mlflow_cfg = mlflow_cfg or {}
     import mlflow
 
     from data.redaction import redact_text
