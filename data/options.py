@@ -8,10 +8,13 @@ both read `models:/NAME/VERSION`), and every package may import data.
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 from data.errors import KeelError
+from data.redaction import redact_text
 
 # Kubernetes keeps replica and node counts as int32; torchrun's are C ints.
 MAX_COUNT = 2**31 - 1
@@ -49,3 +52,12 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
         raise KeelError(f"{flag} {str(path)!r}: is a file, not a directory; pass a directory path (it is created "
                         "if missing)")
     return path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (`invalid int value: '...'`) are redacted like Keel's: an
+    option given a URL with a password in the wrong place must not print the password."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact_text(message)}\n")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from data.errors import KeelError, print_error
-from data.options import check_count, check_model_uri, check_namespace, check_output_dir
+from data.options import ArgumentParser, check_count, check_model_uri, check_namespace, check_output_dir
 
 USAGE = """usage: keel COMMAND [ARGS]
 
@@ -33,7 +33,7 @@ commands:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"keel {prog}", description=description)
+    return ArgumentParser(prog=f"keel {prog}", description=description)
 
 
 def cmd_tiny_model(argv: list[str]) -> int:

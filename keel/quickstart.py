@@ -11,7 +11,6 @@ the end whatever happens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import signal
@@ -23,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from data.options import ArgumentParser
 from data.errors import KeelError
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart" / "sft-tool-calling.yaml"
@@ -99,7 +99,7 @@ def ask_for_tool_call(base_url: str, api_key: str, question: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="keel quickstart", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="keel quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/quickstart", help="where the model, run and logs go (replaced)")
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--question", default=QUESTION)

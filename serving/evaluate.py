@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.options import ArgumentParser
 from data.errors import KeelError
 from data.model_config import read_model_config
 
@@ -265,10 +266,9 @@ def case_row(case: Case) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="keel eval", description="Score a model on held-out conversations with vLLM's "
+    p = ArgumentParser(prog="keel eval", description="Score a model on held-out conversations with vLLM's "
                                 "offline engine and the server's own parsers.")
     p.add_argument("model", help="model dir exported by `keel train` (or an adapter export), or models:/NAME/VERSION")
     p.add_argument("data", help="held-out conversations (JSONL, OpenAI messages with tools)")

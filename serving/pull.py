@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.files import read_json
-from data.options import check_model_uri, check_output_dir
+from data.options import ArgumentParser, check_model_uri, check_output_dir
 from data.tracking_client import bound_mlflow_retries
 from data.redaction import redact_text
 from data.model_dir import MODEL_REF_FILE
@@ -107,9 +107,7 @@ def _pull(uri: str, dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="keel pull", description="Download an exported model dir (models:/, s3://).")
+    p = ArgumentParser(prog="keel pull", description="Download an exported model dir (models:/, s3://).")
     p.add_argument("uri", help="models:/NAME/VERSION or a storage URI such as s3://bucket/runs/NAME/model")
     p.add_argument("dest", help="directory to fill (created if needed)")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.options import ArgumentParser
 from data.errors import KeelError, print_error
 from data.redaction import redact_args
 from data.formats import SPEC_FILE
@@ -200,7 +201,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server. "
+    p = ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server. "
                                 "Arguments after `--` go to vLLM and override Keel's.")
     p.add_argument("model", nargs="?", default=os.environ.get("KEEL_MODEL_DIR"),
                    help="model dir exported by `keel train` (RUN_DIR/model), a LoRA adapter export, or "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from data.errors import KeelError
 from data.options import check_count, check_model_uri, check_namespace
 from data.redaction import secret_options
-from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, labels, metadata,
+from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity, labels, metadata,
                                   name_from)
 
 PORT = 8080
@@ -193,8 +193,7 @@ def deploy_manifests(*, model_uri: str, image: str, name: str | None = None, nam
     source = model_source(check_model_uri(model_uri))
     check_namespace(namespace)
     name = check_name(name or default_name(model_uri), flag="--name")
-    if not image or any(c.isspace() for c in image):
-        raise KeelError(f"--image {image!r}: expected an image reference such as registry.example/keel-serve:0.1.0")
+    check_image(image, example="registry.example/keel-serve:0.1.0")
     check_count(gpus, "--gpus", minimum=0)  # 0: CPU serving
     for value, flag in [(replicas, "--replicas"), (min_replicas, "--min-replicas"), (max_replicas, "--max-replicas")]:
         if value is not None:

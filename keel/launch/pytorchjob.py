@@ -21,8 +21,8 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.options import check_count, check_namespace
-from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, is_object_name, labels,
-                                  metadata, name_from)
+from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity,
+                                  is_object_name, labels, metadata, name_from)
 
 API_VERSION = "kubeflow.org/v1"
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name (webhook rule)
@@ -215,8 +215,7 @@ def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: st
     check_count(efa, "--efa", minimum=0)
     check_count(max_restarts, "--max-restarts", minimum=0)
     check_namespace(namespace)
-    if not image or any(c.isspace() for c in image):
-        raise KeelError(f"--image {image!r}: expected an image reference such as registry.example/keel-train:0.1.0")
+    check_image(image)
     name = check_name(name or name_from(str(recipe_path)), flag="--name",
                       longest_suffix=f"-worker-{max(nodes - 2, 0)}")
     shared = parse_volume(volume)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from data.options import ArgumentParser
 from data.errors import KeelError
 from data.files import parse_json, read_json, read_yaml
 from data.tracking_client import bound_mlflow_retries
@@ -236,9 +237,7 @@ def without_redacted_password(uri: str | None) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="keel sync", description="Send a run's metrics (and, if its MLflow run was "
+    p = ArgumentParser(prog="keel sync", description="Send a run's metrics (and, if its MLflow run was "
                                 "never created, its params and artifacts) that did not reach the tracking server "
                                 "while it trained. Safe to run more than once.")
     p.add_argument("run_dir", help="the run's output.dir")
