@@ -198,8 +198,9 @@ def parse_yaml(text: str, source: str, *, what: str = "file", expect: type | Non
     if flow_nesting(text) > max_nesting:
         raise KeelError(f"{source}: [ ] or {{ }} nest more than {max_nesting} levels deep; a {what} needs a "
                         "few (unbalanced brackets in a value? quote it)")
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # its reader refuses control characters at once
         node = loader.get_single_node()
         if node is None:
             value = None
@@ -215,7 +216,8 @@ def parse_yaml(text: str, source: str, *, what: str = "file", expect: type | Non
         why = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())
         raise KeelError(f"{source}: not valid YAML: {why}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return _expect(value, expect, source, what, "YAML mapping" if expect is dict else "YAML list")
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from data.errors import KeelError
 from data.options import check_count, check_model_uri, check_namespace
 from data.redaction import secret_options
-from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity, labels, metadata,
-                                  name_from)
+from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity, labels,
+                                  metadata, name_from)
 
 PORT = 8080
 PULLED_MODEL_DIR = "/opt/ml/model"  # SageMaker's model path, the serve image's default

@@ -266,7 +266,7 @@ def _read_run_file(run_file: Path) -> dict:
         why = "not a mapping with a recipe"
     except KeelError as exc:
         saved, why = None, str(exc)
-    if not isinstance(saved, dict) or not isinstance(saved.get("recipe", {}), dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):  # write_run_file always writes one
         raise KeelError(f"output.dir {run_file.parent}: {RUN_FILE} cannot be read ({why}), so Keel cannot tell which "
                         "run the directory holds. Choose a new output.dir, or pass --overwrite to start over there.")
     return saved
