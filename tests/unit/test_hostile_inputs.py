@@ -1,6 +1,10 @@
-"""Hostile and broken inputs, property-based: whatever a recipe or a data row holds, only Keel's
-own errors (KeelError and its subclasses, RowError among them) come out, each saying where;
-never a TypeError, KeyError, AttributeError, RecursionError..., never a hang.
+"""Hostile and broken inputs, property-based: whatever a recipe, a data row, a file Keel reads
+(config.json, keel-export.yaml, a format spec, tokenizer_config.json, metrics.jsonl,
+keel-run.yaml) or a command's arguments hold, only Keel's own errors (KeelError and its
+subclasses, RowError among them) come out, each saying where; never a TypeError, KeyError,
+AttributeError, RecursionError..., never a hang. Commands run in this process (keel.cli.main)
+and must answer a mistake with one `keel: error:` line naming the file or option, exit non-zero,
+print no secret and write nothing.
 
 Each test runs 500 inputs (tests/hostile.py EXAMPLES; hypothesis settings max_examples=500,
 deadline=None), asserts that many were tried, and reports the count in the run's summary
