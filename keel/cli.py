@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data.errors import KeelError, print_error
 from data.options import ArgumentParser, check_count, check_model_uri, check_namespace, check_output_dir
+from data.redaction import redact_text
 
 USAGE = """usage: keel COMMAND [ARGS]
 
@@ -156,8 +157,6 @@ def cmd_plan(argv: list[str]) -> int:
     recipe = load_recipe(a.recipe, a.overrides)
     config = load_config(recipe.model.path)
     result = plan(recipe, Cluster(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node), config)
-    from data.redaction import redact_text
-
     print(redact_text(render(result)))  # the resolved recipe: a tracking or data URL may hold credentials
     problems = [q for q in missing_paths(recipe) if "training.seq_len" in q]
     for q in problems:
@@ -264,7 +263,8 @@ def _mlflow_uri_for_pods() -> str | None:
     """$MLFLOW_TRACKING_URI when pods can reach it too (a server, not a file on this machine)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and not uri.startswith(("http://", "https://", "databricks")):
-        print(f"[keel] not passing MLFLOW_TRACKING_URI={uri} to the pods: it names storage on this machine",
+        print(f"[keel] not passing MLFLOW_TRACKING_URI={redact_text(uri)} to the pods: it names storage on this "
+              "machine",
               file=sys.stderr)
         return None
     return uri

@@ -475,3 +475,14 @@ def test_plan_prints_the_resolved_recipe_without_credentials(tiny_model, tmp_pat
     rc, out, err = _run_keel(["plan", str(recipe), "--gpu", "cpu"])
     assert "resolved recipe:" in out and "tracking_uri: https://bob:***@mlflow.example/x?token=***" in out
     assert SECRET not in out + err
+
+
+@pytest.mark.parametrize("meta", [b"", b"{", b"[]", b'{"kind": "sft"}', b"\xff"])
+def test_a_damaged_prepared_cache_is_named_with_its_fix(tmp_path, meta):
+    from data.prepare import META_FILE, STATS_FILE, _read_prepared
+
+    (tmp_path / META_FILE).write_bytes(meta)
+    (tmp_path / STATS_FILE).write_text("{}")
+    with pytest.raises(KeelError, match=rf"{re.escape(str(tmp_path))}.*the prepared-data cache is damaged: delete "
+                                        rf"{re.escape(str(tmp_path))} and prepare again$"):
+        _read_prepared(tmp_path)
