@@ -318,7 +318,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             # cross-field rules: one problem per line, each already starting with its key path
             problems += err["msg"].removeprefix("Value error, ").splitlines()
         else:
-            path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            # a key is quoted in full only when it is short: a megabyte-long key makes no readable message
+            path = ".".join(str(p) if len(str(p)) <= 80 else quote(str(p)) for p in err["loc"]) or "(top level)"
             problems.append(f"{path}: {_fix_hint(err)}")
     lines = [f"{source}: invalid recipe ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
     return "\n".join(lines + [f"  - {p}" for p in problems])
