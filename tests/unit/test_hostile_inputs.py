@@ -486,3 +486,22 @@ def test_a_damaged_prepared_cache_is_named_with_its_fix(tmp_path, meta):
     with pytest.raises(KeelError, match=rf"{re.escape(str(tmp_path))}.*the prepared-data cache is damaged: delete "
                                         rf"{re.escape(str(tmp_path))} and prepare again$"):
         _read_prepared(tmp_path)
+
+
+def test_pull_from_an_unreachable_registry_fails_in_one_line_without_the_password_or_a_dest(tmp_path,
+                                                                                             monkeypatch):
+    """MLflow's client retries for minutes unless told otherwise; pull uses training's bounded
+    retries, names the URI with the password hidden, and leaves no empty DEST behind."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")  # recorded, so what pull sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}@127.0.0.1:9")  # nothing listens on port 9
+    dest = tmp_path / "pulled" / "model"
+    rc, out, err = _run_keel(["pull", "models:/tool-caller/1", str(dest)])
+    assert_one_line_error(rc, out, err)
+    assert err.startswith("keel: error: models:/tool-caller/1: download failed:") and "bob:***@" in err
+    assert not dest.exists()
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
