@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from data.errors import KeelError
 from data.options import check_count, check_model_uri, check_namespace
-from data.redaction import secret_options
+from data.redaction import has_url_credentials, secret_options
 from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity, labels,
                                   metadata, name_from)
 
@@ -161,9 +161,13 @@ def autoscaler(*, name: str, namespace: str | None, min_replicas: int, max_repli
             }}
 
 
-def refuse_secret_args(vllm_args: list[str]) -> None:
-    """A credential in vLLM's arguments would sit in plain text in the Deployment, as launch refuses it
-    in a recipe (keel/launch/pytorchjob.py refuse_inlined_secrets)."""
+def refuse_secret_args(vllm_args: list[str], mlflow_uri: str | None = None) -> None:
+    """A credential in vLLM's arguments or in $MLFLOW_TRACKING_URI would sit in plain text in the
+    Deployment, as launch refuses it in a recipe (keel/launch/pytorchjob.py refuse_inlined_secrets)."""
+    if mlflow_uri and has_url_credentials(mlflow_uri):
+        raise KeelError("$MLFLOW_TRACKING_URI carries a credential, which the manifests would hold in plain text. "
+                        "Remove it from the URI; put MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in a "
+                        "Kubernetes Secret and pass --secret SECRET_NAME")
     found = secret_options(list(vllm_args))
     if found:
         fix = ("pass the API key as a Kubernetes Secret with --api-key-secret SECRET[:KEY] (keel serve reads it "
@@ -220,7 +224,7 @@ def deploy_manifests(*, model_uri: str, image: str, name: str | None = None, nam
         check_object_name(s, "--secret")
     for value, flag in [(cpu, "--cpu"), (memory, "--memory"), (shm_size, "--shm-size")]:
         check_quantity(value, flag)
-    refuse_secret_args(vllm_args)
+    refuse_secret_args(vllm_args, mlflow_uri)
     check_count(startup_timeout_s, "--startup-timeout", minimum=10)  # the server needs a few seconds to load
     docs = [
         deployment(name=name, namespace=namespace, image=image, source=source, gpus=gpus,

@@ -505,3 +505,15 @@ def test_pull_from_an_unreachable_registry_fails_in_one_line_without_the_passwor
     import os
 
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+
+
+@pytest.mark.parametrize("command", [["deploy", "models:/m/1", "--image", "i:1"],
+                                     ["launch", "RECIPE", "--image", "i:1", "--nodes", "1", "--gpus-per-node", "0"]])
+def test_launch_and_deploy_refuse_a_tracking_uri_with_a_password(command, monkeypatch):
+    """The pods would get $MLFLOW_TRACKING_URI in their manifest, in plain text."""
+    from tests.unit.test_launch import RECIPE
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", SECRET_URL)
+    rc, out, err = _run_keel([str(RECIPE) if a == "RECIPE" else a for a in command])
+    assert_one_line_error(rc, out, err)
+    assert "$MLFLOW_TRACKING_URI carries a credential" in err
