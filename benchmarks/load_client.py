@@ -9,8 +9,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.synthetic import TOOLS  # noqa: E402
+from keel.processes import free_port, running_server  # noqa: E402,F401 (the benchmarks import free_port from here)
 
 RESULTS = REPO / "benchmarks" / "results"
 LOGS = REPO / "runs" / "benchmark-logs"  # server logs: kept out of the committed results
@@ -30,46 +29,10 @@ QUESTIONS = ["What's the weather in Paris?", "What time is it in Tokyo?", "What 
              "What can you do?", "Tell me a fun fact."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on loopback; `with Server(cmd, port, env) as url:` waits for /health."""
-
-    def __init__(self, cmd: list[str], port: int, env: dict, log: Path, timeout_s: float = 900):
-        self.cmd, self.port, self.env, self.log, self.timeout_s = cmd, port, env, log, timeout_s
-        self.proc = None
-
-    def __enter__(self) -> str:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return url
-            except OSError:
-                pass
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(f"server did not answer within {self.timeout_s}s; see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def server(cmd: list[str], port: int, env: dict, log: Path, timeout_s: float = 900):
+    """`with server(cmd, port, env, log) as url:` a server on loopback, ready when /health answers,
+    stopped on leaving (keel/processes.py)."""
+    return running_server(cmd, log=log, port=port, env=env, cwd=REPO, timeout_s=timeout_s, grace_s=60)
 
 
 @dataclass

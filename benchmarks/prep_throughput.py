@@ -16,8 +16,7 @@ assistant writes:
            Dataset, so reading the file is not counted for TRL.
 
 What TRL needed: `tools` kept as a JSON string column (TRL 1.16 json.loads it), because as
-objects Arrow merges every tool's parameters into one struct (../shared/FIELD-NOTES.md
-section 1). The `messages` column is still Arrow structs, which adds null keys to messages
+objects Arrow merges every tool's parameters into one struct. The `messages` column is still Arrow structs, which adds null keys to messages
 (a user turn gains reasoning_content: null); for this template that renders the same text
 (checked on the first 200 rows by this script before timing).
 

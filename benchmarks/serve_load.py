@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_client import (LOGS, RESULTS, Record, Server, first_model, free_port, machine, percentile, records_as_rows,  # noqa: E402
+from load_client import (LOGS, RESULTS, Record, server, first_model, free_port, machine, percentile, records_as_rows,  # noqa: E402
                     request_mix, run_load, write_csv)
 
 API_KEY = "keel-load-test"
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "keel.cli", "serve", args.model_dir, "--host", "127.0.0.1", "--port", str(port),
            "--api-key", API_KEY]
-    with Server(cmd, port, dict(os.environ), LOGS / "serve_load-server.log") as url:
+    with server(cmd, port, dict(os.environ), LOGS / "serve_load-server.log") as url:
         return load(url, API_KEY)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_client import (LOGS, RESULTS, REPO, Server, first_model, free_port, machine, percentile,  # noqa: E402
+from load_client import (LOGS, RESULTS, REPO, server, first_model, free_port, machine, percentile,  # noqa: E402
                     request_mix, run_load, write_csv)
 
 from data.model_dir import load_model_format, read_export_info  # noqa: E402
@@ -42,7 +42,7 @@ def bare_vllm_command(model_dir: Path, port: int) -> list[str]:
     return [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--chat-template", str(model_dir / fmt.spec.chat_template),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser",
-            fmt.spec.vllm.reasoning_parser, "--max-model-len", str(info["seq_len"]), "--dtype", str(info["dtype"])]
+            fmt.spec.vllm.reasoning_parser, "--max-model-len", str(info.seq_len), "--dtype", str(info.dtype)]
 
 
 def one_round(url: str, n: int, concurrency: int, seed: int, max_tokens: int) -> dict:
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     keel_cmd = [sys.executable, "-m", "keel.cli", "serve", str(model_dir), "--host", "127.0.0.1",
                 "--port", str(keel_port), "--api-key", API_KEY]
     rows = []
-    with Server(bare_vllm_command(model_dir, bare_port), bare_port, env, LOGS / "overhead-bare.log") as bare_url, \
-            Server(keel_cmd, keel_port, dict(os.environ), LOGS / "overhead-keel.log") as keel_url:
+    with server(bare_vllm_command(model_dir, bare_port), bare_port, env, LOGS / "overhead-bare.log") as bare_url, \
+            server(keel_cmd, keel_port, dict(os.environ), LOGS / "overhead-keel.log") as keel_url:
         urls = {"bare": bare_url, "keel": keel_url}
         for name, url in urls.items():  # warm-up: first requests compile and fill caches
             one_round(url, min(16, args.requests), args.concurrency, seed=999, max_tokens=args.max_tokens)

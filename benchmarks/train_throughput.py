@@ -177,10 +177,13 @@ def run_one(config: str, cell: dict, *, lr: float, seq_len: int, out: Path) -> d
            "padding_fraction": round(1 - real / positions, 4), "peak_memory_mib": round(peak_mib, 1),
            "time_to_first_step_s": round(clock.times[0] - t0, 3), "first_loss": clock.losses[0] if clock.losses else None,
            "mfu": ""}
-    if torch.cuda.is_available():  # 6 x params FLOPs per token, forward + backward
-        params = sum(p.numel() for p in trainer.model.parameters())
-        peak = float(os.environ.get("KEEL_PEAK_FLOPS", 989e12))  # H100 dense bf16 by default
-        row["mfu"] = round(6 * params * real / seconds / peak, 4)
+    if torch.cuda.is_available():  # full fine-tuning of a dense model: 6 x params FLOPs per token
+        from trainer.models.flops import device_peak_flops, training_flops_per_token
+
+        per_token = training_flops_per_token(trained=sum(p.numel() for p in trainer.model.parameters()))
+        peak = os.environ.get("KEEL_PEAK_FLOPS") or device_peak_flops(torch.cuda.get_device_name())
+        if peak:  # a GPU Keel has no figure for: set KEEL_PEAK_FLOPS
+            row["mfu"] = round(per_token * real / seconds / float(peak), 4)
     del trainer
     return row
 

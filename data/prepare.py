@@ -3,7 +3,7 @@
 read (data/sources.py) -> canonical row (data/shapes.py) -> validated (data/conversation.py)
 -> token ids (data/render.py, data/tokenized.py; in `num_proc` processes, data/workers.py)
 -> packed rows (data/packing.py, when asked) -> an Arrow file of token ids only, so no JSON
-schema ever passes through Arrow's struct unification (../shared/FIELD-NOTES.md section 1):
+schema ever passes through Arrow's struct unification:
 
     conversations, documents    input_ids, labels (IGNORE_INDEX where not trained),
                                 and seq_lengths when packed

@@ -11,7 +11,7 @@ Each row comes with where it is, so an error points at it:
 
 Rows are Python objects read straight from the file. Parquet and saved datasets are read back
 with pyarrow (`to_pylist`), never rebuilt through `datasets.Dataset.from_list`, whose Arrow
-structs merge the keys of every row's tool schemas (../shared/FIELD-NOTES.md section 1). A
+structs merge the keys of every row's tool schemas. A
 column written that way is detected: a null inside a tool schema or tool-call arguments held
 as an Arrow struct makes the row invalid with the reason, and the fix is to store `tools` and
 `arguments` as JSON strings, which round-trip exactly.

@@ -8,7 +8,7 @@ worker are in flight, so memory holds a bounded window of rows whatever the inpu
 
 Written by hand rather than with `datasets.map(num_proc=...)`: that needs the input as an
 Arrow dataset first (a second copy of the data, and the struct-unification trap for JSON
-rows, ../shared/FIELD-NOTES.md section 1), and it loses the row places errors point at.
+rows), and it loses the row places errors point at.
 Both paths run the same function on the same chunks, so the result does not depend on
 num_proc (tests/unit/test_prepare_scale.py checks the caches are equal).
 """

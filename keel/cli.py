@@ -1,6 +1,6 @@
 """The `keel` command. Each subcommand's work lives in the package that owns it; heavy
 libraries (torch, transformers, vllm, mlflow) are imported only by the subcommand that needs
-them, so `keel --help` and `keel validate` start at once."""
+them, so `keel --help`, `keel validate` and `keel plan` start at once (tests/unit/test_cli_imports.py)."""
 
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def cmd_deploy(argv: list[str]) -> int:
     p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas; adds a HorizontalPodAutoscaler")
     p.add_argument("--scale-on", choices=["cpu", "vllm"], default="cpu",
                    help="autoscaling signal: cpu (works everywhere) or vllm (requests waiting/running per pod; "
-                   "needs a metrics adapter, see README)")
+                   "needs a metrics adapter, see docs/kubernetes.md)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per replica (tensor parallel across them); 0: CPU")
     p.add_argument("--cpu", default="4", help="CPU request per replica (default 4)")
     p.add_argument("--memory", default="32Gi", help="memory request and limit per replica (default 32Gi)")

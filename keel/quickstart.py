@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from data.options import ArgumentParser
 from data.errors import KeelError
+from keel.processes import free_port, running_server
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 QUESTION = "What's the weather in Paris?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keel(*args: str) -> list[str]:
@@ -48,32 +39,6 @@ def run_step(title: str, *args: str) -> float:
     took = time.time() - t0
     print(f"-- {title}: {took:.0f}s", flush=True)
     return took
-
-
-def wait_until_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise KeelError(f"the server exited with {proc.returncode} before it was ready; last lines of {log}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise KeelError(f"the server at {url} was not ready after {timeout_s:.0f}s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def ask_for_tool_call(base_url: str, api_key: str, question: str) -> dict:
@@ -121,15 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ["serve", str(run / "model"), "--host", "127.0.0.1", "--port", str(port)]
     print(f"\n== 3/4 serve with vLLM\n$ keel {' '.join(args)} --api-key ***   (log: {log})", flush=True)
     t0 = time.time()
-    with open(log, "w") as logf:
-        server = subprocess.Popen(keel(*args, "--api-key", api_key), stdout=logf, stderr=subprocess.STDOUT)
-    try:
-        wait_until_healthy(server, url, log, timeout_s=600)
+    with running_server(keel(*args, "--api-key", api_key), log=log, port=port, timeout_s=600):
         print(f"-- server ready at {url} after {time.time() - t0:.0f}s", flush=True)
         print(f"\n== 4/4 ask: {a.question!r}", flush=True)
         answer = ask_for_tool_call(url, api_key, a.question)
-    finally:
-        stop_server(server)
     print(f"reasoning:     {answer['reasoning']!r}")
     for call in answer["tool_calls"]:
         print(f"tool call:     {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})")

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from data.errors import KeelError
+from data.model_dir import ExportInfo
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py MaxLoRARanks, v0.32).
@@ -130,9 +131,9 @@ def lora_rank(ranks: list[int]) -> int:
     raise KeelError(f"LoRA rank {top} is above the largest rank vLLM serves ({LORA_RANKS[-1]})")
 
 
-def _max_model_len(config: dict, info: dict, reasons: list[str]) -> int:
+def _max_model_len(config: dict, info: ExportInfo, reasons: list[str]) -> int:
     positions = _text_config(config).get("max_position_embeddings")
-    seq_len = info.get("seq_len")
+    seq_len = info.seq_len
     if seq_len and positions and seq_len > positions:
         raise KeelError(f"keel-export.yaml seq_len {seq_len} is longer than the model's {positions} positions "
                         "(max_position_embeddings in config.json); the export is inconsistent")
@@ -148,12 +149,12 @@ def _max_model_len(config: dict, info: dict, reasons: list[str]) -> int:
     return int(positions)
 
 
-def engine_settings(config: dict, export_info: dict, target: Target, adapters: list[AdapterInfo] = (),
+def engine_settings(config: dict, export_info: ExportInfo, target: Target, adapters: list[AdapterInfo] = (),
                     weight_bytes: int | None = None) -> EngineSettings:
     """The vLLM settings for this model on this target, each with its reason."""
     reasons: list[str] = []
     max_len = _max_model_len(config, export_info, reasons)
-    dtype = str(export_info.get("dtype") or config_dtype(config) or "bfloat16")
+    dtype = str(export_info.dtype or config_dtype(config) or "bfloat16")
     if dtype not in DTYPE_BYTES:
         raise KeelError(f"unsupported dtype {dtype!r} for serving; expected one of {', '.join(DTYPE_BYTES)}")
     reasons.append(f"dtype {dtype}: as trained (vLLM's CPU backend would otherwise downcast float32)")

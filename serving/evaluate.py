@@ -152,7 +152,7 @@ def _engine(served):
     # as keel serve loads it (serving/server.py load_safety_args): safetensors only, model code only
     # when training ran it
     kwargs = {"max_model_len": settings.max_model_len, "dtype": settings.dtype, "seed": 0,
-              "load_format": "safetensors", "trust_remote_code": served.export_info.get("trust_remote_code") is True}
+              "load_format": "safetensors", "trust_remote_code": served.export_info.trust_remote_code}
     if settings.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
     if settings.gpu_memory_utilization:
@@ -196,7 +196,7 @@ def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int
             return harmony.prompt_ids(case.messages, case.tools, reasoning_effort=fmt.spec.harmony.reasoning_effort)
     else:
         tokenizer = load_tokenizer(served.template_dir, LoadPolicy(
-            trust_remote_code=served.export_info.get("trust_remote_code") is True), key="model")
+            trust_remote_code=served.export_info.trust_remote_code), key="model")
         special = dict(tokenizer.special_tokens_map)
 
         def prompt_of(case):

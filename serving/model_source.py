@@ -21,7 +21,7 @@ from pathlib import Path
 from data.errors import KeelError
 from data.files import read_json
 from data.formats import Format, load_format
-from data.model_dir import FORMAT_DIR, load_model_format, read_export_info
+from data.model_dir import FORMAT_DIR, ExportInfo, load_model_format, read_export_info
 from serving.engine import AdapterInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,7 +33,7 @@ class ServedModel:
     base_dir: Path
     fmt: Format | None
     template_dir: Path | None  # the Keel export whose chat template is served
-    export_info: dict
+    export_info: ExportInfo
     adapters: list[AdapterInfo] = field(default_factory=list)
     name: str | None = None  # the base's served name (None: vLLM's default, the path)
 
@@ -76,7 +76,7 @@ def adapter_info(name: str, path: Path) -> AdapterInfo:
 
 def _adapter_base(adapter_dir: Path) -> Path:
     info = read_export_info(adapter_dir)
-    base = info.get("base_model")
+    base = info.base_model
     if not base:
         raise KeelError(f"{adapter_dir}: a LoRA adapter without keel-export.yaml base_model; serve its base model "
                         f"and add it with --adapter NAME={adapter_dir}")
@@ -115,7 +115,7 @@ def resolve(source: str, *, adapters: list[str] = (), fmt_name: str | None = Non
             raise KeelError(f"--adapter {arg}: {adapter_dir} holds no {ADAPTER_CONFIG}; export the adapter with "
                             "output.merge_lora: false")
         named.append((adapter_name or default_name(adapter_dir), adapter_dir))
-        trained_on = read_export_info(adapter_dir).get("base_model")
+        trained_on = read_export_info(adapter_dir).base_model
         if trained_on and Path(str(trained_on)).expanduser().resolve() != base.resolve():
             print(f"[keel] warning: adapter {adapter_dir} was trained on {trained_on}, served here on {base}",
                   flush=True)
@@ -136,6 +136,6 @@ def resolve(source: str, *, adapters: list[str] = (), fmt_name: str | None = Non
             if other.chat_template != fmt.chat_template or other.spec != fmt.spec:
                 raise KeelError(f"{d} was trained with a different format or template than {template_dir}; one "
                                 "server renders every request with one template, so serve them separately")
-    info = read_export_info(template_dir) if template_dir else {}
+    info = read_export_info(template_dir) if template_dir else ExportInfo()
     return ServedModel(base_dir=base, fmt=fmt, template_dir=template_dir, export_info=info,
                        adapters=[adapter_info(n, d) for n, d in named], name=name)

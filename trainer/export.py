@@ -12,11 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
 
 from data.errors import KeelError
 from data.formats import SPEC_FILE, Format
-from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR
+from data.model_dir import EXPORT_INFO_FILE, FORMAT_DIR, ExportInfo
 from data.model_loading import LoadPolicy, load_causal_lm
 
 PROBE_TEXT = "Keel export check: the quick brown fox jumps over the lazy dog. 12345"
@@ -58,7 +57,7 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
     return model.to(dtype)
 
 
-def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: dict) -> Path:
+def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: ExportInfo) -> Path:
     """Write the model dir atomically (temp dir + rename)."""
     from transformers import GenerationConfig
 
@@ -87,7 +86,7 @@ def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: dict)
     (fmt_dir / SPEC_FILE).write_text(fmt.spec_yaml(), encoding="utf-8")
     if fmt.chat_template is not None:
         (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
-    (tmp / EXPORT_INFO_FILE).write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
+    (tmp / EXPORT_INFO_FILE).write_text(info.to_yaml(), encoding="utf-8")
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -139,7 +138,7 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
     return diff
 
 
-def export_trained(trainer, tokenizer, *, fmt: Format, out_dir: Path, info: dict, recipe_model_path: str,
+def export_trained(trainer, tokenizer, *, fmt: Format, out_dir: Path, info: ExportInfo, recipe_model_path: str,
                    peft_config, merge_lora: bool, precision: str, quantized: bool,
                    load_policy: LoadPolicy = LoadPolicy()) -> Path | None:
     """Gather, write and verify the export. Every rank calls this; rank 0 writes."""

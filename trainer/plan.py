@@ -1,6 +1,6 @@
 """`keel plan`: what a recipe will do on a given cluster, and whether it fits in GPU memory,
-before any machine starts. Reads the model's config.json only: the model is built on PyTorch's
-meta device (exact parameter counts for any architecture, no memory, no weights).
+before any machine starts. Reads the model's config.json only: parameters are counted from its
+numbers for each architecture Keel knows (trainer/models/parameters.py; no torch, no weights).
 
 The memory model, per device, in bytes (P: parameters, T: trainable parameters, N: devices the
 strategy shards over):
@@ -39,19 +39,21 @@ Gradients and activations: under DDP and FSDP2 with one micro-batch per step, .g
 made as backward frees the activations and freed after the optimizer step, so only the larger of
 the two counts at the peak.
 
-Step time: model FLOPs (2 per active parameter per token and pass, plus causal attention) at an
-assumed 40% MFU of the GPU's dense bf16 peak, plus the strategy's collectives, not overlapped.
+Step time: training FLOPs per token as the tracker's MFU counts them (trainer/models/flops.py: 6
+per trained and 4 per frozen active parameter), plus gradient checkpointing's recomputed forward,
+DPO's reference forward and causal attention, at an assumed 40% MFU of the GPU's dense bf16 peak
+(the same table), plus the strategy's collectives, not overlapped.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from data.errors import KeelError
 from trainer.models.config import has_attention_sinks, is_mxfp4
+from trainer.models.flops import PEAK_BF16_FLOPS, training_flops_per_token
+from trainer.models.parameters import active_parameters, experts_and_top_k, parameter_counts, text_config
 
 GIB = 1024**3
 # usable memory as torch reports it, per GPU kind
@@ -143,55 +145,24 @@ class Estimate:
 
 
 def model_shape(config: dict, peft) -> ModelShape:
-    """Parameter counts from the architecture itself, built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not isinstance(config.get("model_type"), str):
-        raise KeelError("model config has no model_type; keel plan needs the model's config.json")
-    try:
-        cfg = AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            # never the model's own code: keel plan needs only the architecture's shapes
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    except Exception as exc:  # transformers' config validators raise their own types (StrictDataclass...)
-        why = " ".join(str(exc).split())[:300]
-        raise KeelError(f"model config (model_type {config['model_type']!r}): transformers cannot build this "
-                        f"architecture from it ({type(exc).__name__}: {why}); is the config.json complete?") from None
-    params = sum(p.numel() for p in model.parameters())
-    text = getattr(cfg, "text_config", None) or cfg
-    layers = text.num_hidden_layers
-    decoder = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
-    if decoder is None:
-        raise KeelError(f"model config (model_type {config['model_type']!r}): the model has no decoder layers; keel "
-                        "plan sizes decoder-only language models")
-    layer_params = sum(p.numel() for p in decoder.parameters())
-    trainable = params
-    if peft.kind != "none":
-        targets = peft.target_modules
-        trainable = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
-                continue
-            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
-                trainable += peft.r * (module.in_features + module.out_features)
-    intermediate = getattr(text, "intermediate_size", 4 * text.hidden_size)
-    active = params
-    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
-    top_k = getattr(text, "num_experts_per_tok", None)
-    if experts and top_k:
-        # A token runs through top_k of the experts: that is what it computes and keeps for
-        # backward (every expert's weights are still held, trained and sharded).
-        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        active = params - round(expert_params * (1 - top_k / experts))
-        intermediate = (getattr(text, "moe_intermediate_size", None) or intermediate) * top_k
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelShape(params=params, trainable=trainable, layers=layers, hidden=text.hidden_size,
-                      intermediate=intermediate, vocab=text.vocab_size, layer_params=layer_params,
-                      max_positions=getattr(text, "max_position_embeddings", None), active=active,
-                      attention_width=heads * head_dim, heads=heads, experts=experts or 0,
-                      experts_per_token=top_k or 0, eager_attention=has_attention_sinks(config),
+    """Parameter counts from the config's numbers (trainer/models/parameters.py): no torch, no
+    weights."""
+    counts = parameter_counts(config)
+    text = text_config(config)
+    params = counts.total
+    trainable = params if peft.kind == "none" else counts.lora(peft.r, peft.target_modules)
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    intermediate = text.get("intermediate_size") or 4 * hidden
+    experts, top_k = experts_and_top_k(config)
+    if experts:
+        # A token runs through top_k of the experts: that is what it computes and keeps for backward.
+        intermediate = (text.get("moe_intermediate_size") or intermediate) * top_k
+    head_dim = text.get("head_dim") or hidden // heads
+    return ModelShape(params=params, trainable=trainable, layers=text["num_hidden_layers"], hidden=hidden,
+                      intermediate=intermediate, vocab=text["vocab_size"], layer_params=counts.layer,
+                      max_positions=text.get("max_position_embeddings"), active=active_parameters(config, counts),
+                      attention_width=heads * head_dim, heads=heads, experts=experts,
+                      experts_per_token=top_k, eager_attention=has_attention_sinks(config),
                       mxfp4=is_mxfp4(config))
 
 
@@ -322,11 +293,9 @@ def eager_scores_bytes(recipe, shape: ModelShape, *, cpu: bool) -> float:
     return seqs * shape.heads * t.seq_len ** 2 * (4 if cpu else 2)
 
 
-# Dense bf16 peak FLOP/s per GPU (vendor figures, no sparsity) and the model FLOPs utilisation the
-# step time assumes. 40% is typical of well-tuned bf16 training at these sizes; it is an
+# The model FLOPs utilisation the step time assumes, of the GPU's dense bf16 peak
+# (trainer/models/flops.py). 40% is typical of well-tuned bf16 training at these sizes; it is an
 # assumption, not a measurement (no GPU calibration here).
-PEAK_BF16_FLOPS = {"h100-80gb": 989e12, "h200-141gb": 989e12, "a100-80gb": 312e12, "a100-40gb": 312e12,
-                   "l40s-48gb": 362e12, "a10g-24gb": 70e12, "l4-24gb": 121e12, "b200-180gb": 2250e12}
 ASSUMED_MFU = 0.40
 # Bytes/s one GPU moves in a collective: NVLink within a node, the network (EFA/InfiniBand,
 # 400 Gb/s per GPU) across nodes.
@@ -337,6 +306,7 @@ INTER_NODE_BW = 50e9
 @dataclass
 class StepTime:
     flops: float  # per device per optimizer step
+    model_flops_per_token: int  # trainer/models/flops.py: what the tracker's MFU counts per token
     compute_s: float
     comm_s: float
     tokens: int  # per device per optimizer step
@@ -354,15 +324,21 @@ def step_time(recipe, shape: ModelShape, cluster: Cluster) -> StepTime | None:
     t, d, n = recipe.training, recipe.distributed, cluster.world
     dpo = recipe.technique == "dpo"
     tokens = t.micro_batch_size * t.grad_accum * t.seq_len * (2 if dpo else 1)  # DPO: chosen + rejected
-    # forward per token: 2 FLOPs per active parameter + causal attention scores and values
-    forward = 2 * shape.active + 2 * shape.layers * t.seq_len * shape.attention_width
-    passes = 1.0                       # forward
-    passes += 2.0 if recipe.peft.kind == "none" else 1.0  # backward: input grads (+ weight grads if trained)
+    peft = recipe.peft.kind != "none"
+    adapters = shape.trainable if peft else 0
+    # the trained model's work per token, as MFU counts it (trainer/models/flops.py)
+    model = training_flops_per_token(trained=adapters, frozen=shape.active) if peft else \
+        training_flops_per_token(trained=shape.active)
+    per_token = model
     if t.gradient_checkpointing:
-        passes += 1.0                  # each layer's forward again during backward
+        per_token += 2 * (shape.active + adapters)  # each layer's forward again during backward
     if dpo:
-        passes += 1.0                  # the reference model's forward
-    flops = forward * passes * tokens
+        per_token += 2 * shape.active  # the reference model's forward (with peft: adapters disabled)
+    # causal attention scores and values (no parameters), in every pass: forward, backward (once under peft,
+    # as the frozen layers' input gradients; twice otherwise), the recomputed and the reference forward
+    attention = 2 * shape.layers * t.seq_len * shape.attention_width
+    passes = 1.0 + (2.0 if not peft else 1.0) + (1.0 if t.gradient_checkpointing else 0.0) + (1.0 if dpo else 0.0)
+    flops = (per_token + attention * passes) * tokens
     compute = flops / (PEAK_BF16_FLOPS[cluster.gpu] * ASSUMED_MFU)
     comm = 0.0
     if n > 1:
@@ -374,7 +350,7 @@ def step_time(recipe, shape: ModelShape, cluster: Cluster) -> StepTime | None:
             # weights all-gathered for forward and again for backward, per micro-batch
             frozen_and_trained = shape.params * 2
             comm += 2 * t.grad_accum * (n - 1) / n * frozen_and_trained / bw
-    return StepTime(flops=flops, compute_s=compute, comm_s=comm, tokens=tokens)
+    return StepTime(flops=flops, model_flops_per_token=model, compute_s=compute, comm_s=comm, tokens=tokens)
 
 
 def compute_dtype(cluster: Cluster) -> str:

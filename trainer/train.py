@@ -18,7 +18,10 @@ import yaml
 
 from data.errors import KeelError, print_error
 from data.formats import Format, resolve_format
+from data.model_dir import ExportInfo
 
+from trainer.models.config import model_config
+from trainer.models.flops import model_flops_per_token
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
 
 CHECKPOINT_DIR = "checkpoints"
@@ -115,6 +118,16 @@ def describe_prepared(prepared) -> str:
             f"{s.rejected} rejected" + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
 
 
+def mfu_flops_per_token(recipe: Recipe) -> int:
+    """Training FLOPs per token for the tracker's MFU, counted as `keel plan` counts them
+    (trainer/models/flops.py); 0, with a note, for a model type that arithmetic has no layout for."""
+    try:
+        return model_flops_per_token(model_config(recipe.model.path), recipe.peft)
+    except KeelError as exc:
+        log(f"note: no MFU in the metrics: {exc}")
+        return 0
+
+
 def log_load_policy(recipe: Recipe) -> None:
     """Say so when the recipe lets loading run code (both are off by default)."""
     if recipe.model.trust_remote_code:
@@ -138,47 +151,100 @@ def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
     return decision
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = None,
-          remote: dict[str, str | None] | None = None) -> Path:
-    """Train and export. `remote`: the URIs a remote model.path / output.dir stood for before
-    trainer.remote.localize replaced them with local places."""
-    from transformers.trainer_callback import PrinterCallback
-
+def build_model_parts(recipe: Recipe):
+    """(tokenizer, model, peft_config): the base model in the dtype it trains in (4-bit for
+    QLoRA) and the adapters' config (None for full fine-tuning)."""
     from data.model_loading import load_tokenizer
-
     from trainer.models.loading import build_model, build_peft_config
-
-    from trainer.arguments import compute_precision, training_args
-    from trainer.resilience.checkpoints import (CheckpointCompletion, fail_loudly_on_save, latest_complete_checkpoint,
-                                     set_aside_damaged, set_aside_incomplete)
-    from trainer.export import export_trained
-    from trainer.resilience.heartbeat import Heartbeat, is_collective_timeout
-    from trainer.techniques.sft import build_sft_trainer
-    from trainer.run_facts import redact, run_environment
-    from trainer.resilience.stopping import StopOnSigterm, StoppedBySignal
-    from trainer.tracking.tracker import NodeSystemMetrics, RunTracker, share_run
-
-    rank, local_rank, world = dist_env()
-    is_main = rank == 0
-    run_dir = Path(recipe.output.dir)
-    ckpt_root = run_dir / CHECKPOINT_DIR
-    stopper = StopOnSigterm(rank=rank, ckpt_root=ckpt_root)
-    stopper.install()
-    fmt = recipe_format(recipe)
-    t0 = time.time()
-    if is_main:
-        log_load_policy(recipe)
-    start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
-    init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
-
-    train_data = prepared_split(recipe, "train", local_rank, fmt)
-    eval_data = prepared_split(recipe, "eval", local_rank, fmt) if recipe.data.eval else None
-    if is_main:
-        log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({describe_prepared(train_data)})")
 
     tokenizer = load_tokenizer(recipe.model.path, recipe.model.load_policy)
     model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
-    peft_config = build_peft_config(recipe.peft)
+    return tokenizer, model, build_peft_config(recipe.peft)
+
+
+def build_trainer(recipe: Recipe, *, model, tokenizer, peft_config, train_data, eval_data, output_dir: str,
+                  callbacks: list):
+    """The technique's TRL trainer: TrainingArguments from the recipe's sections, the prepared
+    datasets, Keel's callbacks. Creates no process group itself: under torchrun, train() has
+    started one; a single process outside torchrun (a test, a notebook) needs none."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from trainer.arguments import training_args
+
+    args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
+                         model=model, output_dir=output_dir, has_eval=eval_data is not None)
+    if "MASTER_ADDR" not in os.environ:
+        args["ddp_backend"] = None  # one process outside torchrun: no process group to create
+    datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
+    if recipe.technique == "dpo":
+        from trainer.techniques.dpo import build_dpo_trainer
+
+        trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
+                                    dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
+                                    load_policy=recipe.model.load_policy, callbacks=callbacks, **datasets)
+    else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
+        from trainer.techniques.sft import build_sft_trainer
+
+        trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
+                                    packed=train_data.packed, callbacks=callbacks, **datasets)
+    # Keel prints its own progress lines (RunTracker); without a TTY, transformers would also
+    # print every log dict.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def export_run(recipe: Recipe, trainer, *, tokenizer, peft_config, fmt: Format, world: int,
+               mlflow_run_id: str | None) -> Path:
+    """The serving-ready, verified model dir in output.dir/model, with the facts serving reads
+    (keel-export.yaml)."""
+    from trainer.arguments import compute_precision
+    from trainer.export import export_trained
+
+    out = Path(recipe.output.dir) / MODEL_DIR
+    precision = compute_precision(recipe.training)
+    export_trained(
+        trainer, tokenizer, fmt=fmt, out_dir=out, recipe_model_path=recipe.model.path, peft_config=peft_config,
+        merge_lora=recipe.output.merge_lora, precision=precision, quantized=recipe.peft.kind == "qlora",
+        load_policy=recipe.model.load_policy,
+        info=ExportInfo(base_model=recipe.model.path, format=fmt.name, technique=recipe.technique,
+                        peft=recipe.peft.kind, adapter=recipe.peft.kind != "none" and not recipe.output.merge_lora,
+                        seq_len=recipe.training.seq_len, world_size=world,
+                        trust_remote_code=recipe.model.trust_remote_code,
+                        # the dtype training computed in; the server uses it too (vLLM's CPU backend
+                        # would otherwise downcast float32 weights to bfloat16)
+                        dtype="bfloat16" if precision == "bf16" else "float32",
+                        mlflow_run_id=mlflow_run_id),
+    )
+    return out
+
+
+def fit(trainer, recipe: Recipe, *, resume_from: Path | None, heartbeat, stopper, rank: int, world: int) -> None:
+    """Run the training loop to its end, resuming from `resume_from`; a collective that timed
+    out becomes a Keel error naming the rank, a SIGTERM a checkpoint and StoppedBySignal."""
+    from trainer.resilience.heartbeat import is_collective_timeout
+    from trainer.resilience.stopping import StoppedBySignal
+
+    ckpt_root = Path(recipe.output.dir) / CHECKPOINT_DIR
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as exc:
+        if world > 1 and is_collective_timeout(exc):
+            raise KeelError(
+                f"a collective did not finish within distributed.timeout_s={recipe.distributed.timeout_s}s on "
+                f"rank {rank}: {heartbeat.report()}. Running the same command again resumes from the latest "
+                f"complete checkpoint in {ckpt_root}."
+            ) from exc
+        raise
+    if stopper.stopped_at is not None:
+        raise StoppedBySignal(f"stopped by SIGTERM, checkpoint at step {stopper.stopped_at} "
+                              f"({ckpt_root / f'checkpoint-{stopper.stopped_at}'}); running the same command "
+                              "again resumes from it")
+
+
+def resume_point(ckpt_root: Path, *, is_main: bool, world: int) -> Path | None:
+    """The latest complete checkpoint, after rank 0 set aside incomplete and damaged ones."""
+    from trainer.resilience.checkpoints import latest_complete_checkpoint, set_aside_damaged, set_aside_incomplete
+
     if is_main:
         for path in set_aside_incomplete(ckpt_root):
             log(f"warning: checkpoint without completion marker set aside, not loaded: {path}")
@@ -188,10 +254,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
         import torch.distributed as dist
 
         dist.barrier()  # every rank picks its checkpoint after rank 0 set the unusable ones aside
-    resume_from = latest_complete_checkpoint(ckpt_root)
-    resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+    return latest_complete_checkpoint(ckpt_root)
 
-    remote = remote or {}
+
+def start_tracking(recipe: Recipe, *, fmt: Format, recipe_file: str | None, remote: dict, resume_step: int,
+                   rank: int, local_rank: int, world: int):
+    """(tracker, system metrics): the MLflow run (rank 0 creates it; every rank learns its id)
+    with the redacted recipe, the format and the environment, and the node's system sampler."""
+    from trainer.run_facts import redact, run_environment
+    from trainer.tracking.tracker import NodeSystemMetrics, RunTracker, share_run
+
+    is_main = rank == 0
     as_written = recipe.to_dict()
     for key, uri in remote.items():
         if uri:
@@ -207,8 +280,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                    **({f"format/{fmt.spec.chat_template}": fmt.chat_template} if fmt.chat_template is not None
                       else {}),
                    "format/spec.yaml": fmt.spec_yaml(), **env_artifacts},
-        tags=env_tags, run_dir=run_dir, is_main=is_main, log_every=recipe.training.log_every_steps,
-        resume_step=resume_step, model_params=sum(p.numel() for p in model.parameters()), world=world,
+        tags=env_tags, run_dir=Path(recipe.output.dir), is_main=is_main, log_every=recipe.training.log_every_steps,
+        resume_step=resume_step, flops_per_token=mfu_flops_per_token(recipe) if is_main else 0, world=world,
     )
     tracker.start()
     run_id, tracking_uri = share_run(tracker.run_id, recipe.tracking.mlflow.tracking_uri, world)
@@ -217,67 +290,67 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                                        # one process per node samples: its first
                                        every_s=recipe.tracking.mlflow.system_metrics_every_s if local_rank == 0 else 0,
                                        sink=tracker.log_system if is_main else None)
+    return tracker, system_metrics
+
+
+def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = None,
+          remote: dict[str, str | None] | None = None) -> Path:
+    """Train and export: run identity and data, model, tracking, trainer, fit, export. `remote`:
+    the URIs a remote model.path / output.dir stood for before trainer.remote.localize replaced
+    them with local places."""
+    from trainer.resilience.checkpoints import CheckpointCompletion, fail_loudly_on_save
+    from trainer.resilience.heartbeat import Heartbeat
+    from trainer.resilience.stopping import StopOnSigterm
+
+    rank, local_rank, world = dist_env()
+    is_main = rank == 0
+    run_dir = Path(recipe.output.dir)
+    ckpt_root = run_dir / CHECKPOINT_DIR
+    remote = remote or {}
+    stopper = StopOnSigterm(rank=rank, ckpt_root=ckpt_root)
+    stopper.install()
+    fmt = recipe_format(recipe)
+    t0 = time.time()
+    if is_main:
+        log_load_policy(recipe)
+    start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
+    init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
+
+    train_data = prepared_split(recipe, "train", local_rank, fmt)
+    eval_data = prepared_split(recipe, "eval", local_rank, fmt) if recipe.data.eval else None
+    if is_main:
+        log(f"data: {'reused' if train_data.reused else 'prepared'} {train_data.path} ({describe_prepared(train_data)})")
+
+    tokenizer, model, peft_config = build_model_parts(recipe)
+    resume_from = resume_point(ckpt_root, is_main=is_main, world=world)
+    resume_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+    tracker, system_metrics = start_tracking(recipe, fmt=fmt, recipe_file=recipe_file, remote=remote,
+                                             resume_step=resume_step, rank=rank, local_rank=local_rank, world=world)
     for split, prepared in (("train", train_data), ("eval", eval_data)):
         if prepared is not None:
             tracker.log_stats(f"data.{split}", prepared.stats.numbers())
             tracker.log_files(f"data/{split}", prepared.report_files())
     status = "FAILED"
     try:
-        args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
-                             model=model, output_dir=str(ckpt_root), has_eval=eval_data is not None)
         heartbeat = Heartbeat(rank, world)
         callbacks = [tracker, CheckpointCompletion(is_main=is_main, every_minutes=recipe.checkpoint.every_minutes,
-                                                      keep_last=recipe.checkpoint.keep_last),
+                                                   keep_last=recipe.checkpoint.keep_last),
                      heartbeat, stopper]
-        datasets = dict(train_dataset=train_data.load(), eval_dataset=eval_data.load() if eval_data else None)
-        if recipe.technique == "dpo":
-            from trainer.techniques.dpo import build_dpo_trainer
-
-            trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
-                                        dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
-                                        load_policy=recipe.model.load_policy,
-                                        callbacks=callbacks, **datasets)
-        else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
-            trainer = build_sft_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, args=args,
-                                        packed=train_data.packed, callbacks=callbacks, **datasets)
-        # Keel prints its own progress lines (RunTracker); without a TTY, transformers would
-        # also print every log dict.
-        trainer.remove_callback(PrinterCallback)
+        trainer = build_trainer(recipe, model=model, tokenizer=tokenizer, peft_config=peft_config,
+                                train_data=train_data, eval_data=eval_data, output_dir=str(ckpt_root),
+                                callbacks=callbacks)
         fail_loudly_on_save(trainer, ckpt_root)
         if resume_from is not None and is_main:
             log(f"resumed from checkpoint step {resume_step} ({resume_from})")
         try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except Exception as exc:
-            if world > 1 and is_collective_timeout(exc):
-                raise KeelError(
-                    f"a collective did not finish within distributed.timeout_s={recipe.distributed.timeout_s}s on "
-                    f"rank {rank}: {heartbeat.report()}. Running the same command again resumes from the latest "
-                    f"complete checkpoint in {ckpt_root}."
-                ) from exc
+            fit(trainer, recipe, resume_from=resume_from, heartbeat=heartbeat, stopper=stopper, rank=rank, world=world)
+        except KeelError:
+            if stopper.stopped_at is not None:
+                status = "KILLED"
             raise
-        if stopper.stopped_at is not None:
-            status = "KILLED"
-            raise StoppedBySignal(f"stopped by SIGTERM, checkpoint at step {stopper.stopped_at} "
-                                  f"({ckpt_root / f'checkpoint-{stopper.stopped_at}'}); running the same command "
-                                  "again resumes from it")
 
-        out = run_dir / MODEL_DIR
-        precision = compute_precision(recipe.training)
-        export_trained(
-            trainer, tokenizer, fmt=fmt, out_dir=out, recipe_model_path=recipe.model.path, peft_config=peft_config,
-            merge_lora=recipe.output.merge_lora, precision=precision, quantized=recipe.peft.kind == "qlora",
-            load_policy=recipe.model.load_policy,
-            info={"base_model": recipe.model.path, "format": fmt.name, "technique": recipe.technique,
-                  "peft": recipe.peft.kind, "adapter": recipe.peft.kind != "none" and not recipe.output.merge_lora,
-                  "seq_len": recipe.training.seq_len, "world_size": world,
-                  # keel serve passes vLLM --trust-remote-code only for a model trained with it
-                  "trust_remote_code": recipe.model.trust_remote_code,
-                  # the dtype training computed in; the server uses it too (vLLM's CPU backend
-                  # would otherwise downcast float32 weights to bfloat16)
-                  "dtype": "bfloat16" if precision == "bf16" else "float32",
-                  "mlflow_run_id": tracker.run_id},
-        )
+        out = export_run(recipe, trainer, tokenizer=tokenizer, peft_config=peft_config, fmt=fmt, world=world,
+                         mlflow_run_id=tracker.run_id)
         trainer.accelerator.wait_for_everyone()
         if is_main:
             from trainer.resilience.checkpoints import write_run_file

@@ -28,7 +28,7 @@ PORT = 8080
 PULLED_MODEL_DIR = "/opt/ml/model"  # SageMaker's model path, the serve image's default
 PVC_MOUNT = "/mnt/models"
 # The names a Prometheus Adapter rule gives vLLM's `vllm:num_requests_waiting` and
-# `vllm:num_requests_running` gauges (README: "Autoscaling"); ':' is not allowed in them.
+# `vllm:num_requests_running` gauges (docs/kubernetes.md: "Probes, metrics and autoscaling"); ':' is not allowed in them.
 WAITING_METRIC = "vllm_num_requests_waiting"
 RUNNING_METRIC = "vllm_num_requests_running"
 

@@ -2,7 +2,7 @@
 the environment a Kubeflow PyTorchJob gives each pod, so one image runs as Master, as Worker
 and under elastic rendezvous.
 
-The operator (training-operator release-1.9; ../shared/FIELD-NOTES.md section 3) injects:
+The operator (training-operator release-1.9) injects:
   with a Master replica:  MASTER_ADDR, MASTER_PORT, PET_MASTER_ADDR, PET_MASTER_PORT, RANK (the
                           node's rank), PET_NODE_RANK, WORLD_SIZE
   always:                 PET_NPROC_PER_NODE (spec.nprocPerNode)

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from keel.processes import free_port
 from dist_helpers import REPO, losses, max_rel_diff, run, small_data, train_cmd
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -17,14 +18,6 @@ STEPS = 6
 # fp32 on CPU: reductions in a different order (gloo sums, ZeRO/FSDP shard and regather) move
 # losses by a few ulps per step; 1e-5 relative leaves room for that and for nothing else.
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def common(strategy: str) -> tuple[str, ...]:

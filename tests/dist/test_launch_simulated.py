@@ -115,5 +115,5 @@ def test_rendered_job_trains_across_master_and_worker(tiny_model, keel_env, tmp_
     model_dir = shared / "runs" / JOB / "model"
     assert (model_dir / "model.safetensors").is_file()
     info = read_export_info(model_dir)
-    assert info["world_size"] == 2 and info["base_model"] == str(tiny_model)
+    assert info.world_size == 2 and info.base_model == str(tiny_model)
     assert yaml.safe_load((model_dir / "keel-export.yaml").read_text())["format"] == "hermes-qwen3"

@@ -41,7 +41,7 @@ def test_export_is_a_complete_serving_dir(trained_run):
     exported = load_model_format(model_dir)
     assert exported.spec == FMT.spec and exported.chat_template == FMT.chat_template
     info = read_export_info(model_dir)
-    assert info["seq_len"] == 1024 and info["world_size"] == 2 and info["format"] == "hermes-qwen3"
+    assert info.seq_len == 1024 and info.world_size == 2 and info.format == "hermes-qwen3"
     assert (model_dir / FORMAT_DIR / "spec.yaml").is_file()
     # written under a temporary name and renamed: no leftovers
     assert not list(trained_run.run_dir.glob(".model*"))

@@ -2,7 +2,7 @@
 JSON Lines files. Any exception but a KeelError is a crash: libFuzzer stops and writes the
 input to crash-<hash> in the working directory.
 
-Not part of any pytest tier. Run one target (README, "Fuzzing"; results in
+Not part of any pytest tier. Run one target (docs/testing.md, "Hostile inputs and fuzzing"; results in
 benchmarks/results/fuzz.md):
 
     PYTHONPATH=. python tests/fuzz/fuzz_inputs.py recipe -runs=100000

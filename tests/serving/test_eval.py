@@ -20,7 +20,7 @@ pytestmark = pytest.mark.serving
 def test_eval_scores_held_out_conversations_and_logs_them(session_dir, trained_run, keel_env):
     held_out = session_dir / "held-out.jsonl"
     write_jsonl(generate_conversations(6, seed=20261126), held_out)
-    run_id = read_export_info(trained_run.model_dir)["mlflow_run_id"]
+    run_id = read_export_info(trained_run.model_dir).mlflow_run_id
     out = session_dir / "eval-cases.jsonl"
     proc = subprocess.run(keel_cmd("eval", str(trained_run.model_dir), str(held_out), "--mlflow-run", run_id,
                                    "--tracking-uri", trained_run.tracking_uri, "--out", str(out)),

@@ -17,7 +17,7 @@ import re
 import pytest
 import requests
 
-from conftest import API_KEY, free_port, keel_cmd, start_server, stop
+from conftest import API_KEY, export_untrained, free_port, keel_cmd, start_server, stop
 from data.formats import load_format
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
@@ -35,14 +35,10 @@ def export_tiny_gptoss(root):
     """`keel tiny-model --arch gpt_oss` (bf16, harmony's tokenizer, shaped for vLLM's CPU kernels),
     written out by the export's own model-dir writer as a trained harmony model is: the spec as
     training used it, no chat template (harmony renders), the stop ids."""
-    from data.model_loading import load_causal_lm, load_tokenizer
-    from trainer.export import write_model_dir
     from trainer.models.tiny import build_tiny_model
 
     base = build_tiny_model(root / "base", arch="gpt_oss", hidden=64)
-    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
-    return write_model_dir(model, tokenizer, fmt=FMT, out_dir=root / "run" / "model",
-                           info={"format": FMT.name, "seq_len": SEQ_LEN, "dtype": "bfloat16"})
+    return export_untrained(base, FMT, root / "run" / "model", seq_len=SEQ_LEN, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

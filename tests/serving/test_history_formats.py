@@ -1,21 +1,19 @@
 """Prefix stability for the formats beside hermes-qwen3 (tests/serving/test_history.py covers
-that one on the shared server): for each, a tiny model is trained one step with `keel train`
-and served with `keel serve`, and the prompt the server renders (POST /tokenize, the messages
-before an assistant turn and the tools, as a client sends them) must be, token for token, the
-prefix of the prepared training ids that preceded that turn. One server per format, so slow."""
+that one on the shared server): for each, a tiny model is written out by the export's own
+writer (no training: its weights do not matter here) and served with `keel serve`, and the
+prompt the server renders (POST /tokenize, the messages before an assistant turn and the tools,
+as a client sends them) must be, token for token, the prefix of the training render's ids that
+preceded that turn. One server per format, so slow."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import requests
 
-from conftest import API_KEY, QUICKSTART_DATA, QUICKSTART_RECIPE, REPO, free_port, keel_cmd, start_server, stop
+from conftest import API_KEY, export_untrained, free_port, keel_cmd, start_server, stop
 from data.conversation import validate_conversation
 from data.formats import resolve_format
 from data.model_dir import load_model_format
-from data.prepare import read_jsonl
 from data.render import render_conversation, split_examples
 from test_history import as_client_sends, multi_turn_rows, trained_starts
 from tests.data.make_roundtrip import expressible
@@ -29,26 +27,13 @@ CASES = [("llama3-json", "llama3-json", "llama3-json", None),
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_served_prompt_is_the_training_prefix(case, tiny_model_for, keel_env, tmp_path):
-    import subprocess
-
     from transformers import AutoTokenizer
 
     _, fmt_name, model_fmt, syntax = case
     base = tiny_model_for(model_fmt)
-    supports = resolve_format(fmt_name, model_path=base, native_syntax=syntax).spec.supports
-    data = tmp_path / "train.jsonl"  # the quickstart rows as this format can hold them
-    data.write_text("".join(json.dumps(expressible(row, supports), ensure_ascii=False) + "\n"
-                            for _, row in read_jsonl(QUICKSTART_DATA)), encoding="utf-8")
-    run_dir = tmp_path / "run"
-    overrides = [f"model.path={base}", f"model.format={fmt_name}", f"output.dir={run_dir}", "training.max_steps=1",
-                 f"data.train={data}",
-                 "training.seq_len=1024", "checkpoint.every_steps=1000", f"data.cache_dir={tmp_path / 'cache'}"]
-    if syntax:
-        overrides.append(f"model.native_syntax={syntax}")
-    trained = subprocess.run(keel_cmd("train", str(QUICKSTART_RECIPE), "--nproc-per-node", "1", *overrides),
-                             cwd=REPO, env=keel_env, capture_output=True, text=True, timeout=900)
-    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
-    model_dir = run_dir / "model"
+    # the export's own writer on the untrained base: which weights it has does not matter here
+    model_dir = export_untrained(base, resolve_format(fmt_name, model_path=base, native_syntax=syntax),
+                                 tmp_path / "run" / "model")
     fmt = load_model_format(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 

@@ -48,7 +48,7 @@ def register(trained_run, name: str) -> str:
     from data.model_dir import read_export_info
 
     client = MlflowClient(tracking_uri=trained_run.tracking_uri)
-    run_id = read_export_info(trained_run.model_dir)["mlflow_run_id"]
+    run_id = read_export_info(trained_run.model_dir).mlflow_run_id
     client.log_artifacts(run_id, str(trained_run.model_dir), "model")
     try:
         client.create_registered_model(name)

@@ -75,7 +75,7 @@ def test_recipe_validates_documents_itself_and_fits_where_it_is_sized_for(path):
     assert recipe.training.seq_len <= result.shape.max_positions
 
 
-@pytest.mark.slow  # three CLI processes, each importing torch and transformers
+# three CLI processes; none imports torch or transformers any more (tests/unit/test_cli_imports.py)
 def test_keel_plan_and_validate_run_offline_on_a_hub_id(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
@@ -273,10 +273,7 @@ def step_data(technique: str, fmt: str, path: Path) -> Path:
 def test_one_training_step_on_the_recipes_architecture_technique_targets_and_format(name, shrunken_models, tmp_path):
     import torch
 
-    from trainer.models.loading import build_model, build_peft_config
-
-    from trainer.arguments import training_args
-    from trainer.train import prepared_split, recipe_format
+    from trainer.train import build_model_parts, build_trainer, prepared_split, recipe_format
 
     recipe = load_recipe(REPO / "recipes" / name)
     model_dir = shrunken_models(recipe)
@@ -288,26 +285,10 @@ def test_one_training_step_on_the_recipes_architecture_technique_targets_and_for
     fmt = recipe_format(recipe)
     assert fmt.name == recipe.model.format
     data = prepared_split(recipe, "train", 0, fmt)
-    model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
+    tok, model, peft_config = build_model_parts(recipe)  # what `keel train` builds, by the same seams
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_config = build_peft_config(recipe.peft)
-    args = training_args(training=recipe.training, checkpoint=recipe.checkpoint, distributed=recipe.distributed,
-                         model=model, output_dir=str(tmp_path / "out"), has_eval=False)
-    args["ddp_backend"] = None  # one process, no torchrun: no process group to create
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if recipe.technique == "dpo":
-        from trainer.techniques.dpo import build_dpo_trainer
-
-        trainer = build_dpo_trainer(model=model, tokenizer=tok, peft_config=peft_config, dpo=recipe.dpo_settings,
-                                    model_path=recipe.model.path, args=args, train_dataset=data.load(),
-                                    eval_dataset=None, callbacks=[])
-    else:
-        from trainer.techniques.sft import build_sft_trainer
-
-        trainer = build_sft_trainer(model=model, tokenizer=tok, peft_config=peft_config, args=args,
-                                    packed=data.packed, train_dataset=data.load(), eval_dataset=None, callbacks=[])
+    trainer = build_trainer(recipe, model=model, tokenizer=tok, peft_config=peft_config, train_data=data,
+                            eval_data=None, output_dir=str(tmp_path / "out"), callbacks=[])
     assert data.packed == recipe.training.packing
     result = trainer.train()
     assert math.isfinite(result.training_loss) and result.training_loss > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from data.errors import KeelError
+from data.model_dir import ExportInfo
 from serving.engine import AdapterInfo, Target, engine_settings, estimate_parameters, kv_bytes_per_token
 
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -21,7 +22,7 @@ LLAMA_31_70B = {**LLAMA_31_8B, "hidden_size": 8192, "intermediate_size": 28672, 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 1319,
         "max_position_embeddings": 4096, "tie_word_embeddings": True, "dtype": "float32"}
-BF16_8K = {"seq_len": 8192, "dtype": "bfloat16"}
+BF16_8K = ExportInfo(seq_len=8192, dtype="bfloat16")
 H100 = 79.2  # GiB torch reports for an 80 GB H100
 
 
@@ -66,19 +67,19 @@ def test_small_gpu_keeps_more_headroom_fraction():
 
 
 def test_max_model_len_is_the_training_length_within_the_positions():
-    assert engine_settings(LLAMA_31_8B, {"dtype": "bfloat16"}, Target()).max_model_len == 131072
+    assert engine_settings(LLAMA_31_8B, ExportInfo(dtype="bfloat16"), Target()).max_model_len == 131072
     with pytest.raises(KeelError, match="longer than the model's 4096 positions"):
-        engine_settings(TINY, {"seq_len": 8192}, Target())
+        engine_settings(TINY, ExportInfo(seq_len=8192), Target())
 
 
 def test_tiny_on_cpu():
-    s = engine_settings(TINY, {"seq_len": 1024, "dtype": "float32"}, Target())
+    s = engine_settings(TINY, ExportInfo(seq_len=1024, dtype="float32"), Target())
     assert s.args() == ["--max-model-len", "1024", "--dtype", "float32"]
     assert s.cpu_kvcache_space_gib == 1 and s.tensor_parallel_size == 1
 
 
 def test_dtype_from_config_when_training_did_not_record_it():
-    assert engine_settings(LLAMA_31_8B, {}, Target()).dtype == "bfloat16"
+    assert engine_settings(LLAMA_31_8B, ExportInfo(), Target()).dtype == "bfloat16"
 
 
 def test_lora_rank_from_the_adapters():
@@ -88,7 +89,7 @@ def test_lora_rank_from_the_adapters():
     assert args[args.index("--max-lora-rank") + 1] == "32"  # 24 rounded up to a rank vLLM accepts
     assert args[args.index("--max-loras") + 1] == "2" and "--enable-lora" in args
     with pytest.raises(KeelError, match="above the largest rank"):
-        engine_settings(TINY, {}, Target(), [AdapterInfo("a", "/a", 1024)])
+        engine_settings(TINY, ExportInfo(), Target(), [AdapterInfo("a", "/a", 1024)])
 
 
 def test_target_needs_gpu_memory():

@@ -14,7 +14,7 @@ from data.conversation import RowError, mistral_call_id, validate_conversation
 from data.errors import KeelError
 from data.formats import Format, available_formats, load_format, resolve_format
 from data.formats.native import probe_template
-from data.model_dir import load_model_format
+from data.model_dir import ExportInfo, load_model_format
 from data.prepare import prepare_file, read_jsonl
 from data.render import IGNORE_INDEX, render_conversation, render_text
 from tests.data.make_roundtrip import OUT as CORPUS
@@ -125,7 +125,7 @@ def test_history_reasoning_keep_renders_old_reasoning_and_is_exported(tiny_model
     assert len(render_conversation(conv, tokenizer=tok, fmt=keep)) == 1  # one example per conversation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    out = write_model_dir(model, tok, fmt=keep, out_dir=tmp_path / "model", info={})
+    out = write_model_dir(model, tok, fmt=keep, out_dir=tmp_path / "model", info=ExportInfo())
     served = load_model_format(out)
     assert (served.spec.history_reasoning, served.spec.train_on) == ("keep", "last")
     assert render_text(conv, fmt=served) == render_text(conv, fmt=keep)  # the server renders history as trained

@@ -51,10 +51,12 @@ def test_environment_records_packages_and_keel_commit():
 
 
 def test_mfu_estimate_follows_6nd_over_peak():
+    from trainer.models.flops import training_flops_per_token
     from trainer.tracking.tracker import mfu
 
     # Llama 3.1 8B at 3,000 tokens/s per H100 across 8 GPUs: 6 x 8.03e9 x 24,000 / (8 x 989e12)
-    assert mfu(24_000, params=8_030_000_000, world=8, device_name="NVIDIA H100 80GB HBM3") == \
+    six_n = training_flops_per_token(trained=8_030_000_000)  # full fine-tuning: 6 x N per token
+    assert mfu(24_000, flops_per_token=six_n, world=8, device_name="NVIDIA H100 80GB HBM3") == \
         pytest.approx(6 * 8.03e9 * 3000 / 989e12)
-    assert 0.1 < mfu(24_000, params=8_030_000_000, world=8, device_name="NVIDIA H100 80GB HBM3") < 0.2
-    assert mfu(1000, params=10, world=1, device_name="Some Unknown GPU") is None
+    assert 0.1 < mfu(24_000, flops_per_token=six_n, world=8, device_name="NVIDIA H100 80GB HBM3") < 0.2
+    assert mfu(1000, flops_per_token=60, world=1, device_name="Some Unknown GPU") is None

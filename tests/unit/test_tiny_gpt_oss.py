@@ -31,7 +31,7 @@ def test_tiny_gpt_oss_is_shaped_for_vllm_and_exports_without_a_chat_template(tmp
 
     from data.formats import load_format
     from data.harmony_tokenizer import same_ids_as_harmony
-    from data.model_dir import load_model_format
+    from data.model_dir import ExportInfo, load_model_format
     from data.model_loading import load_causal_lm, load_tokenizer
     from trainer.export import write_model_dir
     from trainer.models.tiny import build_tiny_model
@@ -53,7 +53,7 @@ def test_tiny_gpt_oss_is_shaped_for_vllm_and_exports_without_a_chat_template(tmp
 
     fmt = load_format("harmony")
     assert fmt.chat_template is None
-    export = write_model_dir(model, tokenizer, fmt=fmt, out_dir=tmp_path / "export", info={"format": "harmony"})
+    export = write_model_dir(model, tokenizer, fmt=fmt, out_dir=tmp_path / "export", info=ExportInfo(format="harmony"))
     assert not list(export.rglob("*.jinja"))
     assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
     assert load_model_format(export).harmony

@@ -8,7 +8,8 @@ resumed run continues the same MLflow run.
 Every record is appended to RUN_DIR/metrics.jsonl before it is sent. When the tracking server
 cannot be reached (at start or mid-run), training goes on with a warning, the tracker retries
 every RETRY_S seconds and once more at the end, and `keel sync RUN_DIR` sends whatever is
-still missing (trainer/tracking/local.py). System metrics are not kept while the server is away.
+still missing (trainer/tracking/local.py). Node 0's system metrics go through the tracker
+and are kept the same way; other nodes' samples are lost while the server is away.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from data.redaction import redact_text
+from trainer.models.flops import device_peak_flops
 from trainer.tracking.local import (MAX_PARAM_BATCH, METRICS_FILE, PENDING_DIR, RUN_ID_FILE, append_record,
                                   bound_mlflow_retries, metric_records, register_export, save_pending, sync_run,
                                   tracking_reachable, use_tracking_uri)
@@ -39,11 +41,12 @@ class RunTracker(TrainerCallback):
 
     def __init__(self, *, mlflow_section, params: dict, artifacts: dict[str, str], run_dir: Path,
                  is_main: bool, log_every: int, resume_step: int = 0, tags: dict[str, str] | None = None,
-                 model_params: int = 0, world: int = 1):
+                 flops_per_token: int = 0, world: int = 1):
         self.cfg = mlflow_section
         self.params = params
         self.tags = tags or {}
-        self.model_params, self.world = model_params, world  # for the MFU estimate on GPUs
+        # for the MFU estimate on GPUs: trainer/models/flops.py, as keel plan counts it (0: no MFU)
+        self.flops_per_token, self.world = flops_per_token, world
         self.artifacts = artifacts  # artifact path -> text
         self.run_dir = run_dir
         self.is_main = is_main
@@ -277,11 +280,11 @@ class RunTracker(TrainerCallback):
             metrics["trained_tokens_per_s"] = (metrics["num_trained_tokens"] - self._trained_last) / dt
             self._trained_last = metrics["num_trained_tokens"]
         metrics.update(_memory_metrics())
-        if self.model_params and "tokens_per_s" in metrics:
+        if self.flops_per_token and "tokens_per_s" in metrics:
             import torch
 
             if torch.cuda.is_available():
-                value = mfu(metrics["tokens_per_s"], params=self.model_params, world=self.world,
+                value = mfu(metrics["tokens_per_s"], flops_per_token=self.flops_per_token, world=self.world,
                             device_name=torch.cuda.get_device_name())
                 if value is not None:
                     metrics["mfu"] = value
@@ -303,19 +306,15 @@ class RunTracker(TrainerCallback):
 
 
 
-# dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                   "B200": 2250e12}
-
-
-def mfu(tokens_per_s: float, *, params: int, world: int, device_name: str) -> float | None:
-    """Model FLOPs utilisation: 6 x parameters FLOPs per trained-through token (forward and
-    backward, attention not counted, as in the PaLM paper's appendix B), over the devices' peak.
-    `tokens_per_s` counts every rank's tokens. None for a device without a known peak."""
-    peak = next((f for name, f in PEAK_BF16_FLOPS.items() if name in device_name), None)
+def mfu(tokens_per_s: float, *, flops_per_token: float, world: int, device_name: str) -> float | None:
+    """Model FLOPs utilisation: the training FLOPs of every trained-through token
+    (trainer/models/flops.py: 6 per trained, 4 per frozen active parameter; attention not counted,
+    as in the PaLM paper's appendix B) over the devices' dense bf16 peak. `tokens_per_s` counts
+    every rank's tokens. None for a device without a known peak."""
+    peak = device_peak_flops(device_name)
     if peak is None or world < 1:
         return None
-    return 6 * params * tokens_per_s / (world * peak)
+    return flops_per_token * tokens_per_s / (world * peak)
 
 
 def _memory_metrics() -> dict[str, float]:
