@@ -496,9 +496,17 @@ def test_pull_from_an_unreachable_registry_fails_in_one_line_without_the_passwor
                  "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.setenv(name, "")  # recorded, so what pull sets is undone after the test
         monkeypatch.delenv(name)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}@127.0.0.1:9")  # nothing listens on port 9
+    import mlflow
+
+    uri = f"http://bob:{SECRET}@127.0.0.1:9"  # nothing listens on port 9
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # an earlier test in this process may have set another
     dest = tmp_path / "pulled" / "model"
-    rc, out, err = _run_keel(["pull", "models:/tool-caller/1", str(dest)])
+    try:
+        rc, out, err = _run_keel(["pull", "models:/tool-caller/1", str(dest)])
+    finally:
+        mlflow.set_tracking_uri(before)
     assert_one_line_error(rc, out, err)
     assert err.startswith("keel: error: models:/tool-caller/1: download failed:") and "bob:***@" in err
     assert not dest.exists()
