@@ -112,12 +112,14 @@ def normalize_tools(tools: Any, where: str = "tools") -> list[dict]:
         if params is not None:
             if isinstance(params, str):
                 try:
-                    params = json.loads(params)
+                    params = json.loads(params, parse_constant=_no_constants)
                 except json.JSONDecodeError as exc:
                     raise RowError(f"{here}: parameters of {name!r} are not valid JSON ({exc.msg})") from None
+                except ValueError as exc:
+                    raise RowError(f"{here}: parameters of {name!r} are not valid JSON ({exc})") from None
             if not isinstance(params, dict):
                 raise RowError(f"{here}: parameters of {name!r} must be a JSON schema object")
-            problem = _schema_problem(json.dumps(params, sort_keys=True))
+            problem = _schema_problem(strict_json(params, f"{here}: parameters of {name!r}"))
             if problem:
                 raise RowError(f"{here}: parameters of {name!r} are not a valid JSON schema: {problem}")
             clean["parameters"] = params
@@ -137,7 +139,20 @@ def _arguments(value: Any, where: str) -> dict:
             raise RowError(f"{where}: arguments are not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise RowError(f"{where}: arguments must be a JSON object, got {type(value).__name__}")
+    strict_json(value, f"{where}: arguments")
     return value
+
+
+def strict_json(value: Any, what: str) -> str:
+    """`value` as JSON every parser reads (sorted keys), whichever form it came in: an object read
+    from Parquet or a Python list can hold NaN or Infinity, which Python's json writes and no JSON
+    parser (nor vLLM's tool parsers) reads back."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise RowError(f"{what} hold NaN or Infinity, which is not JSON; write a number, a string or null") from None
+    except (TypeError, RecursionError) as exc:
+        raise RowError(f"{what} hold a value JSON cannot carry ({type(exc).__name__}: {exc})") from None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from data.errors import KeelError
+from data.files import quote, read_yaml
 from data.formats import Format
 
 EXPORT_INFO_FILE = "keel-export.yaml"
@@ -56,10 +57,9 @@ def read_export_info(model_dir: str | Path) -> ExportInfo:
     if not path.is_file():
         return ExportInfo()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise KeelError(f"{path}: not readable YAML ({type(exc).__name__}); re-export the model, or restore the "
-                        "file the trainer wrote") from None
+        raw = read_yaml(path, what="export record")
+    except KeelError as exc:
+        raise KeelError(f"{exc}; re-export the model, or restore the file the trainer wrote") from None
     if not isinstance(raw, dict):
         raise KeelError(f"{path}: expected a mapping of export facts (seq_len, dtype, ...), found "
                         f"{type(raw).__name__}; re-export the model, or restore the file the trainer wrote")
@@ -68,8 +68,11 @@ def read_export_info(model_dir: str | Path) -> ExportInfo:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
-        raise KeelError(f"{path}: {key}: {err['msg']} (found {err.get('input')!r}); re-export the model, or "
+        raise KeelError(f"{path}: {key}: {err['msg']} (found {quote(err.get('input'))}); re-export the model, or "
                         "restore the file the trainer wrote") from None
+    except TypeError:  # a key that is not a string (`1: 2`) cannot be a keyword
+        raise KeelError(f"{path}: every key must be a name such as seq_len; re-export the model, or restore the "
+                        "file the trainer wrote") from None
 
 
 def load_model_format(model_dir: str | Path) -> Format | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import KeelError
+from data.files import read_json
 
 SAFE_WEIGHTS = (".safetensors",)
 # What torch.load / pickle read: a file of any of these can run code when loaded.
@@ -63,6 +64,37 @@ def _refused_remote_code(exc: ValueError, path: str, key: str) -> KeelError | No
     )
 
 
+# What transformers builds a tokenizer from; a model dir holds at least one of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+
+
+def tokenizer_problem(model_dir: str | Path, key: str = "model.path") -> str | None:
+    """Why a local model dir has no tokenizer to load (None: it has, or it is not a local dir)."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return (f"{key}: {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer the "
+            "model was trained with into it (tokenizer.save_pretrained(DIR))")
+
+
+def _unreadable_tokenizer(path: str | Path, exc: Exception, key: str) -> KeelError:
+    """A tokenizer transformers could not build, said in one line naming the file at fault where one is."""
+    local = Path(path).expanduser()
+    if problem := tokenizer_problem(local, key):
+        return KeelError(problem)
+    for name in TOKENIZER_JSON if local.is_dir() else ():
+        if (local / name).is_file():
+            read_json(local / name, what="tokenizer file", expect=dict, max_bytes=MAX_TOKENIZER_BYTES)  # names it
+    why = " ".join(str(exc).split())[:300]
+    return KeelError(f"{key}: cannot load the tokenizer from {path} ({type(exc).__name__}: {why}); is it a complete "
+                     "model directory with the tokenizer it was trained with?")
+
+
+# a tokenizer.json of a 200k vocabulary is about 30 MiB
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
 def load_tokenizer(path: str | Path, policy: LoadPolicy = LoadPolicy(), *, key: str = "model.path"):
     from transformers import AutoTokenizer
 
@@ -71,8 +103,12 @@ def load_tokenizer(path: str | Path, policy: LoadPolicy = LoadPolicy(), *, key: 
     except ValueError as exc:
         refused = _refused_remote_code(exc, str(path), key)
         if refused is None:
-            raise
+            raise _unreadable_tokenizer(path, exc, key) from None
         raise refused from None
+    except KeelError:
+        raise
+    except Exception as exc:  # transformers and tokenizers raise anything from OSError to a bare Exception
+        raise _unreadable_tokenizer(path, exc, key) from None
 
 
 def load_causal_lm(path: str | Path, policy: LoadPolicy = LoadPolicy(), *, key: str = "model.path", **kwargs):

@@ -51,6 +51,7 @@ from typing import Literal
 import numpy as np
 
 from data.errors import KeelError
+from data.files import read_json
 from data.formats import Format
 from data.shapes import KINDS
 from data.sources import Source, open_source
@@ -362,9 +363,13 @@ def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, se
 
 
 def _read_prepared(path: Path) -> Prepared:
-    meta = json.loads((path / META_FILE).read_text())
-    return Prepared(path, PrepStats(**json.loads((path / STATS_FILE).read_text())), reused=True, kind=meta["kind"],
-                    packed=meta["packed"], seq_len=meta["seq_len"])
+    try:
+        meta = read_json(path / META_FILE, what="prepared-data record", expect=dict)
+        stats = PrepStats(**read_json(path / STATS_FILE, what="prepared-data statistics", expect=dict))
+        return Prepared(path, stats, reused=True, kind=meta["kind"], packed=meta["packed"], seq_len=meta["seq_len"])
+    except (KeelError, TypeError, KeyError) as exc:
+        why = str(exc) if isinstance(exc, KeelError) else f"{path}: {type(exc).__name__}: {exc}"
+        raise KeelError(f"{why}; the prepared-data cache is damaged: delete {path} and prepare again") from None
 
 
 # ----------------------------------------------------------------------------- one preparer

@@ -30,3 +30,37 @@ def redact_text(text: str) -> str:
 def has_url_credentials(location: str) -> bool:
     """Whether a location carries a user:password@ part or a credential query parameter."""
     return redact_text(location) != location
+
+
+# a key or option whose value is a credential
+SECRET_NAME = re.compile(r"(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credential|auth)", re.IGNORECASE)
+
+
+def secret_options(args: list[str]) -> list[str]:
+    """The options in a command line whose value is a credential (`--api-key K`, `--hf-token=T`), and
+    any argument holding a URL with credentials."""
+    found = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("-") and SECRET_NAME.search(flag) and (eq or i + 1 < len(args)):
+            found.append(flag)
+        elif has_url_credentials(arg):
+            found.append(flag if flag.startswith("-") and eq else "a URL with credentials")
+    return found
+
+
+def redact_args(args: list[str]) -> list[str]:
+    """A command line as Keel prints it: the value of every credential option hidden, URLs redacted."""
+    out = []
+    hide_next = False
+    for arg in args:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif flag.startswith("-") and SECRET_NAME.search(flag):
+            out.append(f"{flag}={REDACTED}" if eq else arg)
+            hide_next = not eq
+        else:
+            out.append(redact_text(arg))
+    return out

@@ -97,8 +97,11 @@ class Source:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
-            with self._open(self.path) as f:
-                return pq.ParquetFile(f).metadata.num_rows
+            try:
+                with self._open(self.path) as f:
+                    return pq.ParquetFile(f).metadata.num_rows
+            except Exception:  # noqa: BLE001 - not Parquet after all: reading the rows says so, naming the file
+                return None
         local = "local" in type(self.fs).__name__.lower()
         if self.kind == "jsonl" and local and not self.path.lower().endswith(COMPRESSIONS):
             lines = 0

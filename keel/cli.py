@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.errors import KeelError
+from data.errors import KeelError, print_error
+from data.options import ArgumentParser, check_count, check_model_uri, check_namespace, check_output_dir
+from data.redaction import redact_text
 
 USAGE = """usage: keel COMMAND [ARGS]
 
@@ -32,7 +34,7 @@ commands:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"keel {prog}", description=description)
+    return ArgumentParser(prog=f"keel {prog}", description=description)
 
 
 def cmd_tiny_model(argv: list[str]) -> int:
@@ -49,6 +51,9 @@ def cmd_tiny_model(argv: list[str]) -> int:
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (gpt_oss: always 201,088)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    for value, flag in [(a.hidden, "--hidden"), (a.layers, "--layers"), (a.vocab_size, "--vocab-size")]:
+        check_count(value, flag)
+    check_output_dir(a.out_dir, "OUT_DIR")
     from trainer.models.tiny import build_tiny_model
 
     build_tiny_model(a.out_dir, arch=a.arch, fmt_name=a.format, vocab_size=a.vocab_size,
@@ -73,7 +78,7 @@ def cmd_validate(argv: list[str]) -> int:
             print(f"ok: {path}")
         except KeelError as exc:
             failed += 1
-            print(f"keel: error: {exc}", file=sys.stderr)
+            print_error(exc)
     return 2 if failed else 0
 
 
@@ -107,6 +112,18 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
+def check_torchrun_options(a: argparse.Namespace) -> None:
+    """`keel train`'s launcher options, checked before anything is prepared or started."""
+    if a.nproc_per_node is not None:
+        check_count(a.nproc_per_node, "--nproc-per-node")
+    check_count(a.nnodes, "--nnodes")
+    check_count(a.max_restarts, "--max-restarts", minimum=0)
+    if not 0 <= a.node_rank < a.nnodes:
+        raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
+    if not 1 <= a.master_port <= 65535:
+        raise KeelError(f"--master-port {a.master_port}: expected a TCP port from 1 to 65535")
+
+
 def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int, node_rank: int,
                      master_addr: str | None, master_port: int, max_restarts: int) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
@@ -131,8 +148,8 @@ def cmd_plan(argv: list[str]) -> int:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     a = _recipe_and_overrides(p, argv)
-    if a.nodes < 1 or a.gpus_per_node < 1:
-        raise KeelError("--nodes and --gpus-per-node must be at least 1")
+    check_count(a.nodes, "--nodes")
+    check_count(a.gpus_per_node, "--gpus-per-node")
     from trainer.plan import Cluster, plan, render
     from trainer.models.config import load_config
     from trainer.recipe import load_recipe, missing_paths
@@ -140,10 +157,10 @@ def cmd_plan(argv: list[str]) -> int:
     recipe = load_recipe(a.recipe, a.overrides)
     config = load_config(recipe.model.path)
     result = plan(recipe, Cluster(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node), config)
-    print(render(result))
+    print(redact_text(render(result)))  # the resolved recipe: a tracking or data URL may hold credentials
     problems = [q for q in missing_paths(recipe) if "training.seq_len" in q]
     for q in problems:
-        print(f"keel: error: {q.strip()}", file=sys.stderr)
+        print_error(q.strip().removeprefix("- "))
     return 0 if result.fits and not problems else 1
 
 
@@ -160,6 +177,7 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
+    check_torchrun_options(a)
     from trainer.arguments import check_device_support
     from trainer.resilience.checkpoints import check_run_dir, clear_run_dir
     from trainer.recipe import check_paths, load_recipe
@@ -181,9 +199,9 @@ def cmd_train(argv: list[str]) -> int:
     cmd_prepare([a.recipe, *a.overrides])
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
                            master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts)
-    from data.redaction import redact_text
+    from data.redaction import redact_args
 
-    print("[keel] " + redact_text(" ".join(cmd)), flush=True)
+    print("[keel] " + " ".join(redact_args(cmd)), flush=True)
     return run_torchrun(cmd, Path(recipe.output.dir))
 
 
@@ -245,7 +263,8 @@ def _mlflow_uri_for_pods() -> str | None:
     """$MLFLOW_TRACKING_URI when pods can reach it too (a server, not a file on this machine)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and not uri.startswith(("http://", "https://", "databricks")):
-        print(f"[keel] not passing MLFLOW_TRACKING_URI={uri} to the pods: it names storage on this machine",
+        print(f"[keel] not passing MLFLOW_TRACKING_URI={redact_text(uri)} to the pods: it names storage on this "
+              "machine",
               file=sys.stderr)
         return None
     return uri
@@ -289,6 +308,7 @@ def cmd_launch(argv: list[str]) -> int:
                    "repeatable")
     p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
     a = _recipe_and_overrides(p, argv)
+    check_namespace(a.namespace)
     from keel.launch.pytorchjob import launch_manifests
 
     docs = launch_manifests(
@@ -334,6 +354,13 @@ def cmd_deploy(argv: list[str]) -> int:
                    help="how long a replica may take to load the model before it is restarted (default 1800)")
     p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
     a = p.parse_args(argv)
+    check_namespace(a.namespace)
+    check_model_uri(a.model_uri)
+    for value, flag in [(a.replicas, "--replicas"), (a.min_replicas, "--min-replicas"),
+                        (a.max_replicas, "--max-replicas")]:
+        if value is not None:
+            check_count(value, flag)
+    check_count(a.gpus, "--gpus", minimum=0)
     from keel.launch.deploy import deploy_manifests
 
     docs = deploy_manifests(
@@ -396,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except KeelError as exc:
-        print(f"keel: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,6 @@ the end whatever happens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from data.options import ArgumentParser
 from data.errors import KeelError
 from keel.processes import free_port, running_server
 
@@ -64,7 +64,7 @@ def ask_for_tool_call(base_url: str, api_key: str, question: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="keel quickstart", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="keel quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/quickstart", help="where the model, run and logs go (replaced)")
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--question", default=QUESTION)

@@ -30,7 +30,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.options import ArgumentParser
 from data.errors import KeelError
+from data.model_config import read_model_config
 
 METRICS = ("tool_call_validity", "call_decision", "tool_name_match", "arguments_match", "reasoning_format",
            "answer_exact_match", "finished")
@@ -143,7 +145,7 @@ def _engine(served):
         os.environ.setdefault(key, value)
     from serving.engine import engine_settings
 
-    config = json.loads((served.base_dir / "config.json").read_text())
+    config = read_model_config(served.base_dir / "config.json")
     settings = engine_settings(config, served.export_info, target if target.gpus else Target(), served.adapters)
     from vllm import LLM
 
@@ -264,10 +266,9 @@ def case_row(case: Case) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="keel eval", description="Score a model on held-out conversations with vLLM's "
+    p = ArgumentParser(prog="keel eval", description="Score a model on held-out conversations with vLLM's "
                                 "offline engine and the server's own parsers.")
     p.add_argument("model", help="model dir exported by `keel train` (or an adapter export), or models:/NAME/VERSION")
     p.add_argument("data", help="held-out conversations (JSONL, OpenAI messages with tools)")

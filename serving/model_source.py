@@ -14,12 +14,12 @@ share it, since one server renders every request with one template.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import KeelError
+from data.files import read_json
 from data.formats import Format, load_format
 from data.model_dir import FORMAT_DIR, ExportInfo, load_model_format, read_export_info
 from serving.engine import AdapterInfo
@@ -68,8 +68,8 @@ def fetch(source: str) -> Path:
 
 def adapter_info(name: str, path: Path) -> AdapterInfo:
     try:
-        rank = int(json.loads((path / ADAPTER_CONFIG).read_text())["r"])
-    except (ValueError, KeyError, TypeError) as exc:
+        rank = int(read_json(path / ADAPTER_CONFIG, what="adapter config", expect=dict)["r"])
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise KeelError(f"{path / ADAPTER_CONFIG}: not a PEFT LoRA config with a rank 'r' ({exc})") from None
     return AdapterInfo(name=name, path=str(path.resolve()), rank=rank)
 

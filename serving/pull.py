@@ -9,23 +9,49 @@ service-account role).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from data.errors import KeelError
+from data.files import read_json
+from data.options import ArgumentParser, check_model_uri, check_output_dir
+from data.tracking_client import bound_mlflow_retries
 from data.redaction import redact_text
 from data.model_dir import MODEL_REF_FILE
 
 PULLED_MARKER = ".keel-pulled"
 
 
+# what MLflow's download_artifacts reads: its registry and runs, and the artifact stores it supports
+SCHEMES = ("models:/", "runs:/", "s3://", "gs://", "wasbs://", "abfss://", "hdfs://", "file://", "http://", "https://",
+           "mlflow-artifacts://")
+
+
+def check_pull_uri(uri: str) -> str:
+    if not uri.startswith(SCHEMES):
+        scheme = uri.split(":", 1)[0] + ":" if ":" in uri else None
+        got = f"scheme {scheme!r} is not one Keel pulls from" if scheme else "not a URI"
+        raise KeelError(f"{redact_text(uri)!r}: {got}; expected models:/NAME/VERSION or a storage URI such as "
+                        f"s3://bucket/path/model ({', '.join(SCHEMES)})")
+    return check_model_uri(uri)
+
+
 def pull_model(uri: str, dest: str | Path) -> Path:
-    """Download the model dir at `uri` into `dest` (created if needed); returns `dest`."""
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        raise KeelError(f"{uri!r}: expected a URI such as models:/NAME/VERSION or s3://bucket/path/model")
-    dest = Path(dest)
+    """Download the model dir at `uri` into `dest` (created if needed); returns `dest`. A failed pull
+    leaves `dest` as it found it: a directory it created is removed again."""
+    check_pull_uri(uri)
+    dest = check_output_dir(dest, "DEST")
+    created = not dest.exists()
+    try:
+        return _pull(uri, dest)
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _pull(uri: str, dest: Path) -> Path:
     marker = dest / PULLED_MARKER
     # An emptyDir outlives a restarted init container: a finished pull is not repeated.
     if marker.is_file() and marker.read_text().strip() == uri and (dest / "config.json").is_file():
@@ -34,6 +60,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest / ".keel-pull"
     shutil.rmtree(staging, ignore_errors=True)
+    bound_mlflow_retries()  # an unreachable registry: a Keel error in seconds, not minutes of retries
     from mlflow.artifacts import download_artifacts
 
     try:
@@ -44,10 +71,13 @@ def pull_model(uri: str, dest: str | Path) -> Path:
     ref = got / MODEL_REF_FILE
     if ref.is_file() and not (got / "config.json").is_file():
         # a registry version that points at an export on a shared volume or in object storage
-        location = json.loads(ref.read_text())["location"]
+        location = read_json(ref, what="model reference", expect=dict).get("location")
+        if not isinstance(location, str) or not location:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise KeelError(f"{uri}: its {MODEL_REF_FILE} names no location; register the export again")
         shutil.rmtree(staging, ignore_errors=True)
         if "://" in location:
-            return pull_model(location, dest)
+            return _pull(check_pull_uri(location), dest)
         if not (Path(location) / "config.json").is_file():
             raise KeelError(f"{uri}: registered by reference to {location}, which is not readable here; mount the "
                             "volume that holds it, or train with output.register_upload: true")
@@ -77,9 +107,7 @@ def pull_model(uri: str, dest: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="keel pull", description="Download an exported model dir (models:/, s3://).")
+    p = ArgumentParser(prog="keel pull", description="Download an exported model dir (models:/, s3://).")
     p.add_argument("uri", help="models:/NAME/VERSION or a storage URI such as s3://bucket/runs/NAME/model")
     p.add_argument("dest", help="directory to fill (created if needed)")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))

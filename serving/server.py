@@ -20,8 +20,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import KeelError
+from data.options import ArgumentParser
+from data.errors import KeelError, print_error
+from data.redaction import redact_args
 from data.formats import SPEC_FILE
+from data.model_config import read_model_config
 from data.model_dir import FORMAT_DIR
 from serving.engine import GIB, Target, engine_settings
 from serving.harmony import START_DATE_ENV
@@ -102,9 +105,7 @@ def load_safety_args(served: ServedModel, *, taken: set[str]) -> list[str]:
 
 def plan_served(served: ServedModel, *, host: str, port: int, target: Target, extra: list[str] = (),
                 shutdown_timeout: int = SHUTDOWN_TIMEOUT_S) -> ServePlan:
-    import json
-
-    config = json.loads((served.base_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(served.base_dir / "config.json")
     settings = engine_settings(config, served.export_info, target, served.adapters,
                                weight_bytes=_weight_bytes(served.base_dir))
     cmd = [sys.executable, "-m", KEEL_SERVER_MODULE, "--model", str(served.base_dir), "--host", host,
@@ -200,7 +201,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server. "
+    p = ArgumentParser(prog="keel serve", description="Serve an exported model with vLLM's OpenAI server. "
                                 "Arguments after `--` go to vLLM and override Keel's.")
     p.add_argument("model", nargs="?", default=os.environ.get("KEEL_MODEL_DIR"),
                    help="model dir exported by `keel train` (RUN_DIR/model), a LoRA adapter export, or "
@@ -249,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_served(served, host=args.host, port=args.port, target=_target(args), extra=extra,
                            shutdown_timeout=args.shutdown_timeout)
     except KeelError as exc:
-        print(f"keel: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(f"[keel] warning: {warning}", file=sys.stderr, flush=True)
     for reason in plan.reasons:
         print(f"[keel] {reason}", flush=True)
-    print("[keel] " + " ".join(plan.command), flush=True)
+    print("[keel] " + " ".join(redact_args(plan.command)), flush=True)
     if args.dry_run:
         return 0
     os.execvpe(plan.command[0], plan.command, server_env(args.api_key, plan.env))

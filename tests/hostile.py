@@ -153,3 +153,40 @@ def run_property(strategy, check) -> int:
 
     prop()
     return tried
+
+
+# --------------------------------------------------------------------------- files and arguments
+
+SECRET = "hunter2-sekrit"  # what a hostile input carries in a URL or an option; never printed back
+SECRET_URL = f"https://bob:{SECRET}@mlflow.example/x?token={SECRET}"
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+HOSTILE_TEXTS = [
+    "", "{", "[", "{}", "[]", "null", "5", '"x"', "NaN", '{"a": NaN}', '{"a": Infinity}', '{"a": 1, "a": 2}',
+    "a: 1\na: 2\n", "seq_len: 256\ntraining: {}\nseq_len: 2048\n", "a: &x [*x]\n", ALIAS_BOMB, "[" * 3000,
+    '{"hidden_size": -1, "model_type": "llama"}', '{"hidden_size": 1e400}', '{"num_hidden_layers": "2"}',
+    '{"model_type": "llama", "hidden_size": 1099511627776, "num_hidden_layers": 2}', '{"text_config": [1]}',
+    "!!python/object/apply:os.system ['true']\n", "a: 2024-13-45\n", "a: !!binary 'zz'\n", "? [a]\n: 1\n",
+    '{"step": "x", "loss": 1}', '{"step": 1, "loss": "high"}', '{"step": 1, "loss": 1}\n{"step": 2, "lo',
+    f"recipe: {{tracking: {{mlflow: {{tracking_uri: '{SECRET_URL}'}}}}}}\n", "recipe: {tracking: 5}\n",
+    "recipe: [1]\n", "\ufeff{}", '{"a": "\\ud800"}',
+]
+file_bytes = st.one_of(
+    st.sampled_from(HOSTILE_TEXTS).map(str.encode),
+    st.binary(max_size=200),
+    st.text(max_size=200).map(str.encode),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.lists(json_values.map(json.dumps), max_size=4).map(lambda lines: "\n".join(lines).encode()),
+    st.sampled_from(HOSTILE_TEXTS).map(lambda t: t.encode()[:max(len(t) // 2, 1)]),  # cut short
+    st.sampled_from([b"\xff\xfe\x00", b'{"a": "\xff"}', b"\x00" * 64, b"PK\x03\x04", b"%PDF-1.4"]),
+)
+COUNTS = [0, -1, 1, 2, 2**31 - 1, 2**31, 2**63, -(2**31)]
+count_text = st.one_of(st.sampled_from(COUNTS).map(str), st.integers().map(str),
+                       st.sampled_from(["1.5", "", "x", "1e3", "0x10", SECRET_URL, "--", "NaN"]))
+name_text = st.one_of(st.sampled_from(["ok", "Team_A", "-x", "x-", "a" * 64, "a.b", "", " ", "ns/1", SECRET_URL,
+                                       "x" * 300, "UPPER", "1abc", "kube-system"]), st.text(max_size=12))
+uri_text = st.one_of(st.sampled_from([
+    "models:/m/1", "models:/m/notanumber", "models:/m", "models://m/1", "models:/m/1/2", "models:/m/-1",
+    "s3://bucket-a/m", "ftp://x/y", "file:///etc/passwd", "pvc://claim/m", "pvc://Claim/../m", "runs/sft/model",
+    "", "://", "s3://", SECRET_URL, f"s3://bob:{SECRET}@bucket-a/m", f"models:/m/1?token={SECRET}"]),
+    st.text(max_size=20))

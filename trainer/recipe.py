@@ -8,6 +8,7 @@ path, why, and the fix.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data.errors import KeelError
+from data.files import parse_yaml, quote, read_text
+from data.model_config import read_model_config
+from data.model_loading import tokenizer_problem
 from data.formats import available_formats
 from data.redaction import URL_USERINFO, redact_text
 from trainer.models.config import packing_problem
@@ -23,7 +27,8 @@ from trainer.models.known import format_problem, known_model, path_kind
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `learning_rate: .inf` passes gt=0 and trains a model of NaNs
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -265,9 +270,8 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
                 )
             node = child
         try:
-            node[parts[-1]] = (yaml.safe_load(value) if value != "" and flow_nesting(value) <= MAX_FLOW_NESTING
-                               else value or None)
-        except (yaml.YAMLError, ValueError, RecursionError):  # not a YAML value: the text itself
+            node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value != "" else None
+        except KeelError:  # not a YAML value: the text itself
             node[parts[-1]] = value
     return raw
 
@@ -303,8 +307,8 @@ def _fix_hint(err: dict) -> str:
         desc = f" ({field.description})" if field is not None and field.description else ""
         return f"required key is missing; add it{desc}"
     if kind == "literal_error":
-        return f"{err['msg']} (got {err.get('input')!r})"
-    return f"{err['msg']} (got {err.get('input')!r})"
+        return f"{err['msg']} (got {quote(err.get('input'))})"
+    return f"{err['msg']} (got {quote(err.get('input'))})"
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -314,7 +318,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             # cross-field rules: one problem per line, each already starting with its key path
             problems += err["msg"].removeprefix("Value error, ").splitlines()
         else:
-            path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            # a key is quoted in full only when it is short: a megabyte-long key makes no readable message
+            path = ".".join(str(p) if len(str(p)) <= 80 else quote(str(p)) for p in err["loc"]) or "(top level)"
             problems.append(f"{path}: {_fix_hint(err)}")
     lines = [f"{source}: invalid recipe ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
     return "\n".join(lines + [f"  - {p}" for p in problems])
@@ -322,51 +327,18 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KeelError(f"{source}: recipe file not found") from None
-    except IsADirectoryError:
-        raise KeelError(f"{source}: is a directory; pass the recipe's YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise KeelError(f"{source}: recipe is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise KeelError(f"{source}: cannot read the recipe ({exc.strerror or exc})") from None
-    return parse_recipe(text, source, overrides)
+    return parse_recipe(read_text(path, what="recipe file", max_bytes=MAX_RECIPE_BYTES), str(path), overrides)
 
 
-# PyYAML's scanner takes time quadratic in the nesting of [ ] and { } (2,000 levels: 3 s; 20,000:
-# minutes), and a recipe needs a handful of levels.
+# a recipe is a few KiB
+MAX_RECIPE_BYTES = 1 << 20
 MAX_FLOW_NESTING = 100
-
-
-def flow_nesting(text: str) -> int:
-    """How deep [ ] and { } nest in the text (brackets in quoted strings counted too)."""
-    depth = deepest = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}" and depth:
-            depth -= 1
-    return deepest
 
 
 def parse_recipe(text: str, source: str, overrides: list[str] | None = None) -> Recipe:
     """A recipe from its YAML text; `source` names it in every error."""
-    if flow_nesting(text) > MAX_FLOW_NESTING:
-        raise KeelError(f"{source}: [ ] or {{ }} nest more than {MAX_FLOW_NESTING} levels deep; a recipe needs a "
-                        "few (unbalanced brackets in a value? quote it)")
-    try:
-        # the safe loader only: no Python tags (!!python/object...), so a recipe cannot run code
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise KeelError(f"{source}: not valid YAML: {exc}") from None
-    except ValueError as exc:  # PyYAML builds dates itself: `2024-13-45` is a ValueError, not a YAMLError
-        raise KeelError(f"{source}: not valid YAML: a value looks like a date but is not one ({exc}); quote it") from None
-    except RecursionError:
-        raise KeelError(f"{source}: not valid YAML: nested too deeply") from None
+    # the safe loader only: no Python tags (!!python/object...), so a recipe cannot run code
+    raw = parse_yaml(text, source, what="recipe", max_nesting=MAX_FLOW_NESTING)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -396,22 +368,23 @@ def missing_paths(recipe: Recipe) -> list[str]:
             continue
         p = Path(value).expanduser()
         if not p.exists():
-            problems.append(f"  - {key}: {value!r} does not exist (resolved to {p.resolve()}); expected {what}")
+            where = "a symlink loop" if p.is_symlink() else f"resolved to {os.path.abspath(p)}"
+            problems.append(f"  - {key}: {value!r} does not exist ({where}); expected {what}")
         elif key == "model.path" and not (p / "config.json").is_file():
             problems.append(f"  - {key}: {value!r} has no config.json; expected {what}")
         elif key == "model.path":
             problems += _model_fit_problems(recipe, p / "config.json")
+            if problem := tokenizer_problem(p):
+                problems.append(f"  - {problem}")
     return problems
 
 
 def _model_fit_problems(recipe: Recipe, config_file: Path) -> list[str]:
     """What the model's own config rules out: a seq_len beyond its positions."""
-    import json
-
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        return [f"  - model.path: {config_file} is not readable JSON ({exc})"]
+        config = read_model_config(config_file)
+    except KeelError as exc:
+        return [f"  - model.path: {exc}"]
     problems = []
     if problem := packing_problem(config, recipe.training.packing, str(config_file.parent)):
         problems.append(f"  - {problem}")

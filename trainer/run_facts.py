@@ -14,9 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from data.redaction import REDACTED, redact_text
-
-SECRET_KEY = re.compile(r"(token|secret|passw(or)?d|api[_-]?key|access[_-]?key|credential|auth)", re.IGNORECASE)
+from data.redaction import REDACTED, SECRET_NAME as SECRET_KEY, redact_text
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from data.errors import KeelError
+from data.errors import KeelError, print_error
 from data.formats import Format, resolve_format
 from data.model_dir import ExportInfo
 
@@ -405,6 +405,6 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(f"keel: {exc}", file=sys.stderr, flush=True)
             return EXIT_STATUS
-        print(f"keel: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        print_error(exc, rank=rank)
         return 2
     return 0

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from data.conversation import RowRules
 from data.errors import KeelError
+from data.files import read_text, read_yaml
 
 FORMATS_DIR = Path(__file__).resolve().parent
 SPEC_FILE = "spec.yaml"
@@ -230,12 +231,7 @@ class Format:
     def from_dir(cls, directory: str | Path) -> "Format":
         directory = Path(directory)
         spec_path = directory / SPEC_FILE
-        try:
-            raw = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KeelError(f"{spec_path}: format spec not found") from None
-        except yaml.YAMLError as exc:
-            raise KeelError(f"{spec_path}: not valid YAML: {exc}") from None
+        raw = read_yaml(spec_path, what="format spec")
         try:
             spec = FormatSpec.model_validate(raw)
         except ValidationError as exc:
@@ -246,10 +242,9 @@ class Format:
         if spec.chat_template is None:
             return cls(spec, None, directory)
         template_path = directory / spec.chat_template
-        try:
-            template = template_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise KeelError(f"{spec_path}: chat_template file {template_path} not found") from None
+        if not template_path.is_file():
+            raise KeelError(f"{spec_path}: chat_template file {template_path} not found")
+        template = read_text(template_path, what="chat template")
         return cls(spec, template, directory)
 
 

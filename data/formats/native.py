@@ -16,11 +16,12 @@ rendering each assistant turn's prompt (data/render.py, `assistant_spans`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import KeelError
+from data.files import read_json, read_text
+from data.model_config import read_model_config
 
 # model_type in config.json -> the shipped format whose syntax that family's template writes
 SYNTAX_BY_MODEL_TYPE = {"llama": "llama3-json", "qwen2": "hermes-qwen3", "qwen3": "hermes-qwen3",
@@ -88,9 +89,9 @@ def model_chat_template(model_dir: Path) -> str:
     """The chat template a model directory carries: chat_template.jinja or tokenizer_config.json."""
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return read_text(jinja, what="chat template")
     config = model_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    template = read_json(config, what="tokenizer config", expect=dict).get("chat_template") if config.is_file() else None
     if isinstance(template, list):  # named templates: the tool-use one if there is one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("tool_use") or named.get("default")
@@ -104,7 +105,7 @@ def _syntax_for(model_dir: Path, syntax: str | None) -> str:
     if syntax is not None:
         return syntax
     config = model_dir / "config.json"
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    model_type = read_model_config(config).get("model_type") if config.is_file() else None
     if model_type not in SYNTAX_BY_MODEL_TYPE:
         raise KeelError(f"model.format native: Keel does not know the tool-call syntax of model type "
                         f"{model_type!r}; set model.native_syntax to the shipped format the model's template "

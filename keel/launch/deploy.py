@@ -19,8 +19,10 @@ import re
 from dataclasses import dataclass
 
 from data.errors import KeelError
-from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, labels, metadata,
-                                  name_from)
+from data.options import check_count, check_model_uri, check_namespace
+from data.redaction import has_url_credentials, secret_options
+from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity, labels,
+                                  metadata, name_from)
 
 PORT = 8080
 PULLED_MODEL_DIR = "/opt/ml/model"  # SageMaker's model path, the serve image's default
@@ -159,6 +161,22 @@ def autoscaler(*, name: str, namespace: str | None, min_replicas: int, max_repli
             }}
 
 
+def refuse_secret_args(vllm_args: list[str], mlflow_uri: str | None = None) -> None:
+    """A credential in vLLM's arguments or in $MLFLOW_TRACKING_URI would sit in plain text in the
+    Deployment, as launch refuses it in a recipe (keel/launch/pytorchjob.py refuse_inlined_secrets)."""
+    if mlflow_uri and has_url_credentials(mlflow_uri):
+        raise KeelError("$MLFLOW_TRACKING_URI carries a credential, which the manifests would hold in plain text. "
+                        "Remove it from the URI; put MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in a "
+                        "Kubernetes Secret and pass --secret SECRET_NAME")
+    found = secret_options(list(vllm_args))
+    if found:
+        fix = ("pass the API key as a Kubernetes Secret with --api-key-secret SECRET[:KEY] (keel serve reads it "
+               "from $KEEL_API_KEY)" if any("api" in f.lower() for f in found) else
+               "put it in a Kubernetes Secret and pass --secret SECRET_NAME (its keys become the environment)")
+        raise KeelError(f"-- {', '.join(dict.fromkeys(found))}: carries a credential, which the manifests would hold "
+                        f"in plain text; remove it and {fix}")
+
+
 def parse_api_key_secret(spec: str) -> tuple[str, str]:
     secret, _, key = spec.partition(":")
     key = key or "api-key"
@@ -176,12 +194,14 @@ def deploy_manifests(*, model_uri: str, image: str, name: str | None = None, nam
                      mlflow_uri: str | None = None, cpu: str = "4", memory: str = "32Gi", shm_size: str = "8Gi",
                      startup_timeout_s: int = 1800, vllm_args: list[str] = ()) -> list[dict]:
     """Everything `keel deploy` prints: Deployment, Service and, with --max-replicas, an autoscaler."""
-    source = model_source(model_uri)
+    source = model_source(check_model_uri(model_uri))
+    check_namespace(namespace)
     name = check_name(name or default_name(model_uri), flag="--name")
-    if not image or any(c.isspace() for c in image):
-        raise KeelError(f"--image {image!r}: expected an image reference such as registry.example/keel-serve:0.1.0")
-    if gpus < 0:
-        raise KeelError(f"--gpus {gpus}: use 0 for CPU serving, or the GPUs each replica uses")
+    check_image(image, example="registry.example/keel-serve:0.1.0")
+    check_count(gpus, "--gpus", minimum=0)  # 0: CPU serving
+    for value, flag in [(replicas, "--replicas"), (min_replicas, "--min-replicas"), (max_replicas, "--max-replicas")]:
+        if value is not None:
+            check_count(value, flag)
     autoscale = min_replicas is not None or max_replicas is not None
     if autoscale and replicas is not None:
         raise KeelError("--replicas sets a fixed count; --min-replicas/--max-replicas let an autoscaler choose. "
@@ -195,8 +215,6 @@ def deploy_manifests(*, model_uri: str, image: str, name: str | None = None, nam
                             "need 1 <= min <= max")
     elif replicas is None:
         replicas = 1
-    elif replicas < 1:
-        raise KeelError(f"--replicas {replicas}: at least 1")
     if scale_on not in ("cpu", "vllm"):
         raise KeelError(f"--scale-on {scale_on!r}: use cpu or vllm")
     if no_api_key and api_key_secret:
@@ -206,8 +224,8 @@ def deploy_manifests(*, model_uri: str, image: str, name: str | None = None, nam
         check_object_name(s, "--secret")
     for value, flag in [(cpu, "--cpu"), (memory, "--memory"), (shm_size, "--shm-size")]:
         check_quantity(value, flag)
-    if startup_timeout_s < 10:
-        raise KeelError(f"--startup-timeout {startup_timeout_s}: give the server at least 10 seconds to load")
+    refuse_secret_args(vllm_args, mlflow_uri)
+    check_count(startup_timeout_s, "--startup-timeout", minimum=10)  # the server needs a few seconds to load
     docs = [
         deployment(name=name, namespace=namespace, image=image, source=source, gpus=gpus,
                    replicas=None if autoscale else replicas, api_key_secret=key_ref, secrets=secrets,

@@ -46,6 +46,19 @@ def check_object_name(value: str, flag: str) -> str:
     return value
 
 
+# [HOST[:PORT]/]PATH[:TAG][@sha256:DIGEST], as the container runtimes read an image reference
+_IMAGE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
+                    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+
+
+def check_image(image: str, flag: str = "--image", example: str = "registry.example/keel-train:0.1.0") -> str:
+    """An image reference (no scheme, no credentials: the pods pull with the cluster's pull secrets)."""
+    if not _IMAGE.match(image or ""):
+        raise KeelError(f"{flag} {image!r}: expected an image reference such as {example} (no scheme, no spaces, "
+                        "no credentials: give the cluster an imagePullSecret instead)")
+    return image
+
+
 def check_quantity(value: str, flag: str) -> str:
     if not _QUANTITY.match(value):
         raise KeelError(f"{flag} {value!r}: expected a Kubernetes quantity such as 4, 500m, 64Gi or 1Ti")

@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Mapping
 
-from data.errors import KeelError
+from data.errors import KeelError, print_error
 
 DEFAULT_PORT = 23456  # the operator's default for the `pytorchjob-port` container port
 _NPROC = re.compile(r"^(auto|cpu|gpu|[1-9][0-9]*)$")
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd = command(argv, os.environ)
     except KeelError as exc:
-        print(f"keel: error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return 2
-    from data.redaction import redact_text
+    from data.redaction import redact_args
 
-    print("[keel] " + redact_text(" ".join(cmd)), flush=True)
+    print("[keel] " + " ".join(redact_args(cmd)), flush=True)
     # exec: torchrun becomes the container's main process and receives the kubelet's SIGTERM
     # itself, which it forwards to the training processes.
     os.execv(cmd[0], cmd)

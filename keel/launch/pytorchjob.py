@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import KeelError
-from keel.launch.k8s_objects import (IMAGE_UID, check_name, check_object_name, check_quantity, is_object_name, labels,
-                                  metadata, name_from)
+from data.options import check_count, check_namespace
+from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity,
+                                  is_object_name, labels, metadata, name_from)
 
 API_VERSION = "kubeflow.org/v1"
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name (webhook rule)
@@ -209,14 +210,12 @@ def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: st
     """
     from trainer.recipe import load_recipe
 
-    if nodes < 1:
-        raise KeelError(f"--nodes {nodes}: a job needs at least one node (the Master)")
-    if gpus_per_node < 0:
-        raise KeelError(f"--gpus-per-node {gpus_per_node}: use 0 for CPU-only nodes, or the GPUs each node has")
-    if efa < 0 or max_restarts < 0:
-        raise KeelError("--efa and --max-restarts take a count of 0 or more")
-    if not image or any(c.isspace() for c in image):
-        raise KeelError(f"--image {image!r}: expected an image reference such as registry.example/keel-train:0.1.0")
+    check_count(nodes, "--nodes")  # a job needs at least one node (the Master)
+    check_count(gpus_per_node, "--gpus-per-node", minimum=0)  # 0: CPU-only nodes
+    check_count(efa, "--efa", minimum=0)
+    check_count(max_restarts, "--max-restarts", minimum=0)
+    check_namespace(namespace)
+    check_image(image)
     name = check_name(name or name_from(str(recipe_path)), flag="--name",
                       longest_suffix=f"-worker-{max(nodes - 2, 0)}")
     shared = parse_volume(volume)

@@ -8,6 +8,7 @@ benchmarks/results/fuzz.md):
     PYTHONPATH=. python tests/fuzz/fuzz_inputs.py recipe -runs=100000
     PYTHONPATH=. python tests/fuzz/fuzz_inputs.py conversation -runs=100000
     PYTHONPATH=. python tests/fuzz/fuzz_inputs.py jsonl -runs=100000
+    PYTHONPATH=. python tests/fuzz/fuzz_inputs.py files -runs=100000
 
 Keel's own modules are instrumented for coverage; the libraries they call are not (faster,
 and their coverage is not what is under test).
@@ -25,6 +26,8 @@ import atheris
 with atheris.instrument_imports(include=["data", "trainer.recipe"]):
     from data.conversation import RowRules, validate_conversation, validate_document, validate_preference
     from data.errors import KeelError
+    from data.files import parse_json, parse_yaml
+    from data.model_config import read_model_config
     from data.formats import available_formats, load_format
     from data.render import render_conversation
     from data.shapes import KINDS, detect_shape, to_canonical
@@ -130,7 +133,22 @@ def fuzz_jsonl(data: bytes) -> None:
                 keel_errors_only(validate_conversation, canonical, rules)
 
 
-TARGETS = {"recipe": fuzz_recipe, "conversation": fuzz_conversation, "jsonl": fuzz_jsonl}
+_CONFIG = None
+
+
+def fuzz_files(data: bytes) -> None:
+    """Bytes as a JSON or YAML file Keel reads (data/files.py), and as a model's config.json."""
+    global _CONFIG
+    if _CONFIG is None:
+        _CONFIG = Path(tempfile.mkdtemp(prefix="keel-fuzz-files-")) / "config.json"
+    text = data.decode("utf-8", errors="replace")
+    keel_errors_only(parse_json, text, "fuzz.json")
+    keel_errors_only(parse_yaml, text, "fuzz.yaml")
+    _CONFIG.write_bytes(data)
+    keel_errors_only(read_model_config, _CONFIG)
+
+
+TARGETS = {"recipe": fuzz_recipe, "conversation": fuzz_conversation, "jsonl": fuzz_jsonl, "files": fuzz_files}
 
 
 def seed_corpus(target: str) -> str:
@@ -146,6 +164,9 @@ def seed_corpus(target: str) -> str:
         seeds = [b"\x00" + recipe, b"\x00" + recipe + b"\x00training.max_steps=3\x00peft.kind=lora"]
     elif target == "conversation":
         seeds = [b"\x00\x00\x00" + row for row in rows]
+    elif target == "files":
+        config = (REPO / "trainer" / "models" / "architectures").glob("*.json")
+        seeds = [p.read_bytes() for p in sorted(config)[:4]] + [b"a: &a [x, x]\nb: [*a, *a]\n", b'{"a": 1}']
     else:
         seeds = [b"\n".join(rows[:3]) + b"\n", rows[0]]
     for i, seed in enumerate(seeds):

@@ -185,8 +185,13 @@ def test_pull_of_something_that_is_not_a_model_dir_fails_and_leaves_nothing(regi
     dest = tmp_path / "dest"
     with pytest.raises(KeelError, match="not a model directory"):
         pull_model("models:/notes/1", dest)
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()  # the pull made it; a failed pull takes it away again, no empty DEST
     with pytest.raises(KeelError, match="download failed"):
         pull_model("models:/no-such-model/1", dest)
-    with pytest.raises(KeelError, match="expected a URI"):
+    assert not dest.exists()
+    dest.mkdir()  # an emptyDir the pod was given stays, empty
+    with pytest.raises(KeelError, match="download failed"):
+        pull_model("models:/no-such-model/1", dest)
+    assert list(dest.iterdir()) == []
+    with pytest.raises(KeelError, match="not a URI; expected models:/NAME/VERSION"):
         pull_model("runs/sft/model", dest)

@@ -205,7 +205,9 @@ BAD_INPUT = [
     (["--volume", "fsx"], None),  # CLAIM alone is fine: mounted at /mnt/shared
     (["--volume", "FSx:/data"], "--volume 'FSx:/data': expected CLAIM:MOUNT"),
     (["--volume", "fsx:data"], "the mount path must be an absolute directory"),
-    (["--nodes", "0"], "--nodes 0: a job needs at least one node"),
+    (["--nodes", "0"], "--nodes 0: expected a whole number from 1 to 2,147,483,647"),
+    (["--nodes", str(2**31)], "--nodes 2147483648: expected a whole number from 1 to 2,147,483,647"),
+    (["--namespace", "Team_A"], "--namespace 'Team_A': expected a Kubernetes namespace"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1"),
     (["--name", "My_Job"], "--name 'My_Job': expected lowercase letters"),
     (["--volume-size", "1Ti"], "--volume-size creates the claim named by --volume"),

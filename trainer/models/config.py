@@ -4,10 +4,10 @@ the loader all read them here."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from data.errors import KeelError
+from data.model_config import read_model_config
 from trainer.models.known import known_model
 
 
@@ -22,18 +22,15 @@ def load_config(model_path: str) -> dict:
         raise KeelError(f"model.path: {model_path!r}: keel plan reads the model's config.json and found none there; "
                         "point model.path at a local model directory, or at a hub id Keel keeps the config of "
                         "(trainer/models/architectures/models.yaml; other hub ids need the config downloaded first)")
-    config = json.loads((p / "config.json").read_text())
-    return config
+    return read_model_config(p / "config.json")
 
 
 def model_config(model_path: str) -> dict:
     """The base model's config.json as a dict: what `keel plan` reads (a local directory's, or the
     kept one of a hub id Keel knows: load_config), else the hub's (config only; no
     weights, no model code)."""
-    try:
-        return load_config(model_path)
-    except KeelError:
-        pass
+    if known_model(model_path) is not None or (Path(model_path).expanduser() / "config.json").is_file():
+        return load_config(model_path)  # a malformed config.json is the user's to fix, not a hub lookup
     from transformers import PretrainedConfig
 
     try:

@@ -14,14 +14,14 @@ at the first data-preparation step.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
+from data.files import read_yaml
+from data.model_config import read_model_config
 
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
 
@@ -71,7 +71,7 @@ class KnownModel:
     chat: str
 
     def config(self) -> dict:
-        return json.loads(self.config_file.read_text(encoding="utf-8"))
+        return read_model_config(self.config_file)
 
     @property
     def family(self) -> ChatFamily:
@@ -80,7 +80,7 @@ class KnownModel:
 
 @lru_cache(maxsize=1)
 def known_models() -> dict[str, KnownModel]:
-    index = yaml.safe_load((ARCHITECTURES_DIR / "models.yaml").read_text(encoding="utf-8"))
+    index = read_yaml(ARCHITECTURES_DIR / "models.yaml", what="model index", expect=dict)
     return {hub_id: KnownModel(hub_id, ARCHITECTURES_DIR / entry["config"], entry["chat"])
             for hub_id, entry in index.items()}
 

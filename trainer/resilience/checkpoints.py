@@ -25,6 +25,7 @@ import yaml
 from transformers import TrainerCallback
 
 from data.errors import KeelError
+from data.files import read_yaml
 from trainer.recipe import Recipe, flatten
 from trainer.run_facts import redact
 
@@ -261,12 +262,12 @@ def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
 
 def _read_run_file(run_file: Path) -> dict:
     try:
-        saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
-        saved = exc
-    if not isinstance(saved, dict) or not isinstance(saved.get("recipe", {}), dict):
-        why = f"({type(saved).__name__}: {str(saved).splitlines()[0] if str(saved) else ''})" if isinstance(saved, Exception) else "(not a mapping with a recipe)"
-        raise KeelError(f"output.dir {run_file.parent}: {RUN_FILE} cannot be read {why}, so Keel cannot tell which "
+        saved = read_yaml(run_file, what="run record") or {}
+        why = "not a mapping with a recipe"
+    except KeelError as exc:
+        saved, why = None, str(exc)
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):  # write_run_file always writes one
+        raise KeelError(f"output.dir {run_file.parent}: {RUN_FILE} cannot be read ({why}), so Keel cannot tell which "
                         "run the directory holds. Choose a new output.dir, or pass --overwrite to start over there.")
     return saved
 

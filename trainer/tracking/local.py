@@ -22,7 +22,13 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
+
+from data.options import ArgumentParser
+from data.errors import KeelError
+from data.files import parse_json, read_json, read_yaml
+from data.tracking_client import bound_mlflow_retries
 
 METRICS_FILE = "metrics.jsonl"
 PENDING_DIR = "mlflow-pending"  # params, tags and artifacts of a run the server has not seen yet
@@ -31,13 +37,6 @@ RUN_ID_FILE = "mlflow_run_id"
 NOT_METRICS = ("step", "timestamp")
 MAX_BATCH = 1000  # MLflow's log_batch accepts at most 1000 metrics per call
 MAX_PARAM_BATCH = 100  # and at most 100 params
-
-
-def bound_mlflow_retries() -> None:
-    """Fail fast instead of MLflow's minutes of retries; an operator's explicit setting wins."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def use_tracking_uri(uri: str | None) -> None:
@@ -84,16 +83,40 @@ def read_local(run_dir: Path) -> dict[str, dict[tuple[int, float], int]]:
     """From the run's local record, in one pass: metric key -> {(step, value): the timestamp it
     was first recorded at}."""
     points: dict[str, dict[tuple[int, float], int]] = {}
-    path = run_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        step, stamp = int(rec["step"]), int(rec.get("timestamp", 0))
-        for key, value in rec.items():
-            if key not in NOT_METRICS:
-                points.setdefault(key, {}).setdefault((step, float(value)), stamp)
+    for where, rec in metric_records(run_dir / METRICS_FILE):
+        step, stamp = rec.get("step"), rec.get("timestamp", 0)
+        values = {k: v for k, v in rec.items() if k not in NOT_METRICS}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, stamp)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            raise KeelError(f"{where}: a metric record needs a whole-number step and timestamp and numeric values; "
+                            "this line was not written by Keel: delete it and run keel sync again")
+        for key, value in values.items():
+            points.setdefault(key, {}).setdefault((step, float(value)), stamp)
     return points
+
+
+def metric_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(FILE:LINE, record) for each line of a run's metrics.jsonl. A last line without its newline
+    that is not JSON is what a process killed mid-write leaves: it is skipped, with a note; any
+    other bad line is an error naming it."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            # NaN is kept: a loss that turned non-finite is recorded as json.dumps writes it
+            yield where, parse_json(raw.decode("utf-8"), where, what="metric record", expect=dict,
+                                    allow_constants=True)
+        except (KeelError, UnicodeDecodeError) as exc:
+            if number == len(lines):  # no newline after it: cut short when the writer stopped
+                print(f"[keel] {where}: skipping the last line, cut short when the run stopped", file=sys.stderr)
+                return
+            why = f"{where}: not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            raise KeelError(f"{why}; delete that line (it was not written whole) and run keel sync again") from None
 
 
 def save_pending(run_dir: Path, *, params: dict | None = None, tags: dict | None = None,
@@ -167,12 +190,13 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
         run_id = client.create_run(exp_id, run_name=run_name).info.run_id
         id_file.write_text(run_id + "\n")
     if pending.is_dir():
-        params = json.loads((pending / "params.json").read_text()) if (pending / "params.json").is_file() else {}
+        params = (read_json(pending / "params.json", what="pending params", expect=dict)
+                  if (pending / "params.json").is_file() else {})
         items = list(params.items())
         for i in range(0, len(items), MAX_PARAM_BATCH):
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + MAX_PARAM_BATCH]])
         if (pending / "tags.json").is_file():
-            for key, value in json.loads((pending / "tags.json").read_text()).items():
+            for key, value in read_json(pending / "tags.json", what="pending tags", expect=dict).items():
                 client.set_tag(run_id, key, value)
         if (pending / "artifacts").is_dir() and any((pending / "artifacts").iterdir()):
             client.log_artifacts(run_id, str(pending / "artifacts"))
@@ -184,7 +208,10 @@ def sync_run(run_dir: Path, *, experiment: str, run_name: str | None) -> tuple[s
         client.log_batch(run_id, metrics=missing[i:i + MAX_BATCH])
     registered = None
     if (pending / REGISTRATION_FILE).is_file():
-        entry = json.loads((pending / REGISTRATION_FILE).read_text())
+        entry = read_json(pending / REGISTRATION_FILE, what="pending registration", expect=dict)
+        if not isinstance(entry.get("name"), str) or not isinstance(entry.get("model_location"), str):
+            raise KeelError(f"{pending / REGISTRATION_FILE}: needs a name and a model_location; delete it and "
+                            "register the export by hand")
         registered = register_export(client, run_id, entry["name"], entry["model_location"],
                                      upload=bool(entry.get("upload")))
         (pending / REGISTRATION_FILE).unlink()  # at once: a sync that dies after this does not register twice
@@ -210,9 +237,7 @@ def without_redacted_password(uri: str | None) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="keel sync", description="Send a run's metrics (and, if its MLflow run was "
+    p = ArgumentParser(prog="keel sync", description="Send a run's metrics (and, if its MLflow run was "
                                 "never created, its params and artifacts) that did not reach the tracking server "
                                 "while it trained. Safe to run more than once.")
     p.add_argument("run_dir", help="the run's output.dir")
@@ -220,16 +245,18 @@ def main(argv: list[str]) -> int:
                    "$MLFLOW_TRACKING_URI (a password in it is not kept in the run dir: set "
                    "$MLFLOW_TRACKING_PASSWORD, or pass the whole URI here)")
     a = p.parse_args(argv)
-    import yaml
-
-    from data.errors import KeelError
     from trainer.resilience.checkpoints import RUN_FILE
 
     run_dir = Path(a.run_dir)
     if not (run_dir / RUN_FILE).is_file():
         raise KeelError(f"{run_dir} is not a Keel run dir (no {RUN_FILE}): pass the output.dir of a `keel train` run")
-    saved = yaml.safe_load((run_dir / RUN_FILE).read_text(encoding="utf-8")) or {}
-    mlflow_cfg = (saved.get("recipe") or {}).get("tracking", {}).get("mlflow", {})
+    saved = read_yaml(run_dir / RUN_FILE, what="run record") or {}
+    mlflow_cfg = saved
+    for key in ("recipe", "tracking", "mlflow"):
+        mlflow_cfg = mlflow_cfg.get(key) or {} if isinstance(mlflow_cfg, dict) else None
+    if not isinstance(mlflow_cfg, dict):
+        raise KeelError(f"{run_dir / RUN_FILE}: not a Keel run record (expected a mapping whose recipe.tracking.mlflow "
+                        "is a section); pass the output.dir of a `keel train` run")
     import mlflow
 
     from data.redaction import redact_text

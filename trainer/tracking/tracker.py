@@ -25,8 +25,8 @@ from transformers import TrainerCallback
 from data.redaction import redact_text
 from trainer.models.flops import device_peak_flops
 from trainer.tracking.local import (MAX_PARAM_BATCH, METRICS_FILE, PENDING_DIR, RUN_ID_FILE, append_record,
-                                  bound_mlflow_retries, register_export, save_pending, sync_run, tracking_reachable,
-                                  use_tracking_uri)
+                                  bound_mlflow_retries, metric_records, register_export, save_pending, sync_run,
+                                  tracking_reachable, use_tracking_uri)
 
 RETRY_S = 10.0  # while the tracking server is unreachable: a 2 s connection probe this often
 
@@ -178,10 +178,10 @@ class RunTracker(TrainerCallback):
 
         if not self._metrics_file.is_file():
             return
-        kept = [line for line in self._metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self._metrics_file.write_text("".join(line + "\n" for line in kept))
-        self.history = [(r["step"], r["loss"]) for r in map(json.loads, kept) if "loss" in r]
+        kept = [rec for _, rec in metric_records(self._metrics_file)
+                if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= step]
+        self._metrics_file.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
+        self.history = [(r["step"], r["loss"]) for r in kept if "loss" in r]
 
     def register_model(self, model_location: str, name: str | None, *, upload: bool = False) -> None:
         """Register the export in MLflow's model registry (see metrics_sync.register_export).

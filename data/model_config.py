@@ -1,0 +1,45 @@
+"""A model's config.json, read once for every reader (the planner, the recipe's checks, formats,
+the server): strict JSON, and the sizes that build tensors checked before anything builds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.errors import KeelError
+from data.files import quote, read_json
+
+CONFIG_FILE = "config.json"
+# Sizes in a config.json that build tensors: each a positive integer, none beyond what any model
+# has (a hidden size of 2^40 is a corrupt file, and torch would fail on it with a C++ dump).
+CONFIG_SIZES = {"hidden_size": 1 << 20, "intermediate_size": 1 << 22, "moe_intermediate_size": 1 << 22,
+                "num_hidden_layers": 10_000, "num_attention_heads": 1 << 16, "num_key_value_heads": 1 << 16,
+                "head_dim": 1 << 16, "vocab_size": 1 << 24, "max_position_embeddings": 1 << 31,
+                "num_local_experts": 1 << 16, "num_experts": 1 << 16, "num_experts_per_tok": 1 << 16}
+# parameters a config may describe (the largest published models hold a few 10^12)
+MAX_PARAMETERS = 10 ** 14
+
+
+def read_model_config(config_file: str | Path) -> dict:
+    """A model's config.json as a dict, its sizes checked: what every reader of one goes through."""
+    config = read_json(config_file, what="model config", expect=dict)
+    for where, section in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(section, dict):
+            if section is not None:
+                raise KeelError(f"{config_file}: text_config must be a JSON object, got {quote(section)}")
+            continue
+        for key, limit in CONFIG_SIZES.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise KeelError(f"{config_file}: {where}{key} is {quote(value)}; expected a whole number from 1 to "
+                                f"{limit:,} (is the config.json corrupt?)")
+        hidden, layers = section.get("hidden_size") or 0, section.get("num_hidden_layers") or 0
+        wide = max(section.get("intermediate_size") or 0, 4 * hidden) * max(section.get("num_local_experts")
+                                                                           or section.get("num_experts") or 1, 1)
+        params = layers * (4 * hidden * hidden + 3 * hidden * wide) + 2 * hidden * (section.get("vocab_size") or 0)
+        if params > MAX_PARAMETERS:
+            raise KeelError(f"{config_file}: its sizes describe about {params:.1e} parameters, beyond any model "
+                            f"({MAX_PARAMETERS:.0e}); is the config.json corrupt?")
+    return config
+
