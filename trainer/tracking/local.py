@@ -223,7 +223,7 @@ def main(argv: list[str]) -> int:
     import yaml
 
     from data.errors import KeelError
-    from trainer.resilience.checkpoints import RUN_FILE
+    from trainer.resilience.run_identity import RUN_FILE
 
     run_dir = Path(a.run_dir)
     if not (run_dir / RUN_FILE).is_file():
