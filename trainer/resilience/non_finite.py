@@ -80,7 +80,8 @@ def stop_on_non_finite(trainer, *, record_failure: Callable[[str], None]) -> Non
         grad_norm = get_grad_norm(*args, **kwargs)
         loss = torch.stack(losses).sum().item() if losses else 0.0
         losses.clear()
-        norm = float(grad_norm) if grad_norm is not None else 0.0
+        whole = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        norm = float(whole) if whole is not None else 0.0
         values = _per_rank(loss, norm)
         if all(math.isfinite(v) for pair in values for v in pair):
             return grad_norm
