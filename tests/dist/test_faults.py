@@ -242,22 +242,30 @@ def test_a_non_finite_loss_stops_training_at_its_step_exports_nothing_and_is_not
     assert "Traceback" not in out.stdout and "ChildFailedError" not in out.stdout  # not torchrun's
 
 
-def test_a_rank_killed_by_a_signal_is_summarised_with_the_signal_and_its_last_error(tmp_path, keel_env):
-    """keel train's launcher on a job whose rank dies by a signal after printing an error: the
-    summary names the signal and that error line, not torchrun's traceback."""
+def test_a_rank_killed_by_a_signal_is_summarised_with_the_signal_and_its_last_error(tmp_path, capfd):
+    """keel train's launcher (run_torchrun, keel.torchrun) on a job whose rank dies by a signal
+    after printing an error: one summary names the signal and that error line, not torchrun's
+    traceback; in a run dir whose run had finished, it also says the model is complete."""
+    from keel.cli import run_torchrun
+    from trainer.recipe import load_recipe
+    from trainer.resilience.run_identity import write_run_file
+
     script = tmp_path / "dies.py"
     script.write_text("import os, signal, sys\n"
                       "print('RuntimeError: the planted last error', file=sys.stderr, flush=True)\n"
                       "print('a line after it that is no error', file=sys.stderr, flush=True)\n"
                       "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n")
-    log_dir = tmp_path / "logs"
+    run_dir = tmp_path / "run"
+    write_run_file(load_recipe(REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml", [f"output.dir={run_dir}"]),
+                   "finished")
+    log_dir = run_dir / "logs" / "launch"
     cmd = [sys.executable, "-m", "keel.torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
            f"--log-dir={log_dir}", "--tee=3", str(script)]
-    out = run(cmd, keel_env, timeout=300)
-    assert out.returncode == 1 and "Traceback" not in out.stdout, out.stdout[-4000:]
-    assert "[rank1]:RuntimeError: the planted last error" in out.stdout  # live, with its rank
-    from keel.torchrun import failure_summary
-
-    summary = failure_summary(log_dir)
-    assert summary.startswith("training failed: rank 1 (local rank 1 on "), summary
-    assert "was killed by SIGKILL: RuntimeError: the planted last error." in summary
+    assert run_torchrun(cmd, run_dir, log_dir) == 1
+    out, err = capfd.readouterr()
+    assert "[rank1]:RuntimeError: the planted last error" in out + err  # shown live, with its rank
+    summary = [line for line in err.splitlines() if line.startswith("keel: error: ")]
+    assert len(summary) == 1 and "Traceback" not in out + err, out + err
+    assert summary[0].startswith("keel: error: training failed: rank 1 (local rank 1 on "), summary
+    assert "was killed by SIGKILL: RuntimeError: the planted last error. Each rank's full output: " in summary[0]
+    assert f"The model in {run_dir / 'model'} was exported before that failure" in summary[0]

@@ -79,11 +79,20 @@ def test_a_finished_run_is_done_for_its_recipe_and_refused_for_another(tmp_path)
     assert check_run_dir(r, overwrite=True) == "overwrite"
 
 
-def test_a_recorded_failure_is_kept_until_the_run_starts_again(tmp_path):
+def test_a_recorded_failure_is_kept_until_the_run_starts_again(tmp_path, monkeypatch):
     r = recipe(tmp_path)
     write_run_file(r, "failed", failure="training stopped at step 2: the loss is nan on rank 0")
     assert recorded_failure(tmp_path / "run") == "training stopped at step 2: the loss is nan on rank 0"
     assert check_run_dir(r, overwrite=False) == "resume"  # a user's re-run may try again
+    # a worker torchrun restarted would fail the same way: it stops with the recorded message
+    from trainer.train import run_dir_decision
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(KeelError, match=r"step 2: the loss is nan on rank 0 \(recorded in .*keel-run.yaml by an "
+                                        r"earlier attempt of this job: this restart stops without training"):
+        run_dir_decision(r, overwrite=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert run_dir_decision(r, overwrite=False) == "resume"
     write_run_file(r, "running")
     assert recorded_failure(tmp_path / "run") is None
 
