@@ -125,9 +125,11 @@ def check_torchrun_options(a: argparse.Namespace) -> None:
 
 
 def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int, node_rank: int,
-                     master_addr: str | None, master_port: int, max_restarts: int) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-           f"--max-restarts={max_restarts}"]
+                     master_addr: str | None, master_port: int, max_restarts: int, log_dir: Path) -> list[str]:
+    """torchrun (keel/torchrun.py: torchrun's own launcher, failures summarised) with every rank's
+    output shown live and kept in log_dir (--tee 3: stdout and stderr of every rank)."""
+    cmd = [sys.executable, "-m", "keel.torchrun", f"--nproc-per-node={nproc_per_node}",
+           f"--max-restarts={max_restarts}", f"--log-dir={log_dir}", "--tee=3"]
     if nnodes > 1:
         if not master_addr:
             raise KeelError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
@@ -178,17 +180,28 @@ def cmd_train(argv: list[str]) -> int:
                    help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
     check_torchrun_options(a)
-    from trainer.arguments import check_device_support
-    from trainer.resilience.checkpoints import check_run_dir, clear_run_dir
     from trainer.recipe import check_paths, load_recipe
+    from trainer.resilience.run_identity import LOG_DIR, MODEL_DIR, check_run_dir, clear_run_dir, recorded_failure
 
     # Everything a user can get wrong is checked here, before any process starts.
     from trainer.remote import localize
 
     recipe = load_recipe(a.recipe, a.overrides)
     check_paths(recipe, a.recipe)
-    recipe, _ = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
+    recipe, remote = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
+    run_dir = Path(recipe.output.dir)
     decision = check_run_dir(recipe, overwrite=a.overwrite)
+    if decision == "finished":
+        model = (remote["output.dir"].rstrip("/") + "/" + MODEL_DIR if remote.get("output.dir")
+                 else (run_dir / MODEL_DIR).resolve())
+        print(f"[keel] output.dir {run_dir} holds this recipe's finished run: nothing to train. The model is in "
+              f"{model} (--overwrite trains it again from the start)", flush=True)
+        return 0
+    if decision == "resume" and (failure := recorded_failure(run_dir)):
+        print(f"[keel] warning: the last attempt in {run_dir} stopped on: {failure}\n[keel] trying again from the "
+              "latest complete checkpoint", file=sys.stderr, flush=True)
+    from trainer.arguments import check_device_support
+
     check_device_support(peft=recipe.peft, training=recipe.training)
     if decision == "overwrite" and a.node_rank == 0:
         # Cleared here, once: workers restarted after a failure must resume, not start over.
@@ -197,18 +210,24 @@ def cmd_train(argv: list[str]) -> int:
     nproc = a.nproc_per_node or _gpu_count() or 1
     # Prepare the data once, before the process group exists (ranks then only read the cache).
     cmd_prepare([a.recipe, *a.overrides])
+    import time
+
+    # one directory per launch and node: a shared run dir holds every node's logs side by side
+    log_dir = run_dir / LOG_DIR / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-node{a.node_rank}"
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
-                           master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts)
+                           master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts,
+                           log_dir=log_dir)
     from data.redaction import redact_args
 
     print("[keel] " + " ".join(redact_args(cmd)), flush=True)
-    return run_torchrun(cmd, Path(recipe.output.dir))
+    return run_torchrun(cmd, run_dir, log_dir)
 
 
-def run_torchrun(cmd: list[str], run_dir: Path) -> int:
+def run_torchrun(cmd: list[str], run_dir: Path, log_dir: Path) -> int:
     """torchrun, with SIGTERM and SIGINT passed on to it: when `keel train` is the container's
     main process, it is the one Kubernetes signals. torchrun passes the signal to the workers,
-    which save a checkpoint and stop (trainer/resilience/stopping.py)."""
+    which save a checkpoint and stop (trainer/resilience/stopping.py). A failure ends with one
+    summary (keel/torchrun.py) instead of torchrun's traceback."""
     import signal
 
     proc = subprocess.Popen(cmd)
@@ -227,7 +246,7 @@ def run_torchrun(cmd: list[str], run_dir: Path) -> int:
             signal.signal(sig, handler)
     if received:
         from trainer.resilience.checkpoints import latest_complete_checkpoint
-        from trainer.train import CHECKPOINT_DIR
+        from trainer.resilience.run_identity import CHECKPOINT_DIR
 
         latest = latest_complete_checkpoint(run_dir / CHECKPOINT_DIR)
         name = signal.Signals(received[0]).name
@@ -235,6 +254,15 @@ def run_torchrun(cmd: list[str], run_dir: Path) -> int:
                                                "again resumes from it" if latest else "no complete checkpoint yet"),
               file=sys.stderr, flush=True)
         return returncode or 128 + received[0]
+    if returncode != 0:
+        from keel.torchrun import failure_summary
+        from trainer.resilience.run_identity import MODEL_DIR, run_status
+
+        summary = failure_summary(log_dir) or f"torchrun exited with code {returncode}; the logs are in {log_dir}"
+        if run_status(run_dir) == "finished":
+            summary += (f" The model in {run_dir / MODEL_DIR} was exported before that failure and is complete; "
+                        "running the same command again exits 0 with it.")
+        print_error(summary)
     return returncode
 
 

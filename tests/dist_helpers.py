@@ -54,7 +54,7 @@ def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
             cmd = child.cmdline()
-            if "-m" in cmd and "trainer" in cmd and "torch.distributed.run" not in " ".join(cmd):
+            if "-m" in cmd and "trainer" in cmd and not {"torch.distributed.run", "keel.torchrun"} & set(cmd):
                 found[int(child.environ().get("RANK", "-1"))] = child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

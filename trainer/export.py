@@ -2,15 +2,16 @@
 
 Weights are gathered whole from every rank first (ZeRO-3 and FSDP2 shard them; peers have
 shipped empty or partial ZeRO-3 saves), LoRA is merged unless the recipe keeps the adapter,
-and the directory is written under a temporary name and renamed when complete. After
-writing, the export is loaded back and its logits compared with the in-memory model's on a
-probe input, so a broken save fails the run instead of reaching a server.
+and the directory is written under a temporary name, loaded back and its logits compared with
+the in-memory model's on a probe input, and only then renamed into place: a broken save fails
+the run instead of reaching a server, and a model dir that exists is complete and verified.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 
 from data.errors import KeelError
@@ -57,8 +58,10 @@ def _materialize(trainer, state: dict, *, recipe_model_path: str, peft_config, m
     return model.to(dtype)
 
 
-def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: ExportInfo) -> Path:
-    """Write the model dir atomically (temp dir + rename)."""
+def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: ExportInfo,
+                    verify: Callable[[Path], None] | None = None) -> Path:
+    """Write the model dir atomically (temp dir + rename); `verify(temp dir)` runs before the
+    rename, and what it raises leaves no model dir behind."""
     from transformers import GenerationConfig
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -87,6 +90,12 @@ def write_model_dir(model, tokenizer, *, fmt: Format, out_dir: Path, info: Expor
     if fmt.chat_template is not None:
         (fmt_dir / fmt.spec.chat_template).write_text(fmt.chat_template, encoding="utf-8")
     (tmp / EXPORT_INFO_FILE).write_text(info.to_yaml(), encoding="utf-8")
+    if verify is not None:
+        try:
+            verify(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -133,8 +142,8 @@ def verify_export(out_dir: Path, tokenizer, expected, *, adapter_base: str | Non
     diff = (got - expected).abs().max().item()
     if not diff <= tol:
         raise KeelError(f"export check failed: the exported model's logits differ from the trained model's by "
-                        f"{diff:.3g} (tolerance {tol}) on a probe input; the export in {out_dir} is not the "
-                        "model that was trained. Checkpoints are kept.")
+                        f"{diff:.3g} (tolerance {tol}) on a probe input: what was written ({out_dir}, removed) is "
+                        "not the model that was trained, so no model dir was made. Checkpoints are kept.")
     return diff
 
 
@@ -157,12 +166,14 @@ def export_trained(trainer, tokenizer, *, fmt: Format, out_dir: Path, info: Expo
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = _materialize(trainer, state, recipe_model_path=recipe_model_path, peft_config=peft_config,
                          merge=merge_lora, dtype=dtype, quantized=quantized, load_policy=load_policy)
-    write_model_dir(model, tokenizer, fmt=fmt, out_dir=out_dir, info=info)
-    n_params = sum(p.numel() for p in model.parameters())
-    if n_params <= VERIFY_MAX_PARAMS:
+    verify = None
+    if sum(p.numel() for p in model.parameters()) <= VERIFY_MAX_PARAMS:
         adapter_base = None if merge_lora or peft_config is None else recipe_model_path
         tol = 1e-3 if precision == "fp32" else 0.25  # bf16 rounding of saved weights
-        diff = verify_export(out_dir, tokenizer, in_memory, adapter_base=adapter_base, tol=tol,
-                             load_policy=load_policy)
-        print(f"[keel] export verified: max |logit difference| {diff:.2e} on a probe input", flush=True)
-    return out_dir
+
+        def verify(written: Path) -> None:
+            diff = verify_export(written, tokenizer, in_memory, adapter_base=adapter_base, tol=tol,
+                                 load_policy=load_policy)
+            print(f"[keel] export verified: max |logit difference| {diff:.2e} on a probe input", flush=True)
+
+    return write_model_dir(model, tokenizer, fmt=fmt, out_dir=out_dir, info=info, verify=verify)

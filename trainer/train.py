@@ -23,9 +23,7 @@ from data.model_dir import ExportInfo
 from trainer.models.config import model_config
 from trainer.models.flops import model_flops_per_token
 from trainer.recipe import Recipe, check_paths, flatten, load_recipe
-
-CHECKPOINT_DIR = "checkpoints"
-MODEL_DIR = "model"
+from trainer.resilience.run_identity import CHECKPOINT_DIR, MODEL_DIR, RUN_FILE, check_run_dir, recorded_failure
 # What each technique trains on (the kind data/prepare.py reports for a prepared split).
 TECHNIQUE_DATA = {"sft": "conversation", "cpt": "document", "dpo": "preference"}
 DATA_TECHNIQUE = {kind: technique for technique, kind in TECHNIQUE_DATA.items()}
@@ -138,17 +136,31 @@ def log_load_policy(recipe: Recipe) -> None:
             "unpickling runs whatever code the file holds")
 
 
-def start_run_dir(recipe: Recipe, *, overwrite: bool, is_main: bool) -> str:
-    """Resume, start or (with --overwrite) restart the run in output.dir; refuse otherwise."""
-    from trainer.resilience.checkpoints import check_run_dir, clear_run_dir, write_run_file
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
+
+def run_dir_decision(recipe: Recipe, *, overwrite: bool) -> str:
+    """check_run_dir's decision, read before anything heavy is loaded. A worker that torchrun
+    restarted after a failure a restart would repeat (recorded by the attempt that hit it)
+    stops here with that failure's message."""
     decision = check_run_dir(recipe, overwrite=overwrite)
+    if decision == "resume" and restart_count() > 0 and (failure := recorded_failure(Path(recipe.output.dir))):
+        raise KeelError(f"{failure} (recorded in {Path(recipe.output.dir) / RUN_FILE} by an earlier attempt "
+                        "of this job: this restart stops without training, since it would fail the same way)")
+    return decision
+
+
+def start_run_dir(recipe: Recipe, *, decision: str, is_main: bool) -> None:
+    """Resume, start or (with --overwrite) restart the run in output.dir, as check_run_dir decided."""
+    from trainer.resilience.run_identity import clear_run_dir, write_run_file
+
     if is_main:
         if decision == "overwrite":
             log(f"--overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
             clear_run_dir(Path(recipe.output.dir))
         write_run_file(recipe, "running")
-    return decision
 
 
 def build_model_parts(recipe: Recipe):
@@ -298,22 +310,34 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     """Train and export: run identity and data, model, tracking, trainer, fit, export. `remote`:
     the URIs a remote model.path / output.dir stood for before trainer.remote.localize replaced
     them with local places."""
-    from trainer.resilience.checkpoints import CheckpointCompletion, fail_loudly_on_save
-    from trainer.resilience.heartbeat import Heartbeat
-    from trainer.resilience.stopping import StopOnSigterm
-
     rank, local_rank, world = dist_env()
     is_main = rank == 0
     run_dir = Path(recipe.output.dir)
     ckpt_root = run_dir / CHECKPOINT_DIR
     remote = remote or {}
+    model_uri = (remote["output.dir"].rstrip("/") + "/" + MODEL_DIR if remote.get("output.dir")
+                 else str((run_dir / MODEL_DIR).resolve()))
+    decision = run_dir_decision(recipe, overwrite=overwrite)
+    if decision == "finished":
+        # A re-run of a finished run, or a worker torchrun restarted after the export (a rank
+        # that died at teardown): the model is complete, nothing is left to do.
+        if is_main:
+            log(f"output.dir {run_dir} holds this recipe's finished run: nothing to train; the model is in {model_uri}")
+        return run_dir / MODEL_DIR
+
+    from trainer.resilience.checkpoints import CheckpointCompletion, fail_loudly_on_save
+    from trainer.resilience.heartbeat import Heartbeat
+    from trainer.resilience.non_finite import stop_on_non_finite
+    from trainer.resilience.run_identity import write_run_file
+    from trainer.resilience.stopping import StopOnSigterm
+
     stopper = StopOnSigterm(rank=rank, ckpt_root=ckpt_root)
     stopper.install()
     fmt = recipe_format(recipe)
     t0 = time.time()
     if is_main:
         log_load_policy(recipe)
-    start_run_dir(recipe, overwrite=overwrite, is_main=is_main)
+    start_run_dir(recipe, decision=decision, is_main=is_main)
     init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
 
     train_data = prepared_split(recipe, "train", local_rank, fmt)
@@ -340,6 +364,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                                 train_data=train_data, eval_data=eval_data, output_dir=str(ckpt_root),
                                 callbacks=callbacks)
         fail_loudly_on_save(trainer, ckpt_root)
+
+        def record_failure(message: str) -> None:
+            if is_main:
+                write_run_file(recipe, "failed", failure=message)
+
+        stop_on_non_finite(trainer, record_failure=record_failure)
         if resume_from is not None and is_main:
             log(f"resumed from checkpoint step {resume_step} ({resume_from})")
         try:
@@ -351,25 +381,30 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
 
         out = export_run(recipe, trainer, tokenizer=tokenizer, peft_config=peft_config, fmt=fmt, world=world,
                          mlflow_run_id=tracker.run_id)
-        trainer.accelerator.wait_for_everyone()
+        if is_main and not remote.get("output.dir"):
+            # Finished as soon as the verified export is in place, before waiting for the other
+            # ranks: a rank that dies from here on (at teardown) makes torchrun restart the
+            # workers, and the restarted ones find the run finished and end at once.
+            write_run_file(recipe, "finished")
+            status = "FINISHED"
+        try:
+            trainer.accelerator.wait_for_everyone()
+        except Exception:
+            if status != "FINISHED":
+                raise
+            log("warning: a rank ended before the end of the run; the export is complete")
         if is_main:
-            from trainer.resilience.checkpoints import write_run_file
-
-            model_location = str(out.resolve())
             if remote.get("output.dir"):
                 from trainer.remote import upload_dir
 
-                model_location = remote["output.dir"].rstrip("/") + "/" + MODEL_DIR
-                upload_dir(out, model_location)
-            write_run_file(recipe, "finished")
-            log(f"exported {model_location} in {time.time() - t0:.0f}s total")
-            tracker.register_model(model_location, recipe.output.register_as, upload=recipe.output.register_upload)
+                upload_dir(out, model_uri)  # finished once uploaded, with its completion marker
+                write_run_file(recipe, "finished")
+            log(f"exported {model_uri} in {time.time() - t0:.0f}s total")
+            tracker.register_model(model_uri, recipe.output.register_as, upload=recipe.output.register_upload)
         status = "FINISHED"
         return out
     finally:
         system_metrics.finish()
-        model_uri = (remote["output.dir"].rstrip("/") + "/" + MODEL_DIR if remote.get("output.dir")
-                     else str((run_dir / MODEL_DIR).resolve()))
         tracker.finish(status=status, tags={"keel.model_dir": model_uri}
                        if status == "FINISHED" else None)
 
@@ -381,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     # --overwrite applies to the first start only: workers that torchrun restarts after a
     # failure must resume from the checkpoint, not wipe it.
-    overwrite = "--overwrite" in argv and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    overwrite = "--overwrite" in argv and restart_count() == 0
     argv = [a for a in argv if a != "--overwrite"]
     source, overrides = argv[0], argv[1:]
     try:
@@ -391,20 +426,20 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe, remote = localize(recipe, local_rank=dist_env()[1])
         train(recipe, overwrite=overwrite, recipe_file=source, remote=remote)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # not loaded when there was nothing to train
+        if dist is not None and dist.is_available() and dist.is_initialized():
             # after the last collective of the run: without it a rank can abort at interpreter
             # exit ("terminate called without an active exception"), and torch warns of a leak
             dist.destroy_process_group()
     except KeelError as exc:
         rank = dist_env()[0]
-        from trainer.resilience.stopping import EXIT_STATUS, StoppedBySignal  # transformers is loaded by now
-
-        if isinstance(exc, StoppedBySignal):
+        # loaded once training began; a worker that stopped before (a restart with nothing to
+        # do) must not wait for transformers to load just to print its error
+        stopping = sys.modules.get("trainer.resilience.stopping")
+        if stopping is not None and isinstance(exc, stopping.StoppedBySignal):
             if rank == 0:
                 print(f"keel: {exc}", file=sys.stderr, flush=True)
-            return EXIT_STATUS
+            return stopping.EXIT_STATUS
         print_error(exc, rank=rank)
         return 2
     return 0

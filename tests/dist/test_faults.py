@@ -2,7 +2,8 @@
 size limit, a file truncated on disk): a killed rank resumes and matches an uninterrupted run;
 a stopped rank fails the job within distributed.timeout_s with a message naming it, and a
 re-run resumes; SIGTERM saves a checkpoint a re-run resumes from; a checkpoint write that fails
-ends the run naming it, and a re-run skips it and a damaged one."""
+ends the run naming it, and a re-run skips it and a damaged one; a rank killed after the export
+ends the job finished; a non-finite loss stops training, is not retried, and is summarised."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -160,3 +163,109 @@ def test_disk_full_mid_checkpoint_fails_loudly_and_a_damaged_checkpoint_is_skipp
                for line in lines), again.stdout[-4000:]
     assert f"resumed from checkpoint step {EVERY} " in again.stdout
     assert sorted(losses(run_dir)) == list(range(1, steps + 1))
+
+
+def test_a_rank_killed_after_the_export_ends_the_job_finished_and_a_rerun_trains_nothing(tmp_path, tiny_model,
+                                                                                          keel_env):
+    """A rank that dies after the model was exported (at teardown) makes torchrun restart the
+    workers: the restarted ones find the run finished and end at once, the job exits 0 and the
+    export is the one written before the death. Running the command again trains nothing; the
+    same dir with a recipe that changes the math is refused."""
+    data = small_data(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "run"
+    args = ("training.max_steps=4", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
+            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = train_cmd(tiny_model, run_dir, data, *args, launcher=("--max-restarts=1",))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # rank 1 is held once rank 0 writes the export (the gather is over: rank 1 only waits
+        # for the end of the run), and killed once the export is in place
+        wait_for(lambda: (run_dir / ".model.tmp").exists(), 600, "rank 0 writing the export", proc)
+        victim = wait_for(lambda: workers(proc).get(1), 30, "rank 1", proc)
+        victim.send_signal(signal.SIGSTOP)
+        wait_for(lambda: (run_dir / "model" / "keel-export.yaml").exists(), 300, "the export in place", proc)
+        weights = (run_dir / "model" / "model.safetensors").read_bytes()
+        victim.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "nothing to train" in out  # the restarted workers found the run finished
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
+    assert "status: finished" in (run_dir / "keel-run.yaml").read_text()
+
+    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert f"nothing to train. The model is in {(run_dir / 'model').resolve()}" in again.stdout
+    assert "keel.torchrun" not in again.stdout  # no worker started
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
+
+    other = run(train_cmd(tiny_model, run_dir, data, *args, "training.learning_rate=0.01"), keel_env)
+    assert other.returncode == 2, other.stdout[-4000:]
+    assert "holds a finished run of a different recipe" in other.stdout
+    assert "training.learning_rate: was 0.002, now 0.01" in other.stdout
+
+
+def test_a_non_finite_loss_stops_training_at_its_step_exports_nothing_and_is_not_retried(tmp_path, tiny_model,
+                                                                                         keel_env):
+    """A learning rate of 1e30 (finite, accepted by the recipe) makes the tiny model's loss or
+    gradient norm NaN/inf within a step or two. Training stops there with an error naming the
+    step; nothing is exported; the restart torchrun makes stops at once with the same message
+    instead of training to the same failure; keel train ends with one summary of the failure."""
+    data = small_data(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "run"
+    args = ("training.max_steps=20", "training.learning_rate=1e30", "checkpoint.every_steps=1",
+            "tracking.mlflow.system_metrics_every_s=0", f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    out = run(train_cmd(tiny_model, run_dir, data, *args, launcher=("--max-restarts=1",)), keel_env)
+    assert out.returncode != 0, out.stdout[-4000:]
+    stopped = re.search(r"keel: error \(rank 0\): training stopped at step (\d+): the (loss|gradient norm) is", out.stdout)
+    assert stopped, out.stdout[-4000:]
+    step = int(stopped.group(1))
+    assert f"[rank0]:[keel] step {step - 1}/20 " in out.stdout or step == 1  # the live output was shown
+    # nothing exported, the run not finished, no checkpoint of the failed step or after
+    assert not (run_dir / "model").exists() and not list(run_dir.glob(".model*"))
+    assert "status: failed" in (run_dir / "keel-run.yaml").read_text()
+    assert all(int(p.name.split("-")[1]) < step for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    # the restarted workers did not train again: rank 0 loaded the data once, and said why it stopped
+    assert out.stdout.count("[rank0]:[keel] data:") == 1, out.stdout[-4000:]
+    assert "this restart stops without training" in out.stdout
+    # one summary: the rank, its exit code, its error line, where its full output is
+    summary = [line for line in out.stdout.splitlines() if line.startswith("keel: error: training failed: ")]
+    assert len(summary) == 1, out.stdout[-4000:]
+    assert re.match(r"keel: error: training failed: rank \d \(local rank \d on .+\) exited with code 2 after 1 "
+                    rf"restart of the workers \(--max-restarts=1\): keel: error \(rank \d\): training stopped at "
+                    rf"step {step}: ", summary[0]), summary[0]
+    logs = Path(summary[0].split("Each rank's full output: ")[1].split("/<local rank>/")[0])
+    assert logs.is_relative_to(run_dir / "logs") and f"training stopped at step {step}" in \
+        (logs / "0" / "stderr.log").read_text()
+    assert "Traceback" not in out.stdout and "ChildFailedError" not in out.stdout  # not torchrun's
+
+
+def test_a_rank_killed_by_a_signal_is_summarised_with_the_signal_and_its_last_error(tmp_path, capfd):
+    """keel train's launcher (run_torchrun, keel.torchrun) on a job whose rank dies by a signal
+    after printing an error: one summary names the signal and that error line, not torchrun's
+    traceback; in a run dir whose run had finished, it also says the model is complete."""
+    from keel.cli import run_torchrun
+    from trainer.recipe import load_recipe
+    from trainer.resilience.run_identity import write_run_file
+
+    script = tmp_path / "dies.py"
+    script.write_text("import os, signal, sys\n"
+                      "print('RuntimeError: the planted last error', file=sys.stderr, flush=True)\n"
+                      "print('a line after it that is no error', file=sys.stderr, flush=True)\n"
+                      "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    run_dir = tmp_path / "run"
+    write_run_file(load_recipe(REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml", [f"output.dir={run_dir}"]),
+                   "finished")
+    log_dir = run_dir / "logs" / "launch"
+    cmd = [sys.executable, "-m", "keel.torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+           f"--log-dir={log_dir}", "--tee=3", str(script)]
+    assert run_torchrun(cmd, run_dir, log_dir) == 1
+    out, err = capfd.readouterr()
+    assert "[rank1]:RuntimeError: the planted last error" in out + err  # shown live, with its rank
+    summary = [line for line in err.splitlines() if line.startswith("keel: error: ")]
+    assert len(summary) == 1 and "Traceback" not in out + err, out + err
+    assert summary[0].startswith("keel: error: training failed: rank 1 (local rank 1 on "), summary
+    assert "was killed by SIGKILL: RuntimeError: the planted last error. Each rank's full output: " in summary[0]
+    assert f"The model in {run_dir / 'model'} was exported before that failure" in summary[0]

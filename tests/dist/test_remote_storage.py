@@ -103,7 +103,7 @@ def test_missing_model_on_s3_fails_before_any_worker_starts(s3_env, tmp_path):
               timeout=300)
     assert out.returncode != 0
     assert f"model.path: s3://{BUCKET}/models/nope holds no config.json" in out.stdout, out.stdout[-2000:]
-    assert "torch.distributed.run" not in out.stdout  # no worker was launched
+    assert "keel.torchrun" not in out.stdout  # no worker was launched
     assert not (tmp_path / "run").exists()
 
 
@@ -119,5 +119,5 @@ def test_credentials_inside_s3_urls_are_refused_and_never_shown(s3_env, tmp_path
     assert out.returncode == 2, out.stdout[-2000:]
     for key in ("model.path", "data.train", "output.dir"):
         assert f"{key}: s3://AKIAKEEL:***@{BUCKET}/" in out.stdout and "carries credentials" in out.stdout, out.stdout
-    assert planted not in out.stdout and "torch.distributed.run" not in out.stdout
+    assert planted not in out.stdout and "keel.torchrun" not in out.stdout
     assert not s3(s3_env).exists(f"{BUCKET}/runs/leak")

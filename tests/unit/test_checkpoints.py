@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 
 from data.errors import KeelError
-from trainer.resilience.checkpoints import (
-    COMPLETE_MARKER,
-    RUN_FILE,
-    check_run_dir,
-    clear_run_dir,
-    latest_complete_checkpoint,
-    set_aside_incomplete,
-    write_run_file,
-)
+from trainer.resilience.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, set_aside_incomplete
+from trainer.resilience.run_identity import RUN_FILE, check_run_dir, clear_run_dir, recorded_failure, write_run_file
 from trainer.recipe import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "sft-tool-calling.yaml"
@@ -68,12 +61,40 @@ def test_resume_with_changed_math_is_refused_and_lists_differences(tmp_path):
     assert check_run_dir(changed, overwrite=True) == "overwrite"
 
 
-def test_finished_run_is_refused_unless_overwrite(tmp_path):
+def test_a_finished_run_is_done_for_its_recipe_and_refused_for_another(tmp_path):
     r = recipe(tmp_path)
     write_run_file(r, "finished")
-    with pytest.raises(KeelError, match="holds a finished run"):
+    model = tmp_path / "run" / "model"
+    # finished, but the model is gone: nothing to hand back, and nothing silently retrained
+    with pytest.raises(KeelError, match=rf"holds a finished run, but its model {model} is missing"):
         check_run_dir(r, overwrite=False)
+    model.mkdir()
+    (model / "keel-export.yaml").write_text("format: hermes-qwen3\n")
+    assert check_run_dir(r, overwrite=False) == "finished"
+    # what does not alter the math does not make it another run
+    assert check_run_dir(recipe(tmp_path, "tracking.mlflow.experiment=other"), overwrite=False) == "finished"
+    with pytest.raises(KeelError, match="holds a finished run of a different recipe") as err:
+        check_run_dir(recipe(tmp_path, "training.learning_rate=0.1"), overwrite=False)
+    assert "training.learning_rate: was 0.002, now 0.1" in str(err.value) and "--overwrite" in str(err.value)
     assert check_run_dir(r, overwrite=True) == "overwrite"
+
+
+def test_a_recorded_failure_is_kept_until_the_run_starts_again(tmp_path, monkeypatch):
+    r = recipe(tmp_path)
+    write_run_file(r, "failed", failure="training stopped at step 2: the loss is nan on rank 0")
+    assert recorded_failure(tmp_path / "run") == "training stopped at step 2: the loss is nan on rank 0"
+    assert check_run_dir(r, overwrite=False) == "resume"  # a user's re-run may try again
+    # a worker torchrun restarted would fail the same way: it stops with the recorded message
+    from trainer.train import run_dir_decision
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(KeelError, match=r"step 2: the loss is nan on rank 0 \(recorded in .*keel-run.yaml by an "
+                                        r"earlier attempt of this job: this restart stops without training"):
+        run_dir_decision(r, overwrite=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert run_dir_decision(r, overwrite=False) == "resume"
+    write_run_file(r, "running")
+    assert recorded_failure(tmp_path / "run") is None
 
 
 def test_foreign_directory_is_not_overwritten_silently(tmp_path):

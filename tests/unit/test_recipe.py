@@ -144,7 +144,7 @@ def test_train_with_bad_recipe_writes_nothing(tmp_path):
     res = keel("train", str(bad), f"output.dir={out}")
     assert res.returncode == 2
     assert "training.micro_batch_size" in res.stderr and "greater than 0" in res.stderr
-    assert "torch.distributed.run" not in res.stdout  # failed before any process started
+    assert "keel.torchrun" not in res.stdout  # failed before any process started
     assert not out.exists()
 
 

@@ -279,7 +279,7 @@ def test_a_symlink_out_of_a_documents_directory_is_not_read(tmp_path, tiny_model
 
 
 def test_output_dir_holding_something_keel_cannot_identify_is_not_overwritten(tmp_path):
-    from trainer.resilience.checkpoints import RUN_FILE, check_run_dir
+    from trainer.resilience.run_identity import RUN_FILE, check_run_dir
     from trainer.recipe import load_recipe
 
     run = tmp_path / "run"

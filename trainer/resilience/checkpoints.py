@@ -7,10 +7,7 @@ aside with a warning). The marker lists every file of the checkpoint with its si
 checkpoint damaged on disk afterwards (a truncated weights or optimizer file) is set aside too,
 with a warning naming the file, and the run resumes from the one before it.
 
-The output dir is the run's identity: `keel-run.yaml` holds the resolved recipe and whether
-the run finished. Running the same command again resumes an unfinished run; a finished run,
-or an unfinished one whose recipe changed in a way that alters the math, is refused with the
-differences listed.
+The run dir's identity (keel-run.yaml) is in run_identity.py.
 """
 
 from __future__ import annotations
@@ -21,23 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
 from transformers import TrainerCallback
 
 from data.errors import KeelError
-from data.files import read_yaml
-from trainer.recipe import Recipe, flatten
-from trainer.run_facts import redact
 
 COMPLETE_MARKER = "keel-complete"
-RUN_FILE = "keel-run.yaml"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-# Recipe keys that may change between a run and its resumption: they do not alter the math.
-RESUMABLE_CHANGES = (
-    "tracking.", "checkpoint.", "training.log_every_steps", "distributed.timeout_s", "data.cache_dir",
-    "output.register_as",
-)
 
 
 def checkpoint_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -215,80 +201,3 @@ def fail_loudly_on_save(trainer, ckpt_root: Path) -> None:
             ) from exc
 
     trainer._save_checkpoint = save_or_explain
-
-
-# --------------------------------------------------------------------------- run identity
-
-
-def _math_view(recipe_dict: dict) -> dict:
-    return {k: v for k, v in flatten(recipe_dict).items() if not k.startswith(RESUMABLE_CHANGES)}
-
-
-def check_run_dir(recipe: Recipe, *, overwrite: bool) -> str:
-    """Decide what to do with output.dir: 'new', 'resume' or (with overwrite) 'overwrite'.
-
-    Raises KeelError for a finished run or an unfinished run with a different recipe.
-    """
-    run_dir = Path(recipe.output.dir)
-    run_file = run_dir / RUN_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise KeelError(f"output.dir {run_dir} is a file, not a directory; choose a new output.dir")
-    if not run_file.is_file():
-        if run_dir.is_dir() and any(p for p in run_dir.iterdir() if p.name in ("checkpoints", "model")) and not overwrite:
-            raise KeelError(
-                f"output.dir {run_dir} holds checkpoints or a model but no {RUN_FILE}: it was not made by this "
-                "recipe. Choose a new output.dir, or pass --overwrite to replace it."
-            )
-        return "overwrite" if overwrite and run_dir.exists() else "new"
-    if overwrite:
-        return "overwrite"
-    saved = _read_run_file(run_file)
-    if saved.get("status") == "finished":
-        raise KeelError(
-            f"output.dir {run_dir} holds a finished run (model in {run_dir / 'model'}). Choose a new output.dir, "
-            "or pass --overwrite to train it again from the start."
-        )
-    # The run file holds the recipe redacted (see write_run_file): compare like with like.
-    before, now = _math_view(saved.get("recipe", {})), _math_view(redact(recipe.to_dict()))
-    diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if diffs:
-        lines = "\n".join(f"  - {k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in diffs)
-        raise KeelError(
-            f"output.dir {run_dir} holds an unfinished run with a different recipe; resuming would change the "
-            f"math:\n{lines}\nRestore those values to resume, choose a new output.dir, or pass --overwrite."
-        )
-    return "resume"
-
-
-def _read_run_file(run_file: Path) -> dict:
-    try:
-        saved = read_yaml(run_file, what="run record") or {}
-        why = "not a mapping with a recipe"
-    except KeelError as exc:
-        saved, why = None, str(exc)
-    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):  # write_run_file always writes one
-        raise KeelError(f"output.dir {run_file.parent}: {RUN_FILE} cannot be read ({why}), so Keel cannot tell which "
-                        "run the directory holds. Choose a new output.dir, or pass --overwrite to start over there.")
-    return saved
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """What --overwrite removes: Keel's own files in the run dir, nothing else."""
-    for name in ("checkpoints", "model", RUN_FILE, "mlflow_run_id", "metrics.jsonl", "mlflow-pending"):
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def write_run_file(recipe: Recipe, status: str) -> None:
-    run_dir = Path(recipe.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    # Redacted: the run dir is shared, copied and uploaded; a tracking URI's password or a
-    # presigned URL's signature must not sit there in plain text (`keel sync` takes them from the
-    # environment or --tracking-uri instead).
-    record = {"status": status, "recipe": redact(recipe.to_dict())}
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
-    tmp.replace(run_dir / RUN_FILE)

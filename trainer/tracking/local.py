@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
                    "$MLFLOW_TRACKING_URI (a password in it is not kept in the run dir: set "
                    "$MLFLOW_TRACKING_PASSWORD, or pass the whole URI here)")
     a = p.parse_args(argv)
-    from trainer.resilience.checkpoints import RUN_FILE
+    from trainer.resilience.run_identity import RUN_FILE
 
     run_dir = Path(a.run_dir)
     if not (run_dir / RUN_FILE).is_file():
