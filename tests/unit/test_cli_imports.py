@@ -40,9 +40,12 @@ def test_command_imports_none_of_the_heavy_libraries(args):
     assert not imported & HEAVY, sorted(imported & HEAVY)
 
 
-def test_the_check_sees_a_heavy_import(tmp_path):
-    """Negative control: `keel sync` loads the tracking code, which imports torch and
-    transformers, before it finds the run directory missing; the same check sees them."""
-    result = run_keel("sync", str(tmp_path / "no-such-run"))
-    assert result["rc"] == 2
-    assert {"torch", "transformers"} <= {name.split(".")[0] for name in result["modules"]}
+def test_the_check_sees_a_heavy_import(tmp_path, tiny_model):
+    """Negative control: `keel prepare` tokenizes, so it loads transformers' tokenizer code; the
+    same check sees it."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join((REPO / "data" / "examples" / "tool-calling.jsonl").read_text().splitlines()[:4]) + "\n")
+    result = run_keel("prepare", "recipes/quickstart/sft-tool-calling.yaml", f"model.path={tiny_model}",
+                      f"data.train={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1")
+    assert result["rc"] == 0
+    assert "transformers" in {name.split(".")[0] for name in result["modules"]}
