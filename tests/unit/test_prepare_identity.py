@@ -145,7 +145,9 @@ def test_the_comparison_can_fail(tiny_model, tmp_path, monkeypatch):
     """Negative control: one changed character in one row changes the digests and the fingerprint."""
     monkeypatch.setattr(data.sources.Source, "fingerprint", _stable_fingerprint)
     rows = (REPO / "data" / "examples" / "tool-calling.jsonl").read_text().splitlines()
-    rows[3] = rows[3].replace("INR", "USD", 1) if "INR" in rows[3] else rows[3].replace("e", "a", 1)
+    row = json.loads(rows[3])
+    row["messages"][0]["content"] += "!"
+    rows[3] = json.dumps(row)
     path = tmp_path / "tool-calling.jsonl"
     path.write_text("\n".join(rows) + "\n")
     fmt = load_format("hermes-qwen3")
