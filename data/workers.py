@@ -37,12 +37,14 @@ _state: dict[str, Any] = {}  # the tokenizer, format and seq_len of this process
 
 
 def default_num_proc() -> int:
-    """min(4, usable CPUs): rendering scales with processes, and a training node has other work."""
+    """The CPUs this process may use (its affinity mask, which containers and taskset narrow;
+    os.cpu_count() off Linux): rendering and tokenizing scale with processes, and only one process
+    per node prepares while the others wait (data/prepare.py), so the node's cores are free."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return max(1, cpus)
 
 
 def _init_worker(tokenizer_dir: str, fmt: Format, seq_len: int, trust_remote_code: bool = False) -> None:
