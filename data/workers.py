@@ -111,7 +111,12 @@ def tokenized_rows(source: Source, shape_option: str, *, tokenizer, tokenizer_di
     # fork on Linux: workers start at once, with the modules already imported; spawn elsewhere.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     print(f"[keel] tokenizing in {num_proc} worker processes (data.num_proc)", file=sys.stderr, flush=True)
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), fmt, seq_len, trust_remote_code)) as pool:
+    if ctx.get_start_method() == "fork":  # workers inherit this process's loaded tokenizer: no reload in each
+        _state.update(tokenizer=tokenizer, fmt=fmt, seq_len=seq_len)
+        init, initargs = None, ()
+    else:
+        init, initargs = _init_worker, (str(tokenizer_dir), fmt, seq_len, trust_remote_code)
+    with ctx.Pool(num_proc, initializer=init, initargs=initargs) as pool:
         pending: deque = deque()
         for chunk in chain(head, chunks):
             pending.append((chunk, pool.apply_async(_tokenize_chunk, (_task(chunk),))))
