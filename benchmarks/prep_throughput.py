@@ -1,7 +1,10 @@
 """Data preparation: Keel's `prepare_file` against TRL's own SFT preprocessing, same data, same
 tokenizer, same chat template, packed rows of the same length, runs interleaved.
 
-    PYTHONPATH=. python benchmarks/prep_throughput.py --model runs/tiny --rows 4000 --num-proc 1 2
+    PYTHONPATH=. python benchmarks/prep_throughput.py --model runs/tiny --rows 4000 --num-proc 1 2 all
+
+`--num-proc all` is every CPU the process may use (Keel's default, data.num_proc unset); a value
+that repeats another (all = 2 on a 2-core machine) is run once.
 
 Data: long-tailed synthetic tool-calling conversations (data/synthetic.py, long_tail=True).
 Both sides read the conversations and produce packed token rows with a loss mask on what the
@@ -131,6 +134,17 @@ def write_results(records: list[dict], meta: dict, stem: str) -> None:
             rt = sorted(r["conversations_per_s"] for r in t)[len(t) // 2]
             lines.append(f"- num_proc {num_proc}: Keel/TRL conversations/s = {rk / rt:.2f}; trained tokens per "
                          f"packed row Keel/TRL = {k[-1]['trained_tokens_per_row'] / t[-1]['trained_tokens_per_row']:.2f}")
+    lines.append("")
+    for num_proc in sorted({n for _, n in summary}):
+        if ("keel", num_proc) in summary and ("trl", num_proc) in summary:
+            k, t = summary[("keel", num_proc)], summary[("trl", num_proc)]
+            rk = sorted(r["conversations_per_s"] for r in k)[len(k) // 2]
+            rt = sorted(r["conversations_per_s"] for r in t)[len(t) // 2]
+            lines.append(f"keel_vs_trl_prep_conversations_per_s: {rk / rt:.2f} (num_proc {num_proc})  ")
+    if meta.get("all_cores"):
+        lines += ["", f"num_proc all = {meta['all_cores']} CPUs here."]
+    if meta.get("profile"):
+        lines += ["", f"Where Keel's time goes: {meta['profile']}."]
     lines += ["", meta["notes"], ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
 
@@ -162,10 +176,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a model dir with a hermes-qwen3 tokenizer (keel tiny-model)")
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--num-proc", nargs="+", default=["1", "2", "all"], help="worker counts; 'all': every usable CPU")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--stem", default="prep_throughput")
     a = p.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
+    all_cores = len(os.sched_getaffinity(0))
+    a.num_proc = list(dict.fromkeys(all_cores if n == "all" else int(n) for n in a.num_proc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import torch
@@ -197,9 +214,10 @@ def main(argv=None) -> int:
     meta = {"date": date.today().isoformat(),
             "command": "PYTHONPATH=. python benchmarks/prep_throughput.py " + " ".join(argv),
             "machine": f"{platform.machine()} Linux, {len(os.sched_getaffinity(0))} CPU cores shared with other "
-                       f"jobs (load average at start {os.getloadavg()[0]:.1f})",
+                       f"jobs (load average at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f})",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
                         f"{transformers.__version__}, trl {trl.__version__}, datasets {datasets.__version__}",
+            "all_cores": all_cores, "profile": "prep_profile.md (cProfile, before and after the issue 18 work)",
             "data": f"{a.rows} long-tailed synthetic conversations, seq_len {a.seq_len}, tiny model's tokenizer",
             "notes": __doc__.split("What TRL needed:")[1].strip().replace("\n", " ")}
     write_results(records, meta, a.stem)

@@ -151,8 +151,89 @@ def split_examples(messages: list[dict], fmt: Format, tools=None) -> list[tuple[
     return out
 
 
-def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int) -> int:
+def _encoder(tokenizer):
+    """The tokenizers backend of a fast tokenizer, set up as `tokenizer(text,
+    add_special_tokens=False)` sets it up (no truncation, no padding, special tokens matched
+    unless the tokenizer splits them), or None: then the tokenizer itself is called.
+
+    Calling the backend straight skips transformers' per-call wrapping (argument checks, a
+    BatchEncoding per text), which cost about a tenth of preparation; the ids and offsets are
+    the backend's own either way."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or not hasattr(backend, "encode"):
+        return None
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
+    return backend
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+    """Token ids of `text` (no special tokens added) and the character where each token starts."""
+    backend = _encoder(tokenizer)
+    if backend is None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    else:
+        enc = backend.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+    starts = np.fromiter((start for start, _end in offsets), dtype=np.int64, count=len(ids))
+    return ids, starts
+
+
+_ANCHORS: dict[int, tuple[object, dict[int, str]]] = {}  # id(tokenizer) -> (tokenizer, its anchors)
+
+
+def _anchors(tokenizer) -> dict[int, str]:
+    """Added tokens the tokenizer matches in the text before anything else (no lstrip, rstrip or
+    single_word rule, not normalized), by id: the text on either side of one is tokenized
+    independently of the other side."""
+    held = _ANCHORS.get(id(tokenizer))
+    if held is None or held[0] is not tokenizer:
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        held = (tokenizer, {i: t.content for i, t in decoder.items()
+                            if not (t.lstrip or t.rstrip or t.single_word or t.normalized)})
+        _ANCHORS[id(tokenizer)] = held
+    return held[1]
+
+
+def _prompt_tokens_fast(tokenizer, text: str, ids: list[int], starts: np.ndarray, start: int) -> int | None:
+    """How many tokens the prompt text[:start] has when they begin `ids`, found by tokenizing only
+    text[p:start], where p is the last added token of the prompt (see _anchors): tokenizers
+    split the text at added tokens first, so tokenizing text[:start] gives ids[:k] (the text
+    before p, tokenized as in the whole text) followed by the tokens of text[p:start]. None when
+    there is no such token, or when text[p:start] does not tokenize as `ids` does there (then the
+    whole prompt is tokenized, which says precisely whether and how it differs)."""
+    backend = _encoder(tokenizer)
+    if backend is None or backend.encode_special_tokens:
+        return None
+    anchors = _anchors(tokenizer)
+    k = int(np.searchsorted(starts, start, side="left")) - 1
+    while k >= 0:
+        content = anchors.get(ids[k])
+        p = int(starts[k])
+        if content is not None and text.startswith(content, p) and p + len(content) <= start:
+            break
+        k -= 1
+    if k < 0:
+        return None
+    tail = backend.encode(text[p:start], add_special_tokens=False).ids
+    if ids[k:k + len(tail)] != tail:
+        return None
+    return k + len(tail)
+
+
+def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int,
+                    starts: np.ndarray | None = None) -> int:
     """Tokens of the prompt the server builds for this turn; they must begin the training ids."""
+    if starts is not None and bool((starts[1:] >= starts[:-1]).all()):
+        n = _prompt_tokens_fast(tokenizer, text, ids, starts, start)
+        if n is not None:
+            return n
     prompt_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
     if ids[: len(prompt_ids)] != prompt_ids:
         around = text[max(0, start - 12): start + 12]
@@ -166,38 +247,44 @@ def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int
 
 def render_conversation(conversation: dict, *, tokenizer, fmt: Format) -> list[RenderedExample]:
     """Token ids and labels of a validated conversation, one example per stretch of trained turns."""
+    return [RenderedExample(ids.tolist(), labels.tolist())
+            for ids, labels in render_conversation_arrays(conversation, tokenizer=tokenizer, fmt=fmt)]
+
+
+def render_conversation_arrays(conversation: dict, *, tokenizer, fmt: Format) -> list[tuple[np.ndarray, np.ndarray]]:
+    """render_conversation's examples as (input_ids, labels) int32 arrays, as the cache stores them."""
     if fmt.harmony:  # token ids straight from the harmony encoding (check_tokenizer holds the tokenizer to it)
         from data import harmony
 
-        return [RenderedExample(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
-                for ids, mask in harmony.render_conversation(conversation, fmt)]
+        out = []
+        for ids, mask in harmony.render_conversation(conversation, fmt):
+            ids = np.asarray(ids, dtype=np.int32)
+            out.append((ids, np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)))
+        return out
     messages, tools = conversation["messages"], conversation.get("tools") or None
     special = _special_tokens(tokenizer)
     examples = []
     for end, trained in split_examples(messages, fmt, tools):
         text, spans = assistant_spans(messages[:end], tools, fmt, special, trained)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
+        ids, starts = _encode(tokenizer, text)
         for index, (start, _) in zip(trained, spans):
-            _check_boundary(tokenizer, text, ids, start, index)
+            _check_boundary(tokenizer, text, ids, start, index, starts)
         # a token is trained when it starts inside an assistant span (vectorized: this loop over
         # every token was a sixth of preparation time)
-        starts = np.fromiter((start for start, _end in enc["offset_mapping"]), dtype=np.int64, count=len(ids))
         trained_mask = np.zeros(len(ids), dtype=bool)
         for s, e in spans:
             trained_mask |= (starts >= s) & (starts < e)
-        labels = np.where(trained_mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-        examples.append(RenderedExample(ids, labels))
+        ids = np.asarray(ids, dtype=np.int32)
+        examples.append((ids, np.where(trained_mask, ids, np.int32(IGNORE_INDEX)).astype(np.int32)))
     return examples
 
 
 def _answer_ids(tokenizer, fmt: Format, special: dict, prompt: list[dict], answer: dict, tools):
     messages = [*prompt, answer]
     text, [(start, end)] = assistant_spans(messages, tools, fmt, special, [len(prompt)])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    n = _check_boundary(tokenizer, text, ids, start, len(prompt))
-    answer_ids = [t for t, (s, _e) in zip(ids[n:], enc["offset_mapping"][n:]) if s < end]
+    ids, starts = _encode(tokenizer, text)
+    n = _check_boundary(tokenizer, text, ids, start, len(prompt), starts)
+    answer_ids = [t for t, s in zip(ids[n:], starts[n:].tolist()) if s < end]
     return ids[:n], answer_ids
 
 

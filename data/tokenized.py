@@ -48,15 +48,14 @@ class RowExamples:
 
 
 def _conversation(out: RowExamples, conv: dict, tokenizer, fmt: Format, seq_len: int) -> None:
-    from data.render import render_conversation
+    from data.render import render_conversation_arrays
 
-    rendered = render_conversation(validate_conversation(conv, fmt.row_rules()), tokenizer=tokenizer, fmt=fmt)
-    if any(ex.trained_tokens == 0 for ex in rendered):
+    rendered = render_conversation_arrays(validate_conversation(conv, fmt.row_rules()), tokenizer=tokenizer, fmt=fmt)
+    if any(not (labels != IGNORE_INDEX).any() for _ids, labels in rendered):
         raise RowError("no token is trained (the loss mask is empty); the chat template marks no assistant text")
-    for ex in rendered:
-        n = len(ex.input_ids)
+    for ids, labels in rendered:
+        n = len(ids)
         out.lengths.append(n)
-        ids, labels = _ids(ex.input_ids), _ids(ex.labels)
         if n > seq_len:
             out.truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]

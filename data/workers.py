@@ -37,12 +37,14 @@ _state: dict[str, Any] = {}  # the tokenizer, format and seq_len of this process
 
 
 def default_num_proc() -> int:
-    """min(4, usable CPUs): rendering scales with processes, and a training node has other work."""
+    """The CPUs this process may use (its affinity mask, which containers and taskset narrow;
+    os.cpu_count() off Linux): rendering and tokenizing scale with processes, and only one process
+    per node prepares while the others wait (data/prepare.py), so the node's cores are free."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return max(1, cpus)
 
 
 def _init_worker(tokenizer_dir: str, fmt: Format, seq_len: int, trust_remote_code: bool = False) -> None:
@@ -109,7 +111,12 @@ def tokenized_rows(source: Source, shape_option: str, *, tokenizer, tokenizer_di
     # fork on Linux: workers start at once, with the modules already imported; spawn elsewhere.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     print(f"[keel] tokenizing in {num_proc} worker processes (data.num_proc)", file=sys.stderr, flush=True)
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tokenizer_dir), fmt, seq_len, trust_remote_code)) as pool:
+    if ctx.get_start_method() == "fork":  # workers inherit this process's loaded tokenizer: no reload in each
+        _state.update(tokenizer=tokenizer, fmt=fmt, seq_len=seq_len)
+        init, initargs = None, ()
+    else:
+        init, initargs = _init_worker, (str(tokenizer_dir), fmt, seq_len, trust_remote_code)
+    with ctx.Pool(num_proc, initializer=init, initargs=initargs) as pool:
         pending: deque = deque()
         for chunk in chain(head, chunks):
             pending.append((chunk, pool.apply_async(_tokenize_chunk, (_task(chunk),))))

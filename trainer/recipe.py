@@ -71,7 +71,7 @@ class DataSection(Section):
         default=None, description="Reasoning of assistant turns before the last user message: drop or keep, "
                                   "in training and in the exported template; default: the format's.")
     num_proc: int | None = Field(
-        default=None, gt=0, description="Processes that render and tokenize the data; default min(4, CPUs). "
+        default=None, gt=0, description="Processes that render and tokenize the data; default the CPUs the process may use. "
                                         "The prepared result (and its cache) is the same for any value.")
 
 

@@ -150,3 +150,12 @@ def test_progress_lines_carry_rate_and_eta_without_a_terminal(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[keel] prepare data.train: 1/10 rows, ") and "rows/s" in lines[0] and "eta " in lines[0]
     assert lines[-1].startswith("[keel] prepare data.train: 4/10 rows, ") and "done in" in lines[-1]
+
+
+def test_workers_default_to_every_cpu_the_process_may_use(monkeypatch):
+    """data.num_proc unset: as many workers as CPUs in the process's affinity mask (what a
+    container or taskset allows), not the machine's count and not a fixed cap."""
+    monkeypatch.setattr(data.workers.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert data.workers.default_num_proc() == 12
+    monkeypatch.setattr(data.workers.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert data.workers.default_num_proc() == 1
