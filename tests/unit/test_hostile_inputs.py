@@ -264,7 +264,7 @@ def _file_readers():
     from data.model_config import read_model_config
     from data.model_dir import read_export_info
     from trainer.recipe import load_recipe, parse_recipe
-    from trainer.resilience.checkpoints import check_run_dir
+    from trainer.resilience.run_identity import check_run_dir
     from trainer.tracking.local import read_local
 
     def run_dir_check(d):
