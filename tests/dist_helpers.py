@@ -61,7 +61,7 @@ def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     return found
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, every_s: float = 0.05):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
@@ -69,5 +69,5 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             return value
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
-        time.sleep(0.05)
+        time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -175,13 +175,17 @@ def test_a_rank_killed_after_the_export_ends_the_job_finished_and_a_rerun_trains
     run_dir = tmp_path / "run"
     args = ("training.max_steps=4", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
             f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    cmd = train_cmd(tiny_model, run_dir, data, *args, launcher=("--max-restarts=1",))
+    # The job runs at the lowest CPU priority: on a 2-core machine its two busy ranks would
+    # otherwise starve this test's polling past the short time the export spends in .model.tmp
+    # (seen in CI: the run ended before the poll saw it).
+    cmd = ["nice", "-n", "19", *train_cmd(tiny_model, run_dir, data, *args, launcher=("--max-restarts=1",))]
     proc = subprocess.Popen(cmd, cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # rank 1 is held once rank 0 writes the export (the gather is over: rank 1 only waits
-        # for the end of the run), and killed once the export is in place
-        wait_for(lambda: (run_dir / ".model.tmp").exists(), 600, "rank 0 writing the export", proc)
-        victim = wait_for(lambda: workers(proc).get(1), 30, "rank 1", proc)
+        # for the end of the run), and killed once the export is in place. Found first, so that
+        # holding it is one signal once the export starts.
+        victim = wait_for(lambda: workers(proc).get(1), 600, "rank 1", proc)
+        wait_for(lambda: (run_dir / ".model.tmp").exists(), 600, "rank 0 writing the export", proc, every_s=0.005)
         victim.send_signal(signal.SIGSTOP)
         wait_for(lambda: (run_dir / "model" / "keel-export.yaml").exists(), 300, "the export in place", proc)
         weights = (run_dir / "model" / "model.safetensors").read_bytes()
