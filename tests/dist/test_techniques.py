@@ -101,7 +101,9 @@ def test_sft_learns_which_tool_a_question_needs(peft, tmp_path, base_for, keel_e
     write_jsonl(tool_choice_rows(400, 1, remap), data)
     held_out = tool_choice_rows(40, HELD_OUT_SEED, remap)
     before = tool_choice_accuracy(*load(base_for(peft)), held_out)
-    steps, lr = (120, 0.003) if peft == "none" else (100, 0.005)
+    # LoRA at 5e-3 reached 72% (80% needed) on the CI machine's CPU, where this test failed; at 1e-2
+    # it reaches 90% there in the same 100 steps (so did 150 steps at 5e-3)
+    steps, lr = (120, 0.003) if peft == "none" else (100, 0.01)
     after = tool_choice_accuracy(*train(tmp_path, base_for(peft), keel_env, "sft", peft, data,
                                         f"training.max_steps={steps}", f"training.learning_rate={lr}"), held_out)
     assert after >= 0.8 and after >= before + 0.5, f"held-out right tool: {before:.0%} before, {after:.0%} after " \
@@ -114,7 +116,9 @@ def test_dpo_prefers_the_chosen_answer_on_held_out_pairs(peft, tmp_path, tiny_mo
     # differ in a few tokens, which low-rank updates capture
     data = tmp_path / "pairs.jsonl"
     write_jsonl(generate_preference_pairs(300, seed=1), data)
-    lr = "training.learning_rate=0.002" if peft == "none" else "training.learning_rate=0.01"
+    # LoRA at 1e-2 overshot on the CI machine's CPU (31/40, 32 needed; 40 steps 26/40, 100 steps 29/40);
+    # at 5e-3 it prefers the chosen answer on 39/40 there
+    lr = "training.learning_rate=0.002" if peft == "none" else "training.learning_rate=0.005"
     model, tok = train(tmp_path, tiny_model, keel_env, "dpo", peft, data, "training.max_steps=60", lr)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     held_out = generate_preference_pairs(40, seed=HELD_OUT_SEED)
