@@ -107,6 +107,11 @@ def check_trl_renders_the_same(rows: list[dict], model: str) -> None:
             raise SystemExit("Arrow's struct columns change TRL's rendering here; the comparison would be unfair")
 
 
+def _median_rate(runs: list[dict]) -> float:
+    rates = sorted(r["conversations_per_s"] for r in runs)
+    return rates[len(rates) // 2]
+
+
 def write_results(records: list[dict], meta: dict, stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
@@ -122,25 +127,21 @@ def write_results(records: list[dict], meta: dict, stem: str) -> None:
              "| tool | num_proc | runs | conversations/s (median) | packed rows | tokens/row | trained tokens/row |",
              "|---|---|---|---|---|---|---|"]
     for (tool, num_proc), runs in sorted(summary.items()):
-        rates = sorted(r["conversations_per_s"] for r in runs)
         last = runs[-1]
-        lines.append(f"| {tool} | {num_proc} | {len(runs)} | {rates[len(rates) // 2]:.1f} | {last['packed_rows']} | "
+        lines.append(f"| {tool} | {num_proc} | {len(runs)} | {_median_rate(runs):.1f} | {last['packed_rows']} | "
                      f"{last['tokens_per_row']:.1f} | {last['trained_tokens_per_row']:.1f} |")
+    pairs = [(num_proc, summary[("keel", num_proc)], summary[("trl", num_proc)])
+             for num_proc in sorted({n for _, n in summary})
+             if ("keel", num_proc) in summary and ("trl", num_proc) in summary]
     lines.append("")
-    for num_proc in sorted({n for _, n in summary}):
-        if ("keel", num_proc) in summary and ("trl", num_proc) in summary:
-            k, t = summary[("keel", num_proc)], summary[("trl", num_proc)]
-            rk = sorted(r["conversations_per_s"] for r in k)[len(k) // 2]
-            rt = sorted(r["conversations_per_s"] for r in t)[len(t) // 2]
-            lines.append(f"- num_proc {num_proc}: Keel/TRL conversations/s = {rk / rt:.2f}; trained tokens per "
-                         f"packed row Keel/TRL = {k[-1]['trained_tokens_per_row'] / t[-1]['trained_tokens_per_row']:.2f}")
+    for num_proc, k, t in pairs:
+        lines.append(f"- num_proc {num_proc}: Keel/TRL conversations/s = {_median_rate(k) / _median_rate(t):.2f}; "
+                     "trained tokens per packed row Keel/TRL = "
+                     f"{k[-1]['trained_tokens_per_row'] / t[-1]['trained_tokens_per_row']:.2f}")
     lines.append("")
-    for num_proc in sorted({n for _, n in summary}):
-        if ("keel", num_proc) in summary and ("trl", num_proc) in summary:
-            k, t = summary[("keel", num_proc)], summary[("trl", num_proc)]
-            rk = sorted(r["conversations_per_s"] for r in k)[len(k) // 2]
-            rt = sorted(r["conversations_per_s"] for r in t)[len(t) // 2]
-            lines.append(f"keel_vs_trl_prep_conversations_per_s: {rk / rt:.2f} (num_proc {num_proc})  ")
+    for num_proc, k, t in pairs:
+        lines.append(f"keel_vs_trl_prep_conversations_per_s: {_median_rate(k) / _median_rate(t):.2f} "
+                     f"(num_proc {num_proc})  ")
     if meta.get("all_cores"):
         lines += ["", f"num_proc all = {meta['all_cores']} CPUs here."]
     if meta.get("profile"):
