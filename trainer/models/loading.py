@@ -6,6 +6,7 @@ in its signature.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from data.errors import KeelError
@@ -38,8 +39,27 @@ def load_base_model(path: str, policy, *, dtype, config: dict | None = None, qua
     return model
 
 
-def build_model(*, model_section, peft, training):
-    """The base model, in the dtype it trains in; 4-bit for QLoRA.
+def base_dtype_name(*, peft, training, distributed=None) -> str:
+    """'bf16' or 'fp32': the dtype the base model's weights are held in while training.
+
+    On a bf16 run (GPUs) the base is held in bf16 wherever the field's practice does so: a LoRA
+    base is frozen, so no optimizer ever reads it in fp32 (its adapters stay fp32: PEFT upcasts
+    them, and the Trainer computes under bf16 autocast), and full fine-tuning under DeepSpeed ZeRO
+    holds bf16 weights with an fp32 master copy of its own (an fp32 load would only be cast down).
+    Full fine-tuning under ddp or fsdp2 keeps fp32 weights: they are the optimizer's master copy.
+    QLoRA's base is 4-bit (computing in bf16); fp32 runs (CPU by default) hold fp32."""
+    if peft.kind == "qlora":
+        return "nf4"
+    if compute_precision(training) != "bf16":
+        return "fp32"
+    if peft.kind == "lora":
+        return "bf16"
+    strategy = getattr(distributed, "strategy", "ddp")
+    return "bf16" if strategy.startswith("zero") else "fp32"
+
+
+def build_model(*, model_section, peft, training, distributed=None):
+    """The base model, in the dtype it trains in (base_dtype_name); 4-bit for QLoRA.
 
     gpt-oss: eager attention, the implementation that honours its attention sinks; an MXFP4
     checkpoint is dequantized at load and held as the run computes: bf16 for a LoRA base on a
@@ -52,10 +72,14 @@ def build_model(*, model_section, peft, training):
                         "in MXFP4 (quantization_config.quant_method mxfp4), which Keel dequantizes to bf16 for "
                         "training; use peft.kind: lora (the bf16 base is frozen)")
     check_device_support(peft=peft, training=training)
+    held = base_dtype_name(peft=peft, training=training, distributed=distributed)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[keel] base model weights held in {held}"
+              + {"bf16": " (frozen under LoRA, adapters in fp32)" if peft.kind == "lora" else
+                 " (DeepSpeed keeps the fp32 master copy)",
+                 "fp32": "", "nf4": " (QLoRA, computing in bf16)"}[held], flush=True)
     if peft.kind != "qlora":
-        dtype = torch.float32
-        if is_mxfp4(config) and peft.kind == "lora" and compute_precision(training) == "bf16":
-            dtype = torch.bfloat16
+        dtype = torch.bfloat16 if held == "bf16" else torch.float32
         return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
