@@ -11,10 +11,12 @@ from typing import Any
 
 from data.errors import KeelError
 from trainer.arguments import check_device_support, compute_precision
+from trainer.models.attention import DOCUMENT_SDPA, log_attention
 from trainer.models.config import is_mxfp4, model_config, has_attention_sinks
 
 
-def load_base_model(path: str, policy, *, dtype, config: dict | None = None, quantization_config=None):
+def load_base_model(path: str, policy, *, dtype, config: dict | None = None, quantization_config=None,
+                    attn_implementation: str | None = None):
     """The base model in `dtype`, loaded as training loads it: eager attention for a model with
     attention sinks; MXFP4 experts dequantized (transformers' Mxfp4Config(dequantize=True): the
     blocks and scales become bf16 weights on CPU and GPU alike, no kernels fetched; then cast, so
@@ -24,6 +26,12 @@ def load_base_model(path: str, policy, *, dtype, config: dict | None = None, qua
 
     config = model_config(str(path)) if config is None else config
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        if attn_implementation == DOCUMENT_SDPA:
+            from trainer.models.document_attention import register
+
+            register()
+        kwargs["attn_implementation"] = attn_implementation
     if has_attention_sinks(config):
         kwargs["attn_implementation"] = "eager"
     dequantize = quantization_config is None and is_mxfp4(config)
@@ -78,16 +86,20 @@ def build_model(*, model_section, peft, training, distributed=None):
               + {"bf16": " (frozen under LoRA, adapters in fp32)" if peft.kind == "lora" else
                  " (DeepSpeed keeps the fp32 master copy)",
                  "fp32": "", "nf4": " (QLoRA, computing in bf16)"}[held], flush=True)
+    # Keel chooses the attention implementation (trainer/models/attention.py) and, for packed rows,
+    # refuses one that would mix the examples of a row, before any weight is loaded.
+    attention = log_attention(config, packing=training.packing).implementation if config else None
     if peft.kind != "qlora":
         dtype = torch.bfloat16 if held == "bf16" else torch.float32
-        return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config)
+        return load_base_model(model_section.path, model_section.load_policy, dtype=dtype, config=config,
+                               attn_implementation=attention)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = load_base_model(model_section.path, model_section.load_policy, dtype=torch.bfloat16, config=config,
-                            quantization_config=nf4)
+                            quantization_config=nf4, attn_implementation=attention)
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
 
