@@ -107,3 +107,13 @@ def test_build_model_prints_the_choice_and_loads_with_it(tiny_model, capsys):
     model = build_model(model_section=r.model, peft=r.peft, training=r.training, distributed=r.distributed)
     assert "[keel] attention: sdpa (CPU)" in capsys.readouterr().out
     assert model.config._attn_implementation == SDPA
+
+
+def test_an_architecture_the_probe_cannot_build_is_trained_with_a_warning_not_refused(capsys):
+    """Remote code or a model type transformers does not know here: the probe cannot shrink it, so
+    the run says so at start and trusts transformers' packed-sequence masks."""
+    from trainer.models.attention import log_attention
+
+    choice = log_attention({"model_type": "keel_unknown_arch", "hidden_size": 64}, packing=True)
+    assert choice.implementation == DOCUMENT_SDPA
+    assert "packed rows NOT probed" in capsys.readouterr().out
