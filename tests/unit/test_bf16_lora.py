@@ -51,7 +51,7 @@ def prepared(tiny_model, tmp_path_factory):
                         seq_len=1024, cache_root=root / "cache", num_proc=1, options=PrepOptions())
 
 
-def _train(tiny_model, prepared, out: Path, precision: str, lr: float = 2e-3):
+def _train(tiny_model, prepared, out: Path, precision: str, lr: float = 2e-3, export: bool = False):
     from data.model_loading import load_tokenizer
     from trainer.models.loading import build_model, build_peft_config
     from trainer.techniques.sft import build_sft_trainer
@@ -68,18 +68,31 @@ def _train(tiny_model, prepared, out: Path, precision: str, lr: float = 2e-3):
         train_dataset=prepared.load(), eval_dataset=None, callbacks=[])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return trainer.model, losses
+    dtypes = {"frozen": {p.dtype for p in trainer.model.parameters() if not p.requires_grad},
+              "trained": {p.dtype for p in trainer.model.parameters() if p.requires_grad}}
+    if export:  # the adapters merged into the bf16 base, written and verified as keel train does
+        from data.formats import load_format
+        from data.model_dir import ExportInfo
+        from trainer.export import export_trained
+
+        export_trained(trainer, trainer.processing_class, fmt=load_format("hermes-qwen3"), out_dir=out / "model",
+                       info=ExportInfo(base_model=str(tiny_model), format="hermes-qwen3", peft="lora", seq_len=1024,
+                                       dtype="bfloat16" if precision == "bf16" else "float32"),
+                       recipe_model_path=str(tiny_model), peft_config=build_peft_config(r.peft), merge_lora=True,
+                       precision=precision, quantized=False)
+    return dtypes, losses
 
 
 def test_a_bf16_lora_base_trains_as_the_fp32_one_does(tiny_model, prepared, tmp_path, capsys):
-    model16, bf16 = _train(tiny_model, prepared, tmp_path / "bf16", "bf16")
-    assert "base model weights held in bf16" in capsys.readouterr().out  # the choice is logged
-    frozen = {p.dtype for n, p in model16.named_parameters() if not p.requires_grad}
-    adapters = {p.dtype for n, p in model16.named_parameters() if p.requires_grad}
-    assert frozen == {torch.bfloat16} and adapters == {torch.float32}  # fp32 master weights of the adapters
+    dtypes16, bf16 = _train(tiny_model, prepared, tmp_path / "bf16", "bf16", export=True)
+    out = capsys.readouterr().out
+    assert "base model weights held in bf16" in out  # the choice is logged
+    assert "export verified" in out and (tmp_path / "bf16" / "model" / "keel-export.yaml").is_file()
+    # the base bf16, the adapters' master weights fp32
+    assert dtypes16 == {"frozen": {torch.bfloat16}, "trained": {torch.float32}}
 
-    model32, fp32 = _train(tiny_model, prepared, tmp_path / "fp32", "fp32")
-    assert {p.dtype for p in model32.parameters()} == {torch.float32}
+    dtypes32, fp32 = _train(tiny_model, prepared, tmp_path / "fp32", "fp32")
+    assert dtypes32 == {"frozen": {torch.float32}, "trained": {torch.float32}}
     assert len(bf16) == len(fp32) == STEPS
     np.testing.assert_allclose(bf16, fp32, rtol=LOSS_RTOL)
     diff = max(abs(a - b) / b for a, b in zip(bf16, fp32))
