@@ -374,12 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dry_run": args.dry_run, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "shapes": s, "versions": versions(), "section_s": {}}
-    model_dir = build_model_dir(work, s["arch"])
-    for step, fn in (("train", check_train), ("plan", check_plan), ("serve", check_serve)):
-        if step in steps:
-            t0 = time.perf_counter()
-            result[step] = fn(work, model_dir, s)
-            result["section_s"][step] = round(time.perf_counter() - t0, 1)
+    try:
+        model_dir = build_model_dir(work, s["arch"])
+        for step, fn in (("train", check_train), ("plan", check_plan), ("serve", check_serve)):
+            if step in steps:
+                t0 = time.perf_counter()
+                result[step] = fn(work, model_dir, s)
+                result["section_s"][step] = round(time.perf_counter() - t0, 1)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # the 1B model dirs and the export: several GB on a GPU run
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("gpu_check-dryrun" if args.dry_run else f"gpu_check-{time.strftime('%Y%m%d')}")
