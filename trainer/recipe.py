@@ -107,9 +107,11 @@ class TrainingSection(Section):
     seq_len: int = Field(default=2048, gt=0)
     packing: bool = Field(
         default=False, description="Bin-pack examples into rows of seq_len tokens, attention kept per example "
-                                   "(position ids restart; variable-length attention or a block mask). Off by "
-                                   "default: on CPU, padded batches trained faster; turn it on with flash "
-                                   "attention on GPUs. Preference pairs are never packed.")
+                                   "(position ids restart; flash attention's varlen kernels, Keel's per-document "
+                                   "SDPA on CPU, or a block-diagonal mask; probed at start). Trains faster than "
+                                   "padded batches on CPU and GPU (benchmarks/train_throughput.py): every "
+                                   "catalogue recipe packs except DPO (preference pairs are never packed) and "
+                                   "models with attention sinks (refused). Off unless set.")
     seed: int = 42
     log_every_steps: int = Field(default=1, gt=0)
     gradient_checkpointing: bool = False

@@ -170,7 +170,8 @@ def build_model_parts(recipe: Recipe):
     from trainer.models.loading import build_model, build_peft_config
 
     tokenizer = load_tokenizer(recipe.model.path, recipe.model.load_policy)
-    model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training)
+    model = build_model(model_section=recipe.model, peft=recipe.peft, training=recipe.training,
+                        distributed=recipe.distributed)
     return tokenizer, model, build_peft_config(recipe.peft)
 
 

@@ -3,7 +3,9 @@ that one on the shared server): for each, a tiny model is written out by the exp
 writer (no training: its weights do not matter here) and served with `keel serve`, and the
 prompt the server renders (POST /tokenize, the messages before an assistant turn and the tools,
 as a client sends them) must be, token for token, the prefix of the training render's ids that
-preceded that turn. One server per format, so slow."""
+preceded that turn. The deepseek-r1 and mistral cases hold tool calls and results in the
+history (their round trip through vLLM's parsers is tests/unit/test_roundtrip.py). One server per
+format, so slow (about 70 s each on 2 cores)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ pytestmark = [pytest.mark.serving, pytest.mark.slow]
 
 # (case id, model.format, tiny model built for, native_syntax)
 CASES = [("llama3-json", "llama3-json", "llama3-json", None),
-         ("native-llama3", "native", "llama3-json", None)]
+         ("native-llama3", "native", "llama3-json", None),
+         # tool calls and their results in the history: DeepSeek-R1's tool tokens (and reasoning
+         # opened by the prompt), Mistral's [AVAILABLE_TOOLS] before the last user turn and 9-character ids
+         ("deepseek-r1", "deepseek-r1", "deepseek-r1", None),
+         ("mistral", "mistral", "mistral", None)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -43,7 +49,7 @@ def test_served_prompt_is_the_training_prefix(case, tiny_model_for, keel_env, tm
     try:
         model_name = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"},
                                   timeout=30).json()["data"][0]["id"]
-        checked = 0
+        checked = with_tool_results = 0
         for row in multi_turn_rows(3):
             conv = validate_conversation(expressible(row, fmt.spec.supports), fmt.row_rules())
             examples = render_conversation(conv, tokenizer=tokenizer, fmt=fmt)
@@ -60,6 +66,9 @@ def test_served_prompt_is_the_training_prefix(case, tiny_model_for, keel_env, tm
                                     f"served:  {tokenizer.decode(served)[-300:]!r}\n"
                                     f"trained: {tokenizer.decode(example.input_ids[:start])[-300:]!r}")
                     checked += 1
+                    with_tool_results += any(m["role"] == "tool" for m in conv["messages"][:index])
         assert checked >= 6
+        if fmt.spec.supports.tools:  # the prompts held tool calls and their results
+            assert with_tool_results >= 3
     finally:
         stop(proc)

@@ -132,13 +132,13 @@ def test_a_format_the_model_family_cannot_hold_is_refused_at_validation():
     assert catalogue_recipe("model.path=./models/Llama-3.1-8B-Instruct", "model.format=hermes-qwen3")
 
 
-def test_gpt_oss_takes_the_harmony_format_and_only_it():
+def test_gpt_oss_takes_the_harmony_format_and_only_it():  # (and never packs: sinks)
     hub_id = "openai/gpt-oss-20b"
     for fmt in ("hermes-qwen3", "llama3-json", "native"):
         with pytest.raises(KeelError, match=f"model.format: '{fmt}' does not fit {re.escape(hub_id)} .*harmony.*"
                                             "use model.format: harmony"):
-            catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}")
-    assert catalogue_recipe(f"model.path={hub_id}", "model.format=harmony").model.format == "harmony"
+            catalogue_recipe(f"model.path={hub_id}", f"model.format={fmt}", "training.packing=false")
+    assert catalogue_recipe(f"model.path={hub_id}", "model.format=harmony", "training.packing=false").model.format == "harmony"
     with pytest.raises(KeelError, match="does not fit meta-llama/Llama-3.1-8B-Instruct"):
         catalogue_recipe("model.format=harmony")  # and no other family speaks harmony
     assert CHAT_FAMILIES[known_models()[hub_id].chat].formats == ("harmony",)
@@ -303,3 +303,15 @@ def test_one_training_step_on_the_recipes_architecture_technique_targets_and_for
                            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
         moved = [n for n, p in trained.named_parameters() if ".lora_B" in n and p.abs().sum() > 0]
         assert moved, "the adapters did not change in the step"
+
+
+def test_every_recipe_packs_where_packing_is_exact():
+    """Packing is where Keel's training speed comes from (docs/training.md), and packed rows stay
+    per document under every attention Keel selects (test_attention_selection.py): every recipe
+    packs except DPO (pairs are never packed) and models with attention sinks (refused)."""
+    from trainer.models.config import has_attention_sinks
+
+    for path in CATALOGUE:
+        r = load_recipe(path)
+        exact = r.technique != "dpo" and not has_attention_sinks(load_config(r.model.path))
+        assert r.training.packing == exact, rel(path)

@@ -159,3 +159,22 @@ def test_cpu_plan_counts_fp32_states_ddp_buckets_and_deepspeed_partitions(tmp_pa
                        cpu2, config))
     assert "memory per process" in text and "memory per GPU" not in text
     assert "  malloc heap " in text and "  not together " in text and "glibc" in text
+
+
+def test_a_lora_base_is_held_in_bf16_on_gpus_as_peers_hold_it(model_dirs):
+    """Llama 3.1 8B under LoRA: the frozen base in bf16 (2 bytes per parameter, ~15 GiB, what
+    peers report), the adapters in fp32; on CPU (fp32 runs) the base stays fp32. The loader makes
+    the same choice (trainer/models/loading.py, tested in test_bf16_lora.py)."""
+    r = recipe(model_dirs["8b"], "peft.kind=lora", "peft.r=16")
+    shape = model_shape(LLAMA_31_8B, r.peft)
+    gpu = estimate(r, shape, Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=8))
+    frozen = shape.params - shape.trainable
+    assert gpu.weights == 2 * frozen + 4 * shape.trainable
+    assert 14.5 * GIB < gpu.weights < 16 * GIB
+    assert any("bf16" in note for note in gpu.notes)
+    cpu = estimate(r, shape, Cluster(gpu="cpu", nodes=1, gpus_per_node=1))
+    assert cpu.weights == 4 * shape.params
+    # under DeepSpeed the LoRA base is bf16 too (DeepSpeed casts the module), adapters' master copy fp32
+    z3 = estimate(recipe(model_dirs["8b"], "peft.kind=lora", "peft.r=16", "distributed.strategy=zero3"), shape,
+                  Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=8))
+    assert z3.weights < gpu.weights

@@ -122,9 +122,14 @@ def build_sft_trainer(*, model, tokenizer, peft_config, args: dict, packed: bool
         import torch
 
         if not torch.cuda.is_available():  # GPUs keep flash attention's varlen kernels and TRL's fused head
+            from trainer.models.attention import DOCUMENT_SDPA, select_attention
             from trainer.models.document_attention import use_document_attention
 
-            use_document_attention(model)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            # the choice build_model made (trainer/models/attention.py): not for sliding-window layers
+            if select_attention(base.config.to_dict(), packing=True, on_gpu=False,
+                                flash_available=False).implementation == DOCUMENT_SDPA:
+                use_document_attention(model)
     return make_sft_trainer_class()(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
