@@ -113,7 +113,8 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def check_torchrun_options(a: argparse.Namespace) -> None:
-    """`keel train`'s launcher options, checked before anything is prepared or started."""
+    """`keel train`'s launcher options, checked before anything is prepared or started (a.nnodes
+    already resolved from the recipe's cluster)."""
     if a.nproc_per_node is not None:
         check_count(a.nproc_per_node, "--nproc-per-node")
     check_count(a.nnodes, "--nnodes")
@@ -122,17 +123,50 @@ def check_torchrun_options(a: argparse.Namespace) -> None:
         raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
     if not 1 <= a.master_port <= 65535:
         raise KeelError(f"--master-port {a.master_port}: expected a TCP port from 1 to 65535")
+    if a.rdzv_endpoint is not None:
+        host, _, port = a.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise KeelError(f"--rdzv-endpoint {a.rdzv_endpoint!r}: expected HOST:PORT, e.g. node001:29500")
+        if a.master_addr:
+            raise KeelError("--rdzv-endpoint and --master-addr both name where the nodes meet; pass one")
+    elif a.nnodes > 1 and not a.master_addr:
+        raise KeelError(f"--nnodes {a.nnodes} (the recipe's cluster.nodes unless given) needs --master-addr (the "
+                        "address of the node with --node-rank 0) or --rdzv-endpoint HOST:PORT on every node; "
+                        "pass --nnodes 1 to train on this machine alone")
+
+
+def default_processes(cluster, gpus_here: int) -> int:
+    """`keel train`'s processes per node without --nproc-per-node: the recipe's cluster.gpus_per_node
+    (processes, for gpu: cpu), capped at the GPUs this machine has; else one per GPU, else 1."""
+    if cluster is None:
+        return gpus_here or 1
+    if cluster.gpu == "cpu":
+        return cluster.gpus_per_node
+    if gpus_here < cluster.gpus_per_node:
+        print(f"[keel] warning: the recipe is sized for {cluster.gpus_per_node} {cluster.gpu} per node (cluster."
+              f"gpus_per_node) and this machine has {gpus_here or 'no'} GPU{'' if gpus_here == 1 else 's'}: "
+              f"starting {gpus_here or 1} process{'' if (gpus_here or 1) == 1 else 'es'} (check with "
+              f"`keel plan RECIPE --gpus-per-node {gpus_here or 1}`)", file=sys.stderr, flush=True)
+        return gpus_here or 1
+    return cluster.gpus_per_node
 
 
 def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int, node_rank: int,
-                     master_addr: str | None, master_port: int, max_restarts: int, log_dir: Path) -> list[str]:
+                     master_addr: str | None, master_port: int, max_restarts: int, log_dir: Path,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "keel") -> list[str]:
     """torchrun (keel/torchrun.py: torchrun's own launcher, failures summarised) with every rank's
     output shown live and kept in log_dir (--tee 3: stdout and stderr of every rank)."""
     cmd = [sys.executable, "-m", "keel.torchrun", f"--nproc-per-node={nproc_per_node}",
            f"--max-restarts={max_restarts}", f"--log-dir={log_dir}", "--tee=3"]
-    if nnodes > 1:
+    if rdzv_endpoint:
+        # c10d: every node runs the same command; ranks are assigned at the rendezvous
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={rdzv_id}"]
+    elif nnodes > 1:
         if not master_addr:
-            raise KeelError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+            raise KeelError(f"--nnodes {nnodes} (the recipe's cluster.nodes unless given) needs --master-addr (the "
+                            "address of the node with --node-rank 0) or --rdzv-endpoint HOST:PORT on every node; "
+                            "pass --nnodes 1 to train on this machine alone")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
                 f"--master-port={master_port}"]
     else:
@@ -144,21 +178,25 @@ def cmd_plan(argv: list[str]) -> int:
     from trainer.plan import GPUS
 
     p = _parser("plan", "What the recipe will do on a cluster and whether it fits in GPU memory. Reads the model's "
-                        "config.json only: no GPU, no weights.")
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS) + ["cpu"],
-                   help="GPU kind (default h100-80gb); cpu: processes on this machine, fp32, sharing its memory")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+                        "config.json only: no GPU, no weights. The cluster is the recipe's own (its cluster "
+                        "section); the flags override it.")
+    p.add_argument("--gpu", default=None, choices=sorted(GPUS) + ["cpu"],
+                   help="GPU kind (default: the recipe's cluster.gpu, else h100-80gb); cpu: processes on this "
+                        "machine, fp32, sharing its memory")
+    p.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes, else 1")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node, else 8")
     a = _recipe_and_overrides(p, argv)
-    check_count(a.nodes, "--nodes")
-    check_count(a.gpus_per_node, "--gpus-per-node")
+    for value, flag in [(a.nodes, "--nodes"), (a.gpus_per_node, "--gpus-per-node")]:
+        if value is not None:
+            check_count(value, flag)
     from trainer.plan import Cluster, plan, render
     from trainer.models.config import load_config
     from trainer.recipe import load_recipe, missing_paths
 
     recipe = load_recipe(a.recipe, a.overrides)
     config = load_config(recipe.model.path)
-    result = plan(recipe, Cluster(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node), config)
+    result = plan(recipe, planned_cluster(recipe.cluster, gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node),
+                  config)
     print(redact_text(render(result)))  # the resolved recipe: a tracking or data URL may hold credentials
     problems = [q for q in missing_paths(recipe) if "training.seq_len" in q]
     for q in problems:
@@ -166,20 +204,34 @@ def cmd_plan(argv: list[str]) -> int:
     return 0 if result.fits and not problems else 1
 
 
+def planned_cluster(section, *, gpu: str | None = None, nodes: int | None = None, gpus_per_node: int | None = None):
+    """The cluster `keel plan` sizes for: the recipe's cluster section, each flag given overriding
+    its key; without a section, 1 node x 8 h100-80gb."""
+    from trainer.plan import Cluster
+
+    base = Cluster(gpu=section.gpu, nodes=section.nodes, gpus_per_node=section.gpus_per_node) if section else Cluster()
+    return Cluster(gpu=gpu or base.gpu, nodes=nodes or base.nodes, gpus_per_node=gpus_per_node or base.gpus_per_node)
+
+
 def cmd_train(argv: list[str]) -> int:
     p = _parser("train", "Train under torchrun: `torchrun -m trainer RECIPE ...` on each node.")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes on this node (default: GPUs, else 1)")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes on this node (default: the recipe's cluster.gpus_per_node, as far as this "
+                        "machine has the GPUs; without a cluster section: the GPUs, else 1)")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes (default: the recipe's cluster.nodes, else 1)")
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default=None)
     p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="join a c10d rendezvous there instead of --master-addr (ranks are assigned at the rendezvous; "
+                        "every node runs the same command, as `keel launch --target slurm` does)")
+    p.add_argument("--rdzv-id", default="keel", help="the rendezvous' job id (default keel)")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="torchrun restarts the workers after a failure; each restart resumes from the latest "
                         "complete checkpoint (default 3)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
-    check_torchrun_options(a)
     from trainer.recipe import check_paths, load_recipe
     from trainer.resilience.run_identity import LOG_DIR, MODEL_DIR, check_run_dir, clear_run_dir, recorded_failure
 
@@ -187,6 +239,9 @@ def cmd_train(argv: list[str]) -> int:
     from trainer.remote import localize
 
     recipe = load_recipe(a.recipe, a.overrides)
+    if a.nnodes is None:
+        a.nnodes = recipe.cluster.nodes if recipe.cluster else 1
+    check_torchrun_options(a)
     check_paths(recipe, a.recipe)
     recipe, remote = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
     run_dir = Path(recipe.output.dir)
@@ -207,7 +262,7 @@ def cmd_train(argv: list[str]) -> int:
         # Cleared here, once: workers restarted after a failure must resume, not start over.
         print(f"[keel] --overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
         clear_run_dir(Path(recipe.output.dir))
-    nproc = a.nproc_per_node or _gpu_count() or 1
+    nproc = a.nproc_per_node or default_processes(recipe.cluster, _gpu_count())
     # Prepare the data once, before the process group exists (ranks then only read the cache).
     cmd_prepare([a.recipe, *a.overrides])
     import time
@@ -216,7 +271,7 @@ def cmd_train(argv: list[str]) -> int:
     log_dir = run_dir / LOG_DIR / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-node{a.node_rank}"
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
                            master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts,
-                           log_dir=log_dir)
+                           log_dir=log_dir, rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id)
     from data.redaction import redact_args
 
     print("[keel] " + " ".join(redact_args(cmd)), flush=True)
