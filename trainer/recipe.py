@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -310,11 +311,12 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
+        # an optional section (`cluster: ClusterSection | None`) suggests its own keys too
+        ann = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if ann is None:
             return None
+        cls = ann
     return cls
 
 
