@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path, PurePosixPath
 
 from data.errors import KeelError
@@ -113,6 +114,7 @@ def training_job_request(*, recipe_path: str | Path, overrides: list[str], image
     check_count(max_run_s, "--max-run")
     check_count(max_restarts, "--max-restarts", minimum=0)
 
+    from trainer.models.known import path_kind
     from trainer.recipe import flatten, load_recipe
 
     # the recipe as the user wrote it (with their overrides): its s3:// locations become channels
@@ -124,6 +126,9 @@ def training_job_request(*, recipe_path: str | Path, overrides: list[str], image
             uri, local = channel_of(check_s3(value, key))
             inputs.append(_input_channel(channel, uri))
             path_overrides.append(f"{key}={CHANNELS}/{channel}" + (f"/{local}" if local else ""))
+        elif isinstance(value, str) and "://" not in value and not (key == "model.path" and path_kind(value) == "hub"):
+            print(f"[keel] warning: {key} {value} is a local path: the training container reads it from its image, "
+                  f"not from this machine; an s3:// URI becomes the {channel!r} channel", file=sys.stderr)
     inputs += [_input_channel(n, uri) for n, uri in extra.items()]
     # the channel paths come after the user's overrides: they must win over an s3:// override
     launch = resolve_launch(recipe_path=recipe_path, overrides=[*overrides, *path_overrides[1:]], name=name,
