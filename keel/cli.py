@@ -113,14 +113,13 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def check_torchrun_options(a: argparse.Namespace) -> None:
-    """`keel train`'s launcher options, checked before anything is prepared or started (a.nnodes
-    already resolved from the recipe's cluster)."""
+    """`keel train`'s launcher options, checked before the recipe is read (a.nnodes may still be
+    None: the recipe's cluster.nodes, checked by check_nodes once it is known)."""
     if a.nproc_per_node is not None:
         check_count(a.nproc_per_node, "--nproc-per-node")
-    check_count(a.nnodes, "--nnodes")
+    if a.nnodes is not None:
+        check_count(a.nnodes, "--nnodes")
     check_count(a.max_restarts, "--max-restarts", minimum=0)
-    if not 0 <= a.node_rank < a.nnodes:
-        raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
     if not 1 <= a.master_port <= 65535:
         raise KeelError(f"--master-port {a.master_port}: expected a TCP port from 1 to 65535")
     if a.rdzv_endpoint is not None:
@@ -129,7 +128,14 @@ def check_torchrun_options(a: argparse.Namespace) -> None:
             raise KeelError(f"--rdzv-endpoint {a.rdzv_endpoint!r}: expected HOST:PORT, e.g. node001:29500")
         if a.master_addr:
             raise KeelError("--rdzv-endpoint and --master-addr both name where the nodes meet; pass one")
-    elif a.nnodes > 1 and not a.master_addr:
+    if a.nnodes is not None:
+        check_nodes(a)
+
+
+def check_nodes(a: argparse.Namespace) -> None:
+    if not 0 <= a.node_rank < a.nnodes:
+        raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
+    if a.nnodes > 1 and not a.master_addr and not a.rdzv_endpoint:
         raise KeelError(f"--nnodes {a.nnodes} (the recipe's cluster.nodes unless given) needs --master-addr (the "
                         "address of the node with --node-rank 0) or --rdzv-endpoint HOST:PORT on every node; "
                         "pass --nnodes 1 to train on this machine alone")
@@ -162,11 +168,7 @@ def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, 
         # c10d: every node runs the same command; ranks are assigned at the rendezvous
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                 f"--rdzv-id={rdzv_id}"]
-    elif nnodes > 1:
-        if not master_addr:
-            raise KeelError(f"--nnodes {nnodes} (the recipe's cluster.nodes unless given) needs --master-addr (the "
-                            "address of the node with --node-rank 0) or --rdzv-endpoint HOST:PORT on every node; "
-                            "pass --nnodes 1 to train on this machine alone")
+    elif nnodes > 1:  # check_nodes made sure of master_addr
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
                 f"--master-port={master_port}"]
     else:
@@ -184,7 +186,8 @@ def cmd_plan(argv: list[str]) -> int:
                    help="GPU kind (default: the recipe's cluster.gpu, else h100-80gb); cpu: processes on this "
                         "machine, fp32, sharing its memory")
     p.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes, else 1")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node, else 8")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="default: the recipe's cluster.gpus_per_node, else 8")
     a = _recipe_and_overrides(p, argv)
     for value, flag in [(a.nodes, "--nodes"), (a.gpus_per_node, "--gpus-per-node")]:
         if value is not None:
@@ -232,6 +235,7 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output.dir that holds a finished or different run")
     a = _recipe_and_overrides(p, argv)
+    check_torchrun_options(a)
     from trainer.recipe import check_paths, load_recipe
     from trainer.resilience.run_identity import LOG_DIR, MODEL_DIR, check_run_dir, clear_run_dir, recorded_failure
 
@@ -241,7 +245,7 @@ def cmd_train(argv: list[str]) -> int:
     recipe = load_recipe(a.recipe, a.overrides)
     if a.nnodes is None:
         a.nnodes = recipe.cluster.nodes if recipe.cluster else 1
-    check_torchrun_options(a)
+        check_nodes(a)
     check_paths(recipe, a.recipe)
     recipe, remote = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
     run_dir = Path(recipe.output.dir)
@@ -437,9 +441,8 @@ def cmd_launch(argv: list[str]) -> int:
                     "the checkpoints")
     sm.add_argument("--region", help="AWS region for --apply (default: boto3's)")
     a = _recipe_and_overrides(p, argv)
-    defaults = {action.dest: action.default for action in p._actions}
     for dest, targets in LAUNCH_OPTIONS.items():
-        if a.target not in targets and getattr(a, dest) != defaults[dest]:
+        if a.target not in targets and getattr(a, dest) != p.get_default(dest):
             flag = "--" + dest.replace("_", "-")
             raise KeelError(f"{flag} does not apply to --target {a.target}; it is an option of "
                             + " and ".join(f"--target {t}" for t in targets))

@@ -58,13 +58,14 @@ def resolve_topology(cluster, *, nodes: int | None, gpus_per_node: int | None, e
                         f"{cluster.gpus_per_node} processes per node; {source}). Leave out --gpus-per-node, or size it "
                         f"for GPUs explicitly: cluster.gpu=h100-80gb cluster.gpus_per_node={gpus_per_node} (check "
                         f"it with keel plan)")
+    own_gpus = 0 if on_cpu else cluster.gpus_per_node
     for value, flag, key, own in ((nodes, "--nodes", "nodes", cluster.nodes),
-                                  (gpus_per_node, "--gpus-per-node", "gpus_per_node", 0 if on_cpu else cluster.gpus_per_node)):
+                                  (gpus_per_node, "--gpus-per-node", "gpus_per_node", own_gpus)):
         if value is not None and value != own:
             raise KeelError(f"{flag} {value} does not match the recipe's cluster.{key} {own} ({source}): the recipe's "
                             f"batch and memory are sized for {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu}. "
-                            f"Leave out {flag}, or resize the recipe explicitly with the override cluster.{key}={value} "
-                            f"(check it with: keel plan {source} cluster.{key}={value})")
+                            f"Leave out {flag}, or resize the recipe explicitly with the override "
+                            f"cluster.{key}={value} (check it with: keel plan {source} cluster.{key}={value})")
     return Topology(nodes=cluster.nodes, gpus_per_node=0 if on_cpu else cluster.gpus_per_node,
                     processes_per_node=cluster.gpus_per_node, gpu=cluster.gpu,
                     efa=cluster.efa if efa is None else efa, instance_type=cluster.instance_type)

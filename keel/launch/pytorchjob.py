@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.options import check_count, check_namespace
-from keel.launch.job import check_cluster_flags, efa_env, refuse_inlined_secrets, resolve_launch, shared_paths  # noqa: F401 (re-exported)
+from keel.launch.job import check_cluster_flags, efa_env, resolve_launch, shared_paths
 from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity,
                                   is_object_name, labels, metadata, name_from)
 
@@ -203,8 +203,9 @@ def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: st
                                         size=check_quantity(volume_size, "--volume-size"),
                                         storage_class=storage_class))
     docs.append(recipe_configmap(name=name, namespace=namespace, recipe_text=launch.recipe_text))
-    docs.append(pytorchjob(name=name, namespace=namespace, image=image, args=[f"{RECIPE_DIR}/{RECIPE_KEY}", *launch.args],
-                           nodes=topo.nodes, gpus_per_node=topo.gpus_per_node, nproc_per_node=topo.processes_per_node,
+    docs.append(pytorchjob(name=name, namespace=namespace, image=image,
+                           args=[f"{RECIPE_DIR}/{RECIPE_KEY}", *launch.args], nodes=topo.nodes,
+                           gpus_per_node=topo.gpus_per_node, nproc_per_node=topo.processes_per_node,
                            volume=shared, max_restarts=max_restarts, shm_size=shm_size, mlflow_uri=mlflow_uri,
                            secrets=secrets, efa=topo.efa, queue=queue, priority_class=priority_class))
     return docs

@@ -119,7 +119,7 @@ def training_job_request(*, recipe_path: str | Path, overrides: list[str], image
 
     # the recipe as the user wrote it (with their overrides): its s3:// locations become channels
     as_written = flatten(load_recipe(recipe_path, list(overrides)).to_dict())
-    path_overrides, inputs = [f"output.dir={CHECKPOINTS}"], []
+    path_overrides, inputs, warnings = [f"output.dir={CHECKPOINTS}"], [], []
     for key, channel in RECIPE_CHANNELS:
         value = as_written.get(key)
         if isinstance(value, str) and value.startswith("s3://"):
@@ -127,8 +127,8 @@ def training_job_request(*, recipe_path: str | Path, overrides: list[str], image
             inputs.append(_input_channel(channel, uri))
             path_overrides.append(f"{key}={CHANNELS}/{channel}" + (f"/{local}" if local else ""))
         elif isinstance(value, str) and "://" not in value and not (key == "model.path" and path_kind(value) == "hub"):
-            print(f"[keel] warning: {key} {value} is a local path: the training container reads it from its image, "
-                  f"not from this machine; an s3:// URI becomes the {channel!r} channel", file=sys.stderr)
+            warnings.append(f"[keel] warning: {key} {value} is a local path: the training container reads it from its "
+                            f"image, not from this machine; an s3:// URI becomes the {channel!r} channel")
     inputs += [_input_channel(n, uri) for n, uri in extra.items()]
     # the channel paths come after the user's overrides: they must win over an s3:// override
     launch = resolve_launch(recipe_path=recipe_path, overrides=[*overrides, *path_overrides[1:]], name=name,
@@ -157,17 +157,20 @@ def training_job_request(*, recipe_path: str | Path, overrides: list[str], image
         "StoppingCondition": {"MaxRuntimeInSeconds": max_run_s},
         "CheckpointConfig": {"S3Uri": checkpoint_s3, "LocalPath": CHECKPOINTS},
         "Environment": env,
-        # the instances are replaced and the job resumes from the checkpoints on an internal failure
-        "RetryStrategy": {"MaximumRetryAttempts": max(1, min(max_restarts, 30))},
         "Tags": [{"Key": "keel:recipe", "Value": str(launch.recipe_path)[:256]}],
     }
     if inputs:
         request["InputDataConfig"] = inputs
+    if max_restarts:
+        # on an internal failure the instances are replaced and the job resumes from the checkpoints
+        request["RetryStrategy"] = {"MaximumRetryAttempts": min(max_restarts, 30)}
     if spot:
         request["EnableManagedSpotTraining"] = True
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max_run_s * 2
     if not env:
         del request["Environment"]
+    for warning in warnings:  # once every check has passed: an error stays the only line
+        print(warning, file=sys.stderr)
     return request
 
 

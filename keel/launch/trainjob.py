@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.launch.job import efa_env, nccl_env
-from keel.launch.k8s_objects import IMAGE_UID, metadata
+from keel.launch.job import efa_env, nccl_env, resolve_launch
+from keel.launch.k8s_objects import IMAGE_UID, check_object_name, metadata
 from keel.launch.pytorchjob import (RECIPE_DIR, RECIPE_KEY, check_k8s_options, cluster_overrides, recipe_configmap,
-                                    resolve_launch, shared_volume_claim)
+                                    shared_volume_claim)
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 DEFAULT_RUNTIME = "torch-distributed"
@@ -71,8 +71,6 @@ def trainjob_manifests(*, recipe_path: str | Path, overrides: list[str], image: 
                        shm_size: str = "16Gi", mlflow_uri: str | None = None, secrets=(),
                        runtime: str | None = None) -> list[dict]:
     """[PersistentVolumeClaim,] ConfigMap, TrainJob."""
-    from keel.launch.k8s_objects import check_object_name
-
     runtime = check_object_name(runtime or DEFAULT_RUNTIME, "--runtime")
     shared, name = check_k8s_options(recipe_path=recipe_path, image=image, name=name, namespace=namespace,
                                      volume=volume, volume_size=volume_size, storage_class=storage_class, queue=queue,
