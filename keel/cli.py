@@ -24,7 +24,7 @@ commands:
   train RECIPE [k=v ...]    train under torchrun (--nproc-per-node, --nnodes, ...)
   serve MODEL_DIR           serve an exported model with vLLM's OpenAI server
   eval MODEL_DIR DATA       score a model on held-out conversations (vLLM offline engine)
-  launch RECIPE             a Kubeflow PyTorchJob for the recipe (YAML; --apply to submit)
+  launch RECIPE             the recipe as a PyTorchJob, TrainJob, Slurm script or SageMaker job (--target)
   deploy MODEL_URI          Deployment + Service (+ autoscaler) serving a model (YAML; --apply)
   pull URI DEST             download an exported model dir (models:/NAME/VERSION, s3://...)
   sync RUN_DIR              send metrics kept locally while the MLflow server was unreachable
@@ -113,26 +113,62 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def check_torchrun_options(a: argparse.Namespace) -> None:
-    """`keel train`'s launcher options, checked before anything is prepared or started."""
+    """`keel train`'s launcher options, checked before the recipe is read (a.nnodes may still be
+    None: the recipe's cluster.nodes, checked by check_nodes once it is known)."""
     if a.nproc_per_node is not None:
         check_count(a.nproc_per_node, "--nproc-per-node")
-    check_count(a.nnodes, "--nnodes")
+    if a.nnodes is not None:
+        check_count(a.nnodes, "--nnodes")
     check_count(a.max_restarts, "--max-restarts", minimum=0)
-    if not 0 <= a.node_rank < a.nnodes:
-        raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
     if not 1 <= a.master_port <= 65535:
         raise KeelError(f"--master-port {a.master_port}: expected a TCP port from 1 to 65535")
+    if a.rdzv_endpoint is not None:
+        host, _, port = a.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise KeelError(f"--rdzv-endpoint {a.rdzv_endpoint!r}: expected HOST:PORT, e.g. node001:29500")
+        if a.master_addr:
+            raise KeelError("--rdzv-endpoint and --master-addr both name where the nodes meet; pass one")
+    if a.nnodes is not None:
+        check_nodes(a)
+
+
+def check_nodes(a: argparse.Namespace) -> None:
+    if not 0 <= a.node_rank < a.nnodes:
+        raise KeelError(f"--node-rank {a.node_rank}: expected 0 to {a.nnodes - 1} (one less than --nnodes)")
+    if a.nnodes > 1 and not a.master_addr and not a.rdzv_endpoint:
+        raise KeelError(f"--nnodes {a.nnodes} (the recipe's cluster.nodes unless given) needs --master-addr (the "
+                        "address of the node with --node-rank 0) or --rdzv-endpoint HOST:PORT on every node; "
+                        "pass --nnodes 1 to train on this machine alone")
+
+
+def default_processes(cluster, gpus_here: int) -> int:
+    """`keel train`'s processes per node without --nproc-per-node: the recipe's cluster.gpus_per_node
+    (processes, for gpu: cpu), capped at the GPUs this machine has; else one per GPU, else 1."""
+    if cluster is None:
+        return gpus_here or 1
+    if cluster.gpu == "cpu":
+        return cluster.gpus_per_node
+    if gpus_here < cluster.gpus_per_node:
+        print(f"[keel] warning: the recipe is sized for {cluster.gpus_per_node} {cluster.gpu} per node (cluster."
+              f"gpus_per_node) and this machine has {gpus_here or 'no'} GPU{'' if gpus_here == 1 else 's'}: "
+              f"starting {gpus_here or 1} process{'' if (gpus_here or 1) == 1 else 'es'} (check with "
+              f"`keel plan RECIPE --gpus-per-node {gpus_here or 1}`)", file=sys.stderr, flush=True)
+        return gpus_here or 1
+    return cluster.gpus_per_node
 
 
 def torchrun_command(recipe: str, overrides: list[str], *, nproc_per_node: int, nnodes: int, node_rank: int,
-                     master_addr: str | None, master_port: int, max_restarts: int, log_dir: Path) -> list[str]:
+                     master_addr: str | None, master_port: int, max_restarts: int, log_dir: Path,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "keel") -> list[str]:
     """torchrun (keel/torchrun.py: torchrun's own launcher, failures summarised) with every rank's
     output shown live and kept in log_dir (--tee 3: stdout and stderr of every rank)."""
     cmd = [sys.executable, "-m", "keel.torchrun", f"--nproc-per-node={nproc_per_node}",
            f"--max-restarts={max_restarts}", f"--log-dir={log_dir}", "--tee=3"]
-    if nnodes > 1:
-        if not master_addr:
-            raise KeelError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+    if rdzv_endpoint:
+        # c10d: every node runs the same command; ranks are assigned at the rendezvous
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={rdzv_id}"]
+    elif nnodes > 1:  # check_nodes made sure of master_addr
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
                 f"--master-port={master_port}"]
     else:
@@ -144,21 +180,26 @@ def cmd_plan(argv: list[str]) -> int:
     from trainer.plan import GPUS
 
     p = _parser("plan", "What the recipe will do on a cluster and whether it fits in GPU memory. Reads the model's "
-                        "config.json only: no GPU, no weights.")
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS) + ["cpu"],
-                   help="GPU kind (default h100-80gb); cpu: processes on this machine, fp32, sharing its memory")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+                        "config.json only: no GPU, no weights. The cluster is the recipe's own (its cluster "
+                        "section); the flags override it.")
+    p.add_argument("--gpu", default=None, choices=sorted(GPUS) + ["cpu"],
+                   help="GPU kind (default: the recipe's cluster.gpu, else h100-80gb); cpu: processes on this "
+                        "machine, fp32, sharing its memory")
+    p.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes, else 1")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="default: the recipe's cluster.gpus_per_node, else 8")
     a = _recipe_and_overrides(p, argv)
-    check_count(a.nodes, "--nodes")
-    check_count(a.gpus_per_node, "--gpus-per-node")
+    for value, flag in [(a.nodes, "--nodes"), (a.gpus_per_node, "--gpus-per-node")]:
+        if value is not None:
+            check_count(value, flag)
     from trainer.plan import Cluster, plan, render
     from trainer.models.config import load_config
     from trainer.recipe import load_recipe, missing_paths
 
     recipe = load_recipe(a.recipe, a.overrides)
     config = load_config(recipe.model.path)
-    result = plan(recipe, Cluster(gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node), config)
+    result = plan(recipe, planned_cluster(recipe.cluster, gpu=a.gpu, nodes=a.nodes, gpus_per_node=a.gpus_per_node),
+                  config)
     print(redact_text(render(result)))  # the resolved recipe: a tracking or data URL may hold credentials
     problems = [q for q in missing_paths(recipe) if "training.seq_len" in q]
     for q in problems:
@@ -166,13 +207,28 @@ def cmd_plan(argv: list[str]) -> int:
     return 0 if result.fits and not problems else 1
 
 
+def planned_cluster(section, *, gpu: str | None = None, nodes: int | None = None, gpus_per_node: int | None = None):
+    """The cluster `keel plan` sizes for: the recipe's cluster section, each flag given overriding
+    its key; without a section, 1 node x 8 h100-80gb."""
+    from trainer.plan import Cluster
+
+    base = Cluster(gpu=section.gpu, nodes=section.nodes, gpus_per_node=section.gpus_per_node) if section else Cluster()
+    return Cluster(gpu=gpu or base.gpu, nodes=nodes or base.nodes, gpus_per_node=gpus_per_node or base.gpus_per_node)
+
+
 def cmd_train(argv: list[str]) -> int:
     p = _parser("train", "Train under torchrun: `torchrun -m trainer RECIPE ...` on each node.")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes on this node (default: GPUs, else 1)")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes on this node (default: the recipe's cluster.gpus_per_node, as far as this "
+                        "machine has the GPUs; without a cluster section: the GPUs, else 1)")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes (default: the recipe's cluster.nodes, else 1)")
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default=None)
     p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="join a c10d rendezvous there instead of --master-addr (ranks are assigned at the rendezvous; "
+                        "every node runs the same command, as `keel launch --target slurm` does)")
+    p.add_argument("--rdzv-id", default="keel", help="the rendezvous' job id (default keel)")
     p.add_argument("--max-restarts", type=int, default=3,
                    help="torchrun restarts the workers after a failure; each restart resumes from the latest "
                         "complete checkpoint (default 3)")
@@ -187,6 +243,9 @@ def cmd_train(argv: list[str]) -> int:
     from trainer.remote import localize
 
     recipe = load_recipe(a.recipe, a.overrides)
+    if a.nnodes is None:
+        a.nnodes = recipe.cluster.nodes if recipe.cluster else 1
+        check_nodes(a)
     check_paths(recipe, a.recipe)
     recipe, remote = localize(recipe, local_rank=0)  # fetches a remote model.path once for this node
     run_dir = Path(recipe.output.dir)
@@ -207,7 +266,7 @@ def cmd_train(argv: list[str]) -> int:
         # Cleared here, once: workers restarted after a failure must resume, not start over.
         print(f"[keel] --overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
         clear_run_dir(Path(recipe.output.dir))
-    nproc = a.nproc_per_node or _gpu_count() or 1
+    nproc = a.nproc_per_node or default_processes(recipe.cluster, _gpu_count())
     # Prepare the data once, before the process group exists (ranks then only read the cache).
     cmd_prepare([a.recipe, *a.overrides])
     import time
@@ -216,7 +275,7 @@ def cmd_train(argv: list[str]) -> int:
     log_dir = run_dir / LOG_DIR / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-node{a.node_rank}"
     cmd = torchrun_command(a.recipe, a.overrides, nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
                            master_addr=a.master_addr, master_port=a.master_port, max_restarts=a.max_restarts,
-                           log_dir=log_dir)
+                           log_dir=log_dir, rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id)
     from data.redaction import redact_args
 
     print("[keel] " + " ".join(redact_args(cmd)), flush=True)
@@ -308,46 +367,139 @@ def _emit(docs: list[dict], *, apply: bool, hint: str) -> int:
     return 0
 
 
-def cmd_launch(argv: list[str]) -> int:
-    p = _parser("launch", "Render a Kubeflow PyTorchJob (kubeflow.org/v1) that trains RECIPE on a cluster: one Master "
-                "and N-1 Workers running the training image, the recipe as a ConfigMap, data prepared before "
-                "training, checkpoints on a shared volume. Prints YAML; --apply submits it with kubectl.")
-    p.add_argument("--image", required=True, help="the training image (docker/train.Dockerfile)")
-    p.add_argument("--nodes", type=int, required=True, help="pods (nodes) in the job: 1 Master + N-1 Workers")
-    p.add_argument("--gpus-per-node", type=int, required=True,
-                   help="GPUs per pod, one training process each; 0: CPU pods with one process")
-    p.add_argument("--name", help="job name (default: from the recipe file name)")
-    p.add_argument("--namespace")
-    p.add_argument("--volume", metavar="CLAIM:MOUNT",
-                   help="shared ReadWriteMany PersistentVolumeClaim (FSx for Lustre, EFS, NFS) for data, cache, "
-                   "checkpoints and the exported model; the pods' working directory (default: an emptyDir, "
-                   "lost with the pod)")
-    p.add_argument("--volume-size", metavar="SIZE", help="also create the --volume claim with this size (e.g. 1Ti)")
-    p.add_argument("--storage-class", help="storage class for --volume-size")
-    p.add_argument("--queue", help="Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name)")
-    p.add_argument("--priority-class", help="PriorityClass of the pods")
-    p.add_argument("--efa", type=int, default=0, metavar="N", help="EFA devices per pod (vpc.amazonaws.com/efa)")
-    p.add_argument("--max-restarts", type=int, default=3,
-                   help="restarts of the worker group (torchrun) and of failed pods; each resumes from the newest "
-                   "checkpoint (default 3)")
-    p.add_argument("--shm-size", default="16Gi", help="size of /dev/shm (memory-backed; default 16Gi)")
-    p.add_argument("--secret", action="append", default=[], metavar="NAME",
-                   help="a Secret whose keys become environment variables (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*); "
-                   "repeatable")
-    p.add_argument("--apply", action="store_true", help="submit with `kubectl apply -f -` instead of printing")
-    a = _recipe_and_overrides(p, argv)
-    check_namespace(a.namespace)
-    from keel.launch.pytorchjob import launch_manifests
+# option -> the targets it applies to; any other target refuses it rather than ignoring it
+LAUNCH_OPTIONS = {
+    "namespace": ("pytorchjob", "trainjob"), "volume": ("pytorchjob", "trainjob"),
+    "volume_size": ("pytorchjob", "trainjob"), "storage_class": ("pytorchjob", "trainjob"),
+    "queue": ("pytorchjob", "trainjob"), "priority_class": ("pytorchjob",), "shm_size": ("pytorchjob", "trainjob"),
+    "runtime": ("trainjob",),
+    "partition": ("slurm",), "account": ("slurm",), "qos": ("slurm",), "time": ("slurm",), "workdir": ("slurm",),
+    "exclusive": ("slurm",), "rdzv_port": ("slurm",),
+    "role": ("sagemaker",), "instance_type": ("sagemaker",), "output_s3": ("sagemaker",),
+    "checkpoint_s3": ("sagemaker",), "channel": ("sagemaker",), "volume_gb": ("sagemaker",),
+    "max_run": ("sagemaker",), "spot": ("sagemaker",), "region": ("sagemaker",),
+    "secret": ("pytorchjob", "trainjob", "slurm"),
+}
 
-    docs = launch_manifests(
-        recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-        name=a.name, namespace=a.namespace, volume=a.volume, volume_size=a.volume_size,
-        storage_class=a.storage_class, queue=a.queue, priority_class=a.priority_class, efa=a.efa,
-        max_restarts=a.max_restarts, shm_size=a.shm_size, mlflow_uri=_mlflow_uri_for_pods(), secrets=a.secret)
+
+def cmd_launch(argv: list[str]) -> int:
+    p = _parser("launch", "Render (or with --apply, submit) the job that trains RECIPE where your team runs: a "
+                "Kubeflow PyTorchJob (default), a Kubeflow Trainer v2 TrainJob, a Slurm batch script or a SageMaker "
+                "training job. Nodes and GPUs come from the recipe's cluster section.")
+    p.add_argument("--target", choices=["pytorchjob", "trainjob", "slurm", "sagemaker"], default="pytorchjob",
+                   help="pytorchjob (kubeflow.org/v1, default), trainjob (trainer.kubeflow.org/v1alpha1), slurm "
+                   "(an sbatch script), sagemaker (a CreateTrainingJob request)")
+    p.add_argument("--image", help="the training image (docker/train.Dockerfile); on Slurm optional: run it with "
+                   "enroot/pyxis (srun --container-image) instead of the nodes' own environment")
+    p.add_argument("--nodes", type=int, help="nodes (default: the recipe's cluster.nodes; another value needs the "
+                   "override cluster.nodes=N)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each (default: the recipe's "
+                   "cluster.gpus_per_node); 0: CPU nodes")
+    p.add_argument("--efa", type=int, metavar="N", help="EFA interfaces per node (default: the recipe's cluster.efa)")
+    p.add_argument("--name", help="job name (default: from the recipe file name)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts after a failure; each resumes from the newest checkpoint (default 3)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="Kubernetes: a Secret whose keys become environment variables; Slurm: an absolute path to a "
+                   "file of KEY=VALUE lines read at job start (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*); repeatable")
+    p.add_argument("--apply", action="store_true",
+                   help="submit (kubectl apply, sbatch, or boto3's create_training_job) instead of printing")
+    k8s = p.add_argument_group("pytorchjob and trainjob")
+    k8s.add_argument("--namespace")
+    k8s.add_argument("--volume", metavar="CLAIM:MOUNT",
+                     help="shared ReadWriteMany PersistentVolumeClaim (FSx for Lustre, EFS, NFS) for data, cache, "
+                     "checkpoints and the exported model; the pods' working directory (default: an emptyDir, "
+                     "lost with the pod)")
+    k8s.add_argument("--volume-size", metavar="SIZE", help="also create the --volume claim with this size (e.g. 1Ti)")
+    k8s.add_argument("--storage-class", help="storage class for --volume-size")
+    k8s.add_argument("--queue", help="Kueue LocalQueue to submit to (label kueue.x-k8s.io/queue-name)")
+    k8s.add_argument("--priority-class", help="PriorityClass of the pods (pytorchjob)")
+    k8s.add_argument("--shm-size", help="size of /dev/shm (memory-backed; default 16Gi)")
+    k8s.add_argument("--runtime", help="trainjob: the ClusterTrainingRuntime to run on (default torch-distributed)")
+    slurm = p.add_argument_group("slurm")
+    slurm.add_argument("--partition", help="partition to submit to (default: the cluster's default partition)")
+    slurm.add_argument("--account", help="account to charge")
+    slurm.add_argument("--qos", help="quality of service")
+    slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00 (a requeue before it keeps the job going)")
+    slurm.add_argument("--workdir", help="a directory every node shares (Lustre, NFS): runs/, cache/ and logs "
+                       "(default: the current directory)")
+    slurm.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                       help="whole nodes (default: on)")
+    slurm.add_argument("--rdzv-port", type=int, help="port of the c10d rendezvous on the first node (default 29500)")
+    sm = p.add_argument_group("sagemaker")
+    sm.add_argument("--role", help="IAM role ARN the job runs as (reads the channels, writes S3)")
+    sm.add_argument("--instance-type", help="e.g. ml.p5.48xlarge (default: the recipe's cluster.instance_type)")
+    sm.add_argument("--output-s3", metavar="S3URI", help="where SageMaker uploads the model (S3OutputPath)")
+    sm.add_argument("--checkpoint-s3", metavar="S3URI",
+                    help="where /opt/ml/checkpoints is kept (default: OUTPUT_S3/NAME/checkpoints)")
+    sm.add_argument("--channel", action="append", default=[], metavar="NAME=S3URI",
+                    help="another input channel, in /opt/ml/input/data/NAME (s3:// data.train, data.eval and "
+                    "model.path become channels on their own); repeatable")
+    sm.add_argument("--volume-gb", type=int, help="storage per instance in GB (default 500)")
+    sm.add_argument("--max-run", type=int, metavar="SECONDS", help="time limit (default 432000: 5 days)")
+    sm.add_argument("--spot", action="store_true", help="managed spot training; an interruption resumes from "
+                    "the checkpoints")
+    sm.add_argument("--region", help="AWS region for --apply (default: boto3's)")
+    a = _recipe_and_overrides(p, argv)
+    for dest, targets in LAUNCH_OPTIONS.items():
+        if a.target not in targets and getattr(a, dest) != p.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise KeelError(f"{flag} does not apply to --target {a.target}; it is an option of "
+                            + " and ".join(f"--target {t}" for t in targets))
+    renderer = {"pytorchjob": _launch_kubernetes, "trainjob": _launch_kubernetes, "slurm": _launch_slurm,
+                "sagemaker": _launch_sagemaker}[a.target]
+    return renderer(a)
+
+
+def _launch_kubernetes(a: argparse.Namespace) -> int:
+    check_namespace(a.namespace)
+    common = dict(recipe_path=a.recipe, overrides=a.overrides, image=a.image, nodes=a.nodes,
+                  gpus_per_node=a.gpus_per_node, name=a.name, namespace=a.namespace, volume=a.volume,
+                  volume_size=a.volume_size, storage_class=a.storage_class, queue=a.queue, efa=a.efa,
+                  max_restarts=a.max_restarts, shm_size=a.shm_size or "16Gi", mlflow_uri=_mlflow_uri_for_pods(),
+                  secrets=a.secret)
+    if a.target == "trainjob":
+        from keel.launch.trainjob import trainjob_manifests
+
+        docs = trainjob_manifests(**common, runtime=a.runtime)
+    else:
+        from keel.launch.pytorchjob import launch_manifests
+
+        docs = launch_manifests(**common, priority_class=a.priority_class)
     if a.volume is None:
         print("[keel] no --volume: checkpoints and the exported model live in an emptyDir and are lost with the "
-              "pod" + ("; the nodes cannot resume together" if a.nodes > 1 else ""), file=sys.stderr)
-    return _emit(docs, apply=a.apply, hint="keel launch ...")
+              "pod" + ("; the nodes cannot resume together" if (a.nodes or 1) > 1 else ""), file=sys.stderr)
+    return _emit(docs, apply=a.apply, hint=f"keel launch --target {a.target} ...")
+
+
+def _launch_slurm(a: argparse.Namespace) -> int:
+    from keel.launch.slurm import sbatch_script, submit
+
+    script = sbatch_script(recipe_path=a.recipe, overrides=a.overrides, name=a.name, nodes=a.nodes,
+                           gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, partition=a.partition,
+                           account=a.account, qos=a.qos, time_limit=a.time, workdir=a.workdir or os.getcwd(),
+                           exclusive=a.exclusive is not False, rdzv_port=a.rdzv_port or 29500,
+                           max_restarts=a.max_restarts, secrets=a.secret, mlflow_uri=_mlflow_uri_for_pods())
+    if a.apply:
+        return submit(script)
+    sys.stdout.write(script)
+    return 0
+
+
+def _launch_sagemaker(a: argparse.Namespace) -> int:
+    from keel.launch.sagemaker import create_training_job, training_job_request
+
+    request = training_job_request(recipe_path=a.recipe, overrides=a.overrides, name=a.name, nodes=a.nodes,
+                                   gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, role=a.role,
+                                   instance_type=a.instance_type, output_s3=a.output_s3, checkpoint_s3=a.checkpoint_s3,
+                                   channels=a.channel, volume_gb=a.volume_gb or 500, max_run_s=a.max_run or 432000,
+                                   spot=a.spot, max_restarts=a.max_restarts, mlflow_uri=_mlflow_uri_for_pods())
+    if a.apply:
+        return create_training_job(request, region=a.region)
+    import json
+
+    print(json.dumps(request, indent=2))
+    return 0
 
 
 def cmd_deploy(argv: list[str]) -> int:

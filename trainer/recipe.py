@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from data.formats import available_formats
 from data.redaction import URL_USERINFO, redact_text
 from trainer.models.config import packing_problem
 from trainer.models.known import format_problem, known_model, path_kind
+from trainer.plan import GPUS  # the planner's table is the one list of GPU kinds
 
 
 class Section(BaseModel):
@@ -180,6 +182,31 @@ class OutputSection(Section):
     )
 
 
+class ClusterSection(Section):
+    """Where the recipe is sized to run. `keel plan`, `keel launch` and `keel train` default to it;
+    their flags override it (`keel launch` refuses a --nodes or --gpus-per-node that disagrees,
+    unless the override is explicit: cluster.nodes=N)."""
+
+    nodes: int = Field(default=1, gt=0, description="Machines (nodes) the job runs on.")
+    gpus_per_node: int = Field(gt=0, description="GPUs per node, one training process each; with gpu: cpu, "
+                                                 "training processes per node.")
+    gpu: str = Field(description="GPU kind, as keel plan knows them (h100-80gb, a100-80gb, ...), or cpu.")
+    efa: int = Field(default=0, ge=0, description="EFA network interfaces per node (AWS p4d/p5: 4/32); 0: none. "
+                                                  "Adds the EFA devices and libfabric's settings to launched jobs.")
+    instance_type: str | None = Field(
+        default=None, description="Cloud instance type, e.g. ml.p5.48xlarge: what `keel launch --target sagemaker` "
+                                  "requests unless --instance-type names another.")
+
+    @model_validator(mode="after")
+    def _known_gpu(self):
+        if self.gpu != "cpu" and self.gpu not in GPUS:
+            close = difflib.get_close_matches(self.gpu, list(GPUS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"cluster.gpu: {self.gpu!r} is not a GPU kind keel plan knows; {hint}use one of: "
+                             + ", ".join(sorted(GPUS)) + ", cpu")
+        return self
+
+
 class Recipe(Section):
     model: ModelSection
     data: DataSection
@@ -191,6 +218,7 @@ class Recipe(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
     output: OutputSection
+    cluster: ClusterSection | None = None
 
     @model_validator(mode="after")
     def _cross_field(self):
@@ -285,11 +313,12 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
+        # an optional section (`cluster: ClusterSection | None`) suggests its own keys too
+        ann = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if ann is None:
             return None
+        cls = ann
     return cls
 
 

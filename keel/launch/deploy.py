@@ -163,7 +163,7 @@ def autoscaler(*, name: str, namespace: str | None, min_replicas: int, max_repli
 
 def refuse_secret_args(vllm_args: list[str], mlflow_uri: str | None = None) -> None:
     """A credential in vLLM's arguments or in $MLFLOW_TRACKING_URI would sit in plain text in the
-    Deployment, as launch refuses it in a recipe (keel/launch/pytorchjob.py refuse_inlined_secrets)."""
+    Deployment, as launch refuses it in a recipe (keel/launch/job.py refuse_inlined_secrets)."""
     if mlflow_uri and has_url_credentials(mlflow_uri):
         raise KeelError("$MLFLOW_TRACKING_URI carries a credential, which the manifests would hold in plain text. "
                         "Remove it from the URI; put MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in a "

@@ -12,6 +12,14 @@ The operator (training-operator release-1.9) injects:
 Kubeflow Trainer v2 (TrainJob) injects the static set (PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR/PORT), which the same mapping covers.
 
+A TrainJob's runtime owns the pod template, so what Keel's PyTorchJob sets on the container is
+asked for through the environment instead (keel/launch/trainjob.py): KEEL_WORKDIR (the working
+directory: the shared volume), KEEL_SECRET_DIRS (mounted Secrets, each file a variable) and
+KEEL_PREPARE=1 (`keel prepare` before torchrun, as the PyTorchJob's init container does).
+
+`train` alone as the argument is SageMaker's training-job contract (`docker run IMAGE train`):
+keel/launch/sagemaker_entrypoint.py runs it.
+
 torchrun reads PET_* variables on its own too; the mapping is written out here anyway so a
 missing or malformed variable is an error naming it (not a hang at rendezvous), and the exact
 torchrun command is printed at the top of every pod's log.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Mapping
 
@@ -88,19 +97,53 @@ def command(argv: list[str], env: Mapping[str, str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(env), "-m", "trainer", *argv]
 
 
+def export_secret_files(env: dict, dirs: str) -> list[str]:
+    """Each file of each mounted Secret (KEEL_SECRET_DIRS, ':'-separated) as an environment
+    variable named after the file; the names, never the values, are returned for the log."""
+    names = []
+    for directory in filter(None, dirs.split(":")):
+        if not os.path.isdir(directory):
+            raise KeelError(f"$KEEL_SECRET_DIRS names {directory}, which is not a directory: is the Secret mounted?")
+        for entry in sorted(os.listdir(directory)):
+            path = os.path.join(directory, entry)
+            # a Secret volume also holds ..data and timestamped dirs (the kubelet's atomic update)
+            if entry.startswith(".") or not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8") as f:
+                env[entry] = f.read()
+            names.append(entry)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["train"]:
+        from keel.launch.sagemaker_entrypoint import main as sagemaker_main
+
+        return sagemaker_main()
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m keel.launch.pod_entrypoint RECIPE [key=value ...]\n"
               "Runs torchrun -m trainer with launcher options from the PyTorchJob / TrainJob environment.")
         return 0 if argv else 2
     try:
+        if os.environ.get("KEEL_WORKDIR"):
+            os.chdir(os.environ["KEEL_WORKDIR"])
+        exported = export_secret_files(os.environ, os.environ.get("KEEL_SECRET_DIRS", ""))
         cmd = command(argv, os.environ)
-    except KeelError as exc:
+    except (KeelError, OSError) as exc:
         print_error(exc)
         return 2
     from data.redaction import redact_args
 
+    if exported:
+        print(f"[keel] environment from mounted Secrets: {', '.join(exported)}", flush=True)
+    if os.environ.get("KEEL_PREPARE") == "1":
+        # validated and prepared before torchrun starts: a bad row fails this node at once
+        prepare = [sys.executable, "-m", "keel.cli", "prepare", *argv]
+        print("[keel] " + " ".join(redact_args(prepare)), flush=True)
+        returncode = subprocess.run(prepare).returncode
+        if returncode:
+            return returncode
     print("[keel] " + " ".join(redact_args(cmd)), flush=True)
     # exec: torchrun becomes the container's main process and receives the kubelet's SIGTERM
     # itself, which it forwards to the training processes.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from data.errors import KeelError
 from data.options import check_count, check_namespace
+from keel.launch.job import check_cluster_flags, efa_env, resolve_launch, shared_paths
 from keel.launch.k8s_objects import (IMAGE_UID, check_image, check_name, check_object_name, check_quantity,
                                   is_object_name, labels, metadata, name_from)
 
@@ -58,7 +59,7 @@ def parse_volume(spec: str | None) -> SharedVolume:
 
 
 def cluster_overrides(*, name: str, mount: str) -> list[str]:
-    return [f"output.dir={mount}/runs/{name}", f"data.cache_dir={mount}/cache/prepared"]
+    return shared_paths(name=name, root=mount)
 
 
 def recipe_configmap(*, name: str, namespace: str | None, recipe_text: str) -> dict:
@@ -87,9 +88,7 @@ def _env(*, mount: str, single_node: bool, max_restarts: int, mlflow_uri: str | 
         env.append({"name": "PET_MAX_RESTARTS", "value": str(max_restarts)})
     if mlflow_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri})
-    if efa:
-        # libfabric's EFA provider, with GPUDirect RDMA on instances that have it (p4d, p5)
-        env += [{"name": "FI_PROVIDER", "value": "efa"}, {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"}]
+    env += [{"name": k, "value": v} for k, v in efa_env(efa).items()]
     return env
 
 
@@ -139,7 +138,7 @@ def pod_template(*, name: str, image: str, args: list[str], gpus: int, efa: int,
 
 
 def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str], nodes: int, gpus_per_node: int,
-               volume: SharedVolume, max_restarts: int, shm_size: str, mlflow_uri: str | None = None,
+               volume: SharedVolume, nproc_per_node: int | None = None, max_restarts: int, shm_size: str, mlflow_uri: str | None = None,
                secrets: list[str] | tuple[str, ...] = (), efa: int = 0, queue: str | None = None,
                priority_class: str | None = None) -> dict:
     """The PyTorchJob: one Master, nodes-1 Workers, elastic rendezvous when there are Workers."""
@@ -157,7 +156,7 @@ def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str],
     if nodes > 1:
         replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template()}
     spec: dict = {
-        "nprocPerNode": str(gpus_per_node or 1),
+        "nprocPerNode": str(nproc_per_node or gpus_per_node or 1),
         "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": max_restarts},
         "pytorchReplicaSpecs": replicas,
     }
@@ -177,47 +176,55 @@ def pytorchjob(*, name: str, namespace: str | None, image: str, args: list[str],
             "spec": spec}
 
 
-def refuse_inlined_secrets(recipe: dict, mlflow_uri: str | None) -> None:
-    """A manifest is printed, committed and kept by the API server in plain text: a password in a
-    URL or a secret-named recipe key (the recipe file travels in a ConfigMap, overrides in the
-    pod's args) would be readable by anyone who can read the job. Refused, with where it goes
-    instead: a Kubernetes Secret passed by --secret, whose keys become the pod's environment."""
-    from data.redaction import has_url_credentials
-    from trainer.recipe import flatten
-    from trainer.run_facts import redact
-
-    found = [k for k, v in flatten(redact(recipe)).items() if v != flatten(recipe).get(k)]
-    if mlflow_uri and has_url_credentials(mlflow_uri):
-        found.append("$MLFLOW_TRACKING_URI")
-    if found:
-        raise KeelError(
-            f"{', '.join(sorted(found))} carries a credential, which the manifests would hold in plain text. "
-            "Remove it from the recipe, overrides and URI; put it in a Kubernetes Secret (for MLflow: "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; for S3: AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY; for the hub: HF_TOKEN) and pass --secret SECRET_NAME")
-
-
-def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: str, nodes: int, gpus_per_node: int,
-                     name: str | None = None, namespace: str | None = None, volume: str | None = None,
-                     volume_size: str | None = None, storage_class: str | None = None, queue: str | None = None,
-                     priority_class: str | None = None, efa: int = 0, max_restarts: int = 3,
-                     shm_size: str = "16Gi", mlflow_uri: str | None = None,
+def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: str, nodes: int | None = None,
+                     gpus_per_node: int | None = None, name: str | None = None, namespace: str | None = None,
+                     volume: str | None = None, volume_size: str | None = None, storage_class: str | None = None,
+                     queue: str | None = None, priority_class: str | None = None, efa: int | None = None,
+                     max_restarts: int = 3, shm_size: str = "16Gi", mlflow_uri: str | None = None,
                      secrets: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """Everything `keel launch` prints: [PersistentVolumeClaim,] ConfigMap, PyTorchJob.
 
     The recipe is validated with the cluster overrides applied, exactly as the pods will load
-    it, so a bad recipe fails here with the same errors as `keel validate`.
+    it, so a bad recipe fails here with the same errors as `keel validate`; nodes and GPUs
+    default to the recipe's cluster section (keel/launch/job.py).
     """
-    from trainer.recipe import load_recipe
+    shared, name = check_k8s_options(recipe_path=recipe_path, image=image, name=name, namespace=namespace,
+                                     volume=volume, volume_size=volume_size, storage_class=storage_class,
+                                     queue=queue, priority_class=priority_class, shm_size=shm_size,
+                                     max_restarts=max_restarts, secrets=secrets, nodes=nodes)
+    launch = resolve_launch(recipe_path=recipe_path, overrides=overrides, name=name,
+                            path_overrides=cluster_overrides(name=name, mount=shared.mount), nodes=nodes,
+                            gpus_per_node=gpus_per_node, efa=efa, mlflow_uri=mlflow_uri)
+    topo = launch.topology
+    check_name(name, flag="--name", longest_suffix=f"-worker-{max(topo.nodes - 2, 0)}")
+    docs = []
+    if volume_size:
+        docs.append(shared_volume_claim(claim=shared.claim, namespace=namespace,
+                                        size=check_quantity(volume_size, "--volume-size"),
+                                        storage_class=storage_class))
+    docs.append(recipe_configmap(name=name, namespace=namespace, recipe_text=launch.recipe_text))
+    docs.append(pytorchjob(name=name, namespace=namespace, image=image,
+                           args=[f"{RECIPE_DIR}/{RECIPE_KEY}", *launch.args], nodes=topo.nodes,
+                           gpus_per_node=topo.gpus_per_node, nproc_per_node=topo.processes_per_node,
+                           volume=shared, max_restarts=max_restarts, shm_size=shm_size, mlflow_uri=mlflow_uri,
+                           secrets=secrets, efa=topo.efa, queue=queue, priority_class=priority_class))
+    return docs
 
-    check_count(nodes, "--nodes")  # a job needs at least one node (the Master)
-    check_count(gpus_per_node, "--gpus-per-node", minimum=0)  # 0: CPU-only nodes
-    check_count(efa, "--efa", minimum=0)
+
+def check_k8s_options(*, recipe_path: str | Path, image: str | None, name: str | None, namespace: str | None,
+                      volume: str | None, volume_size: str | None, storage_class: str | None, queue: str | None,
+                      priority_class: str | None, shm_size: str, max_restarts: int, secrets, nodes: int | None,
+                      ) -> tuple[SharedVolume, str]:
+    """The options the Kubernetes targets (PyTorchJob, TrainJob) share, checked before the recipe."""
+    check_cluster_flags(nodes=nodes, gpus_per_node=None, efa=None)
     check_count(max_restarts, "--max-restarts", minimum=0)
     check_namespace(namespace)
+    if not image:
+        raise KeelError("--image is required: the training image the pods run (docker/train.Dockerfile), e.g. "
+                        "--image registry.example/keel-train:0.1.0")
     check_image(image)
     name = check_name(name or name_from(str(recipe_path)), flag="--name",
-                      longest_suffix=f"-worker-{max(nodes - 2, 0)}")
+                      longest_suffix=f"-worker-{max((nodes or 1) - 2, 0)}")
     shared = parse_volume(volume)
     if volume_size and not shared.claim:
         raise KeelError("--volume-size creates the claim named by --volume CLAIM:MOUNT; pass --volume too")
@@ -226,18 +233,4 @@ def launch_manifests(*, recipe_path: str | Path, overrides: list[str], image: st
                         *((s, "--secret") for s in secrets)]:
         if value is not None:
             check_object_name(value, flag)
-    path = Path(recipe_path)
-    args = [f"{RECIPE_DIR}/{RECIPE_KEY}", *cluster_overrides(name=name, mount=shared.mount), *overrides]
-    recipe = load_recipe(path, args[1:])  # raises KeelError with every problem, as `keel validate` does
-    refuse_inlined_secrets(recipe.to_dict(), mlflow_uri)
-    docs = []
-    if volume_size:
-        docs.append(shared_volume_claim(claim=shared.claim, namespace=namespace,
-                                        size=check_quantity(volume_size, "--volume-size"),
-                                        storage_class=storage_class))
-    docs.append(recipe_configmap(name=name, namespace=namespace, recipe_text=path.read_text(encoding="utf-8")))
-    docs.append(pytorchjob(name=name, namespace=namespace, image=image, args=args, nodes=nodes,
-                           gpus_per_node=gpus_per_node, volume=shared, max_restarts=max_restarts, shm_size=shm_size,
-                           mlflow_uri=mlflow_uri, secrets=secrets, efa=efa, queue=queue,
-                           priority_class=priority_class))
-    return docs
+    return shared, name

@@ -64,7 +64,9 @@ def test_rendered_job_trains_across_master_and_worker(tiny_model, keel_env, tmp_
     docs = launch_manifests(
         recipe_path=QUICKSTART_RECIPE, image="keel-train:test", nodes=2, gpus_per_node=0, name=JOB,
         volume=f"shared-claim:{shared}", max_restarts=0,
-        overrides=[f"model.path={tiny_model}", f"data.train={QUICKSTART_DATA}", "training.max_steps=4",
+        # the quickstart recipe is sized for one CPU node with 2 processes: resized explicitly to 2 x 1
+        overrides=["cluster.nodes=2", "cluster.gpus_per_node=1",
+                   f"model.path={tiny_model}", f"data.train={QUICKSTART_DATA}", "training.max_steps=4",
                    "training.micro_batch_size=1", "training.log_every_steps=1"])
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     job = next(d for d in docs if d["kind"] == "PyTorchJob")

@@ -21,7 +21,7 @@ def test_the_readme_is_a_front_door_and_the_reference_lives_in_docs():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 250
     for page in ("architecture", "recipes", "data", "formats", "training", "serving", "kubernetes", "operations",
-                 "planner", "testing", "SECURITY"):
+                 "planner", "testing", "SECURITY", "slurm", "sagemaker"):
         assert (REPO / "docs" / f"{page}.md").is_file(), page
         assert f"docs/{page}.md" in readme, f"README does not link docs/{page}.md"
 

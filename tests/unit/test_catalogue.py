@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from data.errors import KeelError
+from keel.cli import planned_cluster
 from trainer.models.known import CHAT_FAMILIES, known_models
 from trainer.plan import Cluster, model_shape, plan
 from trainer.models.config import load_config
@@ -23,7 +24,6 @@ from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOGUE = sorted(p for p in (REPO / "recipes").glob("*/*.yaml") if p.parent.name != "quickstart")
-SIZED_FOR = re.compile(r"keel plan (\S+) --gpu (\S+) --nodes (\d+) --gpus-per-node (\d+)")
 
 
 def rel(path: Path) -> str:
@@ -64,9 +64,13 @@ def test_recipe_validates_documents_itself_and_fits_where_it_is_sized_for(path):
     assert head[0].startswith(f"# keel train {rel(path)} ") and head[1].startswith(f"# keel launch {rel(path)} ")
     assert recipe.model.path in known_models(), "the model's architecture must be kept offline"
     assert f"({recipe.model.path})" in text and "s3://" in text and "local directory" in text
-    sized = SIZED_FOR.search(text)
-    assert sized and sized[1] == rel(path)
-    cluster = Cluster(gpu=sized[2], nodes=int(sized[3]), gpus_per_node=int(sized[4]))
+    # the recipe carries the cluster it is sized for, and `keel plan RECIPE` (no flags) sizes it there
+    assert recipe.cluster is not None, "every catalogue recipe states its cluster"
+    assert f"# keel plan {rel(path)}\n" in text
+    assert f"Sized for {recipe.cluster.nodes} node" in text and recipe.cluster.gpu in text
+    cluster = planned_cluster(recipe.cluster)
+    assert (cluster.gpu, cluster.nodes, cluster.gpus_per_node) == (
+        recipe.cluster.gpu, recipe.cluster.nodes, recipe.cluster.gpus_per_node)
     if recipe.peft.kind == "qlora":  # QLoRA runs on one GPU per process, no sharding (validated)
         assert recipe.distributed.strategy in ("ddp", "zero1", "zero2")
     result = plan(recipe, cluster, load_config(recipe.model.path))
@@ -87,6 +91,13 @@ def test_keel_plan_and_validate_run_offline_on_a_hub_id(tmp_path):
     too_long = subprocess.run([sys.executable, "-m", "keel.cli", "plan", path, "training.seq_len=50000"],
                               capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert too_long.returncode == 1 and "beyond the model's 40960 positions" in too_long.stderr
+    # the example: sized for 2 nodes in its cluster section, it fits with no flags
+    full = subprocess.run([sys.executable, "-m", "keel.cli", "plan", "recipes/qwen3/qwen3-32b-sft-full.yaml"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert full.returncode == 0 and "fits" in full.stdout and "world size" in full.stdout, full.stdout + full.stderr
+    one_node = subprocess.run([sys.executable, "-m", "keel.cli", "plan", "recipes/qwen3/qwen3-32b-sft-full.yaml",
+                               "--nodes", "1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert one_node.returncode == 1, "--nodes overrides the recipe's cluster"
     ok = subprocess.run([sys.executable, "-m", "keel.cli", "validate", *map(rel, CATALOGUE)],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr

@@ -23,7 +23,16 @@ K8S_VERSION = "1.37.0"  # the newest Kubernetes whose schemas kubernetes-validat
 CRD_NAME = "kubeflow.org_pytorchjobs.yaml"
 
 
+def sized(nodes: int, gpus_per_node: int) -> list[str]:
+    """The quickstart recipe (1 CPU node) resized explicitly, as `keel launch` requires for other sizes."""
+    if gpus_per_node == 0:
+        return [f"cluster.nodes={nodes}"]
+    return [f"cluster.nodes={nodes}", f"cluster.gpus_per_node={gpus_per_node}", "cluster.gpu=h100-80gb"]
+
+
 def render(**kw) -> list[dict]:
+    nodes, gpus = kw.get("nodes", 4), kw.get("gpus_per_node", 8)
+    kw["overrides"] = [*kw.get("overrides", ["model.path=base", "training.max_steps=10"]), *sized(nodes, gpus)]
     args = dict(recipe_path=RECIPE, overrides=["model.path=base", "training.max_steps=10"],
                 image="registry.example/keel-train:0.1.0", nodes=4, gpus_per_node=8, volume="fsx-claim:/fsx",
                 volume_size="1200Gi", storage_class="fsx-sc", queue="team-a", priority_class="high", efa=32,
@@ -134,7 +143,8 @@ def test_pods_run_the_mounted_recipe_with_cluster_paths_and_user_overrides():
         trainer = trainer_container(spec)
         assert "command" not in trainer  # the image's entrypoint (docker/train*.Dockerfile) runs it
         assert trainer["args"] == ["/etc/keel/recipe.yaml", "output.dir=/fsx/runs/sft-tool-calling",
-                                   "data.cache_dir=/fsx/cache/prepared", "model.path=base", "training.max_steps=10"]
+                                   "data.cache_dir=/fsx/cache/prepared", "model.path=base", "training.max_steps=10",
+                                   *sized(2, 8)]
         assert trainer["workingDir"] == "/fsx"
         prepare = spec["initContainers"][0]
         assert prepare["command"] == ["keel", "prepare"] and prepare["args"] == trainer["args"]
@@ -183,7 +193,7 @@ def test_cpu_job_without_volume_uses_an_emptydir_and_no_gpus():
     spec = pod_specs(docs["PyTorchJob"])["Master"]
     assert "resources" not in trainer_container(spec)
     assert {"name": "shared", "emptyDir": {}} in spec["volumes"]
-    assert docs["PyTorchJob"]["spec"]["nprocPerNode"] == "1"
+    assert docs["PyTorchJob"]["spec"]["nprocPerNode"] == "2"  # the recipe's cluster: 2 CPU processes per node
 
 
 # ---------------------------------------------------------------- the command
@@ -191,7 +201,7 @@ def test_cpu_job_without_volume_uses_an_emptydir_and_no_gpus():
 
 def test_keel_launch_prints_the_manifests(capsys):
     rc = keel(["launch", str(RECIPE), "--image", "keel-train:0.1.0", "--nodes", "2", "--gpus-per-node", "8",
-               "--volume", "fsx-claim:/fsx", "--namespace", "ml", "model.path=base"])
+               "--volume", "fsx-claim:/fsx", "--namespace", "ml", "model.path=base", *sized(2, 8)])
     out = capsys.readouterr()
     assert rc == 0
     docs = list(yaml.safe_load_all(out.out))
@@ -209,6 +219,8 @@ BAD_INPUT = [
     (["--nodes", str(2**31)], "--nodes 2147483648: expected a whole number from 1 to 2,147,483,647"),
     (["--namespace", "Team_A"], "--namespace 'Team_A': expected a Kubernetes namespace"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1"),
+    (["--nodes", "2"], "--nodes 2 does not match the recipe's cluster.nodes 1"),
+    (["--gpus-per-node", "8"], "--gpus-per-node 8: the recipe's cluster runs on CPU"),
     (["--name", "My_Job"], "--name 'My_Job': expected lowercase letters"),
     (["--volume-size", "1Ti"], "--volume-size creates the claim named by --volume"),
     (["--volume", "fsx:/fsx", "--volume-size", "lots"], "--volume-size 'lots': expected a Kubernetes quantity"),
@@ -219,7 +231,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT)
 def test_bad_input_is_an_error_naming_the_flag_and_prints_nothing(extra, message, capsys):
-    base = {"--image": "keel-train:0.1.0", "--nodes": "2", "--gpus-per-node": "8"}
+    base = {"--image": "keel-train:0.1.0"}  # nodes and GPUs: the recipe's cluster
     flags = dict(zip(extra[::2], extra[1::2])) if extra[0].startswith("--") else {}
     argv = ["launch", str(RECIPE), *[x for kv in {**base, **flags}.items() for x in kv]]
     if not extra[0].startswith("--"):

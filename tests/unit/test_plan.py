@@ -92,7 +92,7 @@ def test_keel_plan_command(model_dirs, tmp_path):
     assert ok.returncode == 0, ok.stderr
     for line in ("world size 1", "global 2 sequences", "memory per GPU", "verdict    fits", "training:"):
         assert line in ok.stdout, line
-    too_big = keel_plan(f"model.path={model_dirs['70b']}", "--gpus-per-node", "8")
+    too_big = keel_plan(f"model.path={model_dirs['70b']}", "--gpu", "h100-80gb", "--gpus-per-node", "8")
     assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout and "smallest change" in too_big.stdout
     no_config = keel_plan(f"model.path={tmp_path}")
     assert no_config.returncode == 2 and "config.json" in no_config.stderr and "model.path" in no_config.stderr

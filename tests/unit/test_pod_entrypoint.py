@@ -20,7 +20,9 @@ RECIPE = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
 
 
 def rendered_job(nodes: int, gpus: int = 8) -> dict:
-    docs = launch_manifests(recipe_path=RECIPE, overrides=[], image="keel-train:test", nodes=nodes,
+    # the quickstart recipe is sized for 1 CPU node: resized explicitly, as `keel launch` requires
+    sized = [f"cluster.nodes={nodes}", f"cluster.gpus_per_node={gpus}", "cluster.gpu=h100-80gb"]
+    docs = launch_manifests(recipe_path=RECIPE, overrides=sized, image="keel-train:test", nodes=nodes,
                             gpus_per_node=gpus, name="sft", volume="shared:/mnt/shared", max_restarts=2)
     return docs[-1]
 

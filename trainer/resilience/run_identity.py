@@ -36,6 +36,8 @@ LOG_DIR = "logs"
 RESUMABLE_CHANGES = (
     "tracking.", "checkpoint.", "training.log_every_steps", "distributed.timeout_s", "data.cache_dir",
     "output.register_as",
+    # where the run is sized to run (the world size itself was never part of the record)
+    "cluster.",
 )
 
 
