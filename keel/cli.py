@@ -63,16 +63,23 @@ def cmd_tiny_model(argv: list[str]) -> int:
 
 def cmd_validate(argv: list[str]) -> int:
     p = _parser("validate", "Check recipes without running them.")
-    p.add_argument("recipes", nargs="+")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE [key=value ...]",
+                   help="recipe files, and dotted overrides applied to each of them (as keel train takes them)")
     p.add_argument("--check-paths", action="store_true",
                    help="also check that local paths exist (hub ids and s3:// URIs are checked at run time)")
     a = p.parse_args(argv)
     from trainer.recipe import check_paths, load_recipe
 
+    # An argument with "=" that is not a file is an override, as in every other command.
+    overrides = [x for x in a.recipes if "=" in x and not os.path.exists(x)]
+    recipes = [x for x in a.recipes if x not in overrides]
+    if not recipes:
+        p.error(f"no recipe file given, only overrides ({', '.join(overrides)}): name a recipe, e.g. "
+                f"keel validate recipes/quickstart/sft-tool-calling.yaml {overrides[0]}")
     failed = 0
-    for path in a.recipes:
+    for path in recipes:
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, overrides)
             if a.check_paths:
                 check_paths(recipe, path)
             print(f"ok: {path}")
@@ -346,12 +353,13 @@ def cmd_eval(argv: list[str]) -> int:
     return main(argv)
 
 
-def _mlflow_uri_for_pods() -> str | None:
-    """$MLFLOW_TRACKING_URI when pods can reach it too (a server, not a file on this machine)."""
+def _mlflow_uri_for_pods(where: str = "the pods") -> str | None:
+    """$MLFLOW_TRACKING_URI when the job's machines (`where`) can reach it too (a server, not a file
+    on this machine)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and not uri.startswith(("http://", "https://", "databricks")):
-        print(f"[keel] not passing MLFLOW_TRACKING_URI={redact_text(uri)} to the pods: it names storage on this "
-              "machine",
+        print(f"[keel] not passing MLFLOW_TRACKING_URI={redact_text(uri)} to {where}: it names storage on this "
+              "machine; set the recipe's tracking.mlflow.tracking_uri to a server they can reach",
               file=sys.stderr)
         return None
     return uri
@@ -479,7 +487,8 @@ def _launch_slurm(a: argparse.Namespace) -> int:
                            gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, partition=a.partition,
                            account=a.account, qos=a.qos, time_limit=a.time, workdir=a.workdir or os.getcwd(),
                            exclusive=a.exclusive is not False, rdzv_port=a.rdzv_port or 29500,
-                           max_restarts=a.max_restarts, secrets=a.secret, mlflow_uri=_mlflow_uri_for_pods())
+                           max_restarts=a.max_restarts, secrets=a.secret,
+                           mlflow_uri=_mlflow_uri_for_pods("the Slurm job's nodes"))
     if a.apply:
         return submit(script)
     sys.stdout.write(script)
@@ -493,7 +502,8 @@ def _launch_sagemaker(a: argparse.Namespace) -> int:
                                    gpus_per_node=a.gpus_per_node, efa=a.efa, image=a.image, role=a.role,
                                    instance_type=a.instance_type, output_s3=a.output_s3, checkpoint_s3=a.checkpoint_s3,
                                    channels=a.channel, volume_gb=a.volume_gb or 500, max_run_s=a.max_run or 432000,
-                                   spot=a.spot, max_restarts=a.max_restarts, mlflow_uri=_mlflow_uri_for_pods())
+                                   spot=a.spot, max_restarts=a.max_restarts,
+                                   mlflow_uri=_mlflow_uri_for_pods("the SageMaker training job"))
     if a.apply:
         return create_training_job(request, region=a.region)
     import json

@@ -300,3 +300,16 @@ def test_apply_without_sbatch_is_a_clear_error(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     rc, out, err = launch(capsys, TWO_NODES, "--target", "slurm", "--apply")
     assert rc == 2 and out == "" and "--apply runs sbatch, but sbatch is not on PATH" in err
+
+
+def test_a_local_tracking_uri_stays_here_and_the_message_names_the_target(capsys, monkeypatch):
+    """A file store on this machine is not handed to the job (its machines cannot see it), and the
+    message says which machines and what to set instead."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///home/me/mlruns")
+    rc, out, err = launch(capsys, QUICKSTART, "--target", "slurm")
+    assert rc == 0 and "file:///home/me/mlruns" not in out
+    assert "not passing MLFLOW_TRACKING_URI=file:///home/me/mlruns to the Slurm job's nodes" in err
+    assert "tracking.mlflow.tracking_uri" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    rc, out, err = launch(capsys, QUICKSTART, "--target", "slurm")
+    assert rc == 0 and "MLFLOW_TRACKING_URI=http://mlflow.internal:5000" in out and "not passing" not in err

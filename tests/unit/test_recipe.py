@@ -138,6 +138,19 @@ def test_cli_validate_exit_codes(tmp_path):
     assert res.returncode == 2 and "model.path" in res.stderr and "does not exist" in res.stderr
 
 
+def test_cli_validate_takes_overrides_as_other_commands_do(tmp_path):
+    """`keel validate RECIPE key=value` checks the recipe as `keel train` would run it with that
+    override (it used to read `key=value` as a recipe file that does not exist)."""
+    ok = keel("validate", str(QUICKSTART), "training.max_steps=5")
+    assert ok.returncode == 0 and ok.stdout.strip() == f"ok: {QUICKSTART}", ok.stderr
+    typo = keel("validate", str(QUICKSTART), "training.max_stepz=5")
+    assert typo.returncode == 2 and "training.max_stepz" in typo.stderr and "did you mean 'max_steps'" in typo.stderr
+    bad = keel("validate", str(QUICKSTART), "training.max_steps=-1")
+    assert bad.returncode == 2 and "training.max_steps" in bad.stderr and "greater than 0" in bad.stderr
+    alone = keel("validate", "training.max_steps=5")
+    assert alone.returncode == 2 and "no recipe file given" in alone.stderr and "Traceback" not in alone.stderr
+
+
 def test_train_with_bad_recipe_writes_nothing(tmp_path):
     out = tmp_path / "run"
     bad = write_recipe(tmp_path, lambda r: r["training"].update(micro_batch_size=0))
