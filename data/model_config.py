@@ -34,6 +34,7 @@ def read_model_config(config_file: str | Path) -> dict:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
                 raise KeelError(f"{config_file}: {where}{key} is {quote(value)}; expected a whole number from 1 to "
                                 f"{limit:,} (is the config.json corrupt?)")
+        _check_heads(config_file, where, section)
         hidden, layers = section.get("hidden_size") or 0, section.get("num_hidden_layers") or 0
         wide = max(section.get("intermediate_size") or 0, 4 * hidden) * max(section.get("num_local_experts")
                                                                            or section.get("num_experts") or 1, 1)
@@ -43,3 +44,19 @@ def read_model_config(config_file: str | Path) -> dict:
                             f"({MAX_PARAMETERS:.0e}); is the config.json corrupt?")
     return config
 
+
+
+def _check_heads(config_file, where: str, section: dict) -> None:
+    """Attention heads that fit together: key/value heads divide the query heads (each key/value
+    head serves a whole group), and without an explicit head_dim the hidden size splits evenly
+    over the heads (as transformers and vLLM derive head_dim). Otherwise building the model fails
+    deep inside torch with a shape error."""
+    heads, kv = section.get("num_attention_heads"), section.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise KeelError(f"{config_file}: {where}num_key_value_heads {kv} does not divide num_attention_heads "
+                        f"{heads}; each key/value head serves a whole group of query heads (is the config.json "
+                        "corrupt, or edited by hand?)")
+    hidden = section.get("hidden_size")
+    if heads and hidden and section.get("head_dim") is None and hidden % heads:
+        raise KeelError(f"{config_file}: {where}hidden_size {hidden} is not a multiple of num_attention_heads "
+                        f"{heads} and no head_dim is given; set head_dim, or a head count that divides hidden_size")

@@ -362,6 +362,24 @@ def test_yaml_duplicate_keys_alias_bombs_and_huge_files_are_refused_before_use(t
         load_recipe(loop)
 
 
+@pytest.mark.parametrize("sizes, message", [
+    ({"num_attention_heads": 12, "num_key_value_heads": 5}, "num_key_value_heads 5 does not divide num_attention_heads 12"),
+    ({"hidden_size": 100, "num_attention_heads": 3}, "hidden_size 100 is not a multiple of num_attention_heads 3"),
+])
+def test_attention_heads_that_cannot_build_a_model_are_refused_naming_the_keys(tmp_path, sizes, message):
+    from data.model_config import read_model_config
+
+    config = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 4096, **sizes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeelError, match=re.escape(f"config.json: {message}")):
+        read_model_config(tmp_path / "config.json")
+    # an explicit head_dim (Qwen3, Gemma: hidden need not split over the heads) is a valid layout
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 100, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "head_dim": 64}))
+    assert read_model_config(tmp_path / "config.json")["head_dim"] == 64
+
+
 # --------------------------------------------------------------------------- non-finite numbers
 
 
