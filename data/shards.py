@@ -61,17 +61,26 @@ def _int(env, name: str) -> int | None:
         return None
 
 
+def _nodes(value: str) -> int | None:
+    """PET_NNODES as a fixed count: "2", or "2:2" (torchrun's MIN:MAX); None for a range."""
+    low, _, high = value.partition(":")
+    try:
+        return int(low) if int(high or low) == int(low) else None
+    except ValueError:
+        return None
+
+
 def node_share_from_env(env=None) -> NodeShare:
     """The node's share from the launcher's environment: torchrun's GROUP_RANK and
     WORLD_SIZE / LOCAL_WORLD_SIZE inside a torchrun worker; otherwise PET_NODE_RANK and
     PET_NNODES (what the PyTorchJob and TrainJob operators inject, and what Keel's pod entrypoint
-    hands to torchrun); otherwise one node. An elastic node range (PET_NNODES=1:4) has no fixed
-    share: one node."""
+    hands to torchrun, a count or MIN:MAX with MIN = MAX); otherwise one node. An elastic node range
+    (PET_NNODES=1:4) has no fixed share: one node."""
     env = os.environ if env is None else env
     if _int(env, "LOCAL_WORLD_SIZE") and _int(env, "GROUP_RANK") is not None and _int(env, "WORLD_SIZE"):
         rank, count = _int(env, "GROUP_RANK"), _int(env, "WORLD_SIZE") // _int(env, "LOCAL_WORLD_SIZE")
-    elif _int(env, "PET_NNODES") and _int(env, "PET_NODE_RANK") is not None:
-        rank, count = _int(env, "PET_NODE_RANK"), _int(env, "PET_NNODES")
+    elif _nodes(env.get("PET_NNODES", "")) and _int(env, "PET_NODE_RANK") is not None:
+        rank, count = _int(env, "PET_NODE_RANK"), _nodes(env["PET_NNODES"])
     else:
         return NodeShare()
     if not 0 <= rank < count:

@@ -107,5 +107,6 @@ def test_the_node_share_comes_from_torchrun_or_the_operator():
     torchrun = {"GROUP_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "0"}
     assert node_share_from_env(torchrun) == NodeShare(1, 2)
     assert node_share_from_env({"PET_NODE_RANK": "2", "PET_NNODES": "3"}) == NodeShare(2, 3)
+    assert node_share_from_env({"PET_NODE_RANK": "1", "PET_NNODES": "2:2"}) == NodeShare(1, 2)
     assert node_share_from_env({"PET_NODE_RANK": "0", "PET_NNODES": "1:4"}) == NodeShare(0, 1)  # elastic: one node
     assert [NodeShare(1, 3).owns(s) for s in range(6)] == [False, True, False, False, True, False]
