@@ -426,6 +426,11 @@ def _prepare_share(source: Source, shards: ShardDir, final: Path, deadline: floa
         total, done = shards.rows(), shards.done()
         if own:
             pick = (lambda s: node.owns(s) and s not in done)
+        elif total is None:  # the shards were just assembled and removed by another node (or are being)
+            if time.time() > deadline:
+                raise KeelError(f"gave up after {timeout_s:.0f}s waiting for {final} ({shards.path} lost its row count)")
+            time.sleep(1.0)
+            continue
         else:
             missing = [s for s in range(_shard_count(total)) if s not in done]
             if not missing:
