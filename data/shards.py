@@ -14,8 +14,9 @@ present means complete, so a re-run after a node died redoes only the missing sh
 
 A node claims a shard before tokenizing it (`claim-NNNNNN`, created with O_EXCL, its mtime kept
 fresh, as the cache lock in data/prepare.py); when its own shards are done it takes over missing
-shards whose claim is absent or stale (their node died, or does not see this directory at all:
-without a shared volume every node ends up preparing every shard, as before). When every shard
+shards whose claim went stale (their node died) or whose node never showed up in the directory
+within NODE_ABSENT_S (it has not started, or does not share the volume: then every node ends up
+preparing every shard, as before, a minute later). When every shard
 is present, one process takes the cache lock, replays the shards in order through the same
 writer a single-node preparation uses, and publishes the cache by an atomic rename: the result
 is the single-node one, bit for bit (tests/unit/test_prepare_nodes.py).
@@ -39,6 +40,7 @@ from data.tokenized import RowExamples
 SHARD_ROWS = 4096  # rows per shard: a few seconds to minutes of work, a few MB on disk
 HEARTBEAT_S = 30.0
 STALE_LOCK_S = 300.0  # a lock or claim not refreshed for this long: its holder died
+NODE_ABSENT_S = 60.0  # a node not seen in the shard directory this long after the first began: its shards are taken
 ROWS_FILE = "rows.json"  # the source's row count, written by every node that read it whole
 FAILED_FILE = "failed.txt"  # why the assembly refused the data: every waiting node raises it too
 
@@ -182,14 +184,17 @@ class ShardDir:
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         Lock.create(self.path / "created", self.holder)  # its mtime: when the first node began
+        Lock.create(self.path / f"hello-{self.node.rank}", self.holder)
 
     def claimable(self, s: int) -> bool:
-        """Shard s may be taken over: its claim went stale, or nobody claimed it although the
-        first node began long ago (its node is slow to reach it, or cannot see this directory)."""
+        """Shard s may be taken over: its claim went stale; or nobody claimed it although the first
+        node began long ago: NODE_ABSENT_S when its node never showed up here (it has not started,
+        or the cache directory is not shared with it), STALE_LOCK_S when it is slow to reach it."""
         age = age_s(self.path / f"claim-{s:06d}")
-        if age is None:
-            return (age_s(self.path / "created") or 0.0) > STALE_LOCK_S
-        return age > STALE_LOCK_S
+        if age is not None:
+            return age > STALE_LOCK_S
+        seen = (self.path / f"hello-{s % self.node.count}").exists()
+        return (age_s(self.path / "created") or 0.0) > (STALE_LOCK_S if seen else NODE_ABSENT_S)
 
     def release(self, s: int, lock: Lock) -> None:
         path = self.path / f"claim-{s:06d}"

@@ -110,3 +110,20 @@ def test_the_node_share_comes_from_torchrun_or_the_operator():
     assert node_share_from_env({"PET_NODE_RANK": "1", "PET_NNODES": "2:2"}) == NodeShare(1, 2)
     assert node_share_from_env({"PET_NODE_RANK": "0", "PET_NNODES": "1:4"}) == NodeShare(0, 1)  # elastic: one node
     assert [NodeShare(1, 3).owns(s) for s in range(6)] == [False, True, False, False, True, False]
+
+
+def test_a_node_alone_prepares_the_shards_of_a_node_that_never_shows_up(rows_file, tiny_model, tmp_path,
+                                                                         monkeypatch):
+    """A cache directory the other node does not share (or a node that never starts): once the
+    absent node's time is up, this node prepares its shards too, and the cache is the same."""
+    import data.shards
+
+    monkeypatch.setattr(data.shards, "SHARD_ROWS", SHARD_ROWS)
+    monkeypatch.setattr(data.shards, "NODE_ABSENT_S", 0.0)
+    kwargs = dict(tokenizer_dir=tiny_model, fmt=load_format("hermes-qwen3"), seq_len=512, num_proc=1,
+                  options=PrepOptions(packing=True, on_invalid="skip"))
+    one = prepare_file(rows_file, cache_root=tmp_path / "one", **kwargs)
+    alone = prepare_file(rows_file, cache_root=tmp_path / "alone", node=NodeShare(0, 2), **kwargs)
+    _same_cache(one.path, alone.path)
+    [record] = json.loads((alone.path / NODES_FILE).read_text())
+    assert record["node"] == 0 and record["shards"] == list(range(10))
