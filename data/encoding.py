@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class PieceEncoder:
     """encode(text) -> (ids int32, starts int64), equal to the backend's whole-text encoding."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer = weakref.proxy(tokenizer)  # held in _ENCODERS under the tokenizer: no cycle keeping it
         self.backend = backend_of(tokenizer)
         self.split, self.anchors = None, {}
         self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -150,11 +151,12 @@ class PieceEncoder:
         return ids, starts
 
 
-_ENCODERS: dict[int, PieceEncoder] = {}  # id(tokenizer) -> its encoder (a process holds one or two tokenizers)
+# tokenizer -> its encoder, for as long as the tokenizer lives (each preparation loads its own)
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def piece_encoder(tokenizer) -> PieceEncoder:
-    held = _ENCODERS.get(id(tokenizer))
-    if held is None or held.tokenizer is not tokenizer:
-        held = _ENCODERS[id(tokenizer)] = PieceEncoder(tokenizer)
+    held = _ENCODERS.get(tokenizer)
+    if held is None:
+        held = _ENCODERS[tokenizer] = PieceEncoder(tokenizer)
     return held
