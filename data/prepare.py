@@ -17,6 +17,7 @@ peak memory does not grow with the input. The cache directory holds:
     lengths.png      the length histogram drawn
     meta.json        kind, packed or not, options
     rejected.jsonl   with on_invalid: skip, each left-out row with its place and reason
+    prepared_by.json prepared across nodes: which node tokenized which shards (rows, seconds)
     _COMPLETE        written last
 
 The directory's name is a hash of everything that changes the result (the data, the
@@ -28,6 +29,8 @@ first to create `.<name>.lock` (O_EXCL) prepares and keeps the lock's mtime fres
 wait on the completion marker (on a file, never inside a collective, where a long preparation
 would trip the process-group timeout). A lock whose holder died goes stale and is taken over.
 Without a shared volume each node's cache root is its own, so each node prepares its copy.
+With `node` (one of several nodes on a shared volume), each node tokenizes its share of the rows
+into shards and one process assembles the cache from them (data/shards.py): the same bytes.
 
 Invalid rows (data.on_invalid): `error` stops with the first rows' place and reason; `skip`
 leaves them out and writes each, with its place and reason, to `rejected.jsonl` inside the
@@ -42,7 +45,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,8 +55,8 @@ import numpy as np
 from data.errors import KeelError
 from data.files import read_json
 from data.formats import Format
-from data.shapes import KINDS
 from data import shards as sharding
+from data.shapes import KINDS
 from data.shards import STALE_LOCK_S, Lock, NodeShare, ShardDir, list_array
 from data.sources import Source, open_source
 from data.tokenized import COLUMNS, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
