@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                        f"jobs (load average at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f})",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
                         f"{transformers.__version__}, trl {trl.__version__}, datasets {datasets.__version__}",
-            "all_cores": all_cores, "profile": "prep_profile.md (cProfile, before and after the issue 18 work)",
+            "all_cores": all_cores, "profile": "prep_profile.md (cProfile, before and after each round of the issue 18 work)",
             "data": f"{a.rows} long-tailed synthetic conversations, seq_len {a.seq_len}, tiny model's tokenizer",
             "notes": __doc__.split("What TRL needed:")[1].strip().replace("\n", " ")}
     write_results(records, meta, a.stem)

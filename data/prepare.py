@@ -17,6 +17,7 @@ peak memory does not grow with the input. The cache directory holds:
     lengths.png      the length histogram drawn
     meta.json        kind, packed or not, options
     rejected.jsonl   with on_invalid: skip, each left-out row with its place and reason
+    prepared_by.json prepared across nodes: which node tokenized which shards (rows, seconds)
     _COMPLETE        written last
 
 The directory's name is a hash of everything that changes the result (the data, the
@@ -28,6 +29,8 @@ first to create `.<name>.lock` (O_EXCL) prepares and keeps the lock's mtime fres
 wait on the completion marker (on a file, never inside a collective, where a long preparation
 would trip the process-group timeout). A lock whose holder died goes stale and is taken over.
 Without a shared volume each node's cache root is its own, so each node prepares its copy.
+With `node` (one of several nodes on a shared volume), each node tokenizes its share of the rows
+into shards and one process assembles the cache from them (data/shards.py): the same bytes.
 
 Invalid rows (data.on_invalid): `error` stops with the first rows' place and reason; `skip`
 leaves them out and writes each, with its place and reason, to `rejected.jsonl` inside the
@@ -42,7 +45,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +55,9 @@ import numpy as np
 from data.errors import KeelError
 from data.files import read_json
 from data.formats import Format
+from data import shards as sharding
 from data.shapes import KINDS
+from data.shards import STALE_LOCK_S, Lock, NodeShare, ShardDir, list_array
 from data.sources import Source, open_source
 from data.tokenized import COLUMNS, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
 
@@ -64,13 +68,12 @@ STATS_FILE = "stats.json"
 META_FILE = "meta.json"
 REJECTED_FILE = "rejected.jsonl"
 LENGTHS_PLOT = "lengths.png"
+NODES_FILE = "prepared_by.json"  # preparation across nodes: which node tokenized which shards
 MAX_REPORTED_ERRORS = 10
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 WRITE_EXAMPLES = 2000  # unpacked examples per Arrow write
 PACK_WINDOW_TOKENS = 4_000_000  # packed per window (at least 64 rows' worth): bounds memory, not packing quality
 WAIT_TIMEOUT_S = 4 * 3600.0  # how long a process waits for another to finish preparing
-HEARTBEAT_S = 30.0
-STALE_LOCK_S = 300.0  # a lock not refreshed for this long: its holder died
 
 
 def default_cache_root() -> Path:
@@ -157,16 +160,6 @@ def read_jsonl(path: Path):
 # ----------------------------------------------------------------------------- writing
 
 
-def _list_array(arrays: list[np.ndarray]):
-    """One Arrow list<int32> column from per-row arrays, without a Python loop over the tokens."""
-    import pyarrow as pa
-
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)  # a write holds a window: far below 2**31 tokens
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
-
-
 class _CacheWriter:
     """Examples in, Arrow rows out: as they come, or packed a window at a time."""
 
@@ -203,7 +196,7 @@ class _CacheWriter:
             columns = pack_window(self.window, self.seq_len)
         else:
             columns = {name: [ex[name] for ex in self.window] for name in self.window[0]}
-        table = pa.table({name: _list_array(arrays) for name, arrays in columns.items()})
+        table = pa.table({name: list_array(arrays) for name, arrays in columns.items()})
         self.writer.write_table(table.select(list(self.features)))
         self.sequences += table.num_rows
         self.sequence_tokens += sum(len(a) for a in columns[next(iter(self.features))])
@@ -235,80 +228,114 @@ class _Rejected:
         self.path, self.file = path, None
         self.shown: list[tuple[str, str]] = []
 
-    def add(self, where: str, reason: str, row) -> None:
+    def add(self, where: str, reason: str, row_json: str) -> None:
         if len(self.shown) < MAX_REPORTED_ERRORS:
             self.shown.append((where, reason))
         if self.file is None:
             self.file = open(self.path, "w", encoding="utf-8")
-        self.file.write(json.dumps({"where": where, "reason": reason, "row": row}, ensure_ascii=False,
-                                   default=str) + "\n")
+        # json.dumps({"where": ..., "reason": ..., "row": row}) with the row already written (a shard holds it so)
+        self.file.write(f'{{"where": {json.dumps(where, ensure_ascii=False)}, "reason": '
+                        f'{json.dumps(reason, ensure_ascii=False)}, "row": {row_json}}}\n')
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
 
-def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format, seq_len: int, split: str,
-           options: PrepOptions, num_proc: int, trust_remote_code: bool = False) -> tuple[PrepStats, str, bool]:
-    """Write the cache into `tmp`; (stats, kind, packed)."""
-    from data.model_loading import LoadPolicy, load_tokenizer
+def _row_json(raw) -> str:
+    return json.dumps(raw, ensure_ascii=False, default=str)
 
-    from data.lengths import LengthHistogram, plot_lengths
-    from data.progress import Progress
+
+class _Output:
+    """Tokenized rows in source order -> the cache's files: the Arrow rows, the statistics with
+    the length histogram and its plot, the rejected rows. One node's preparation and the
+    assembly of several nodes' shards (data/shards.py) both write through it."""
+
+    def __init__(self, tmp: Path, *, seq_len: int, options: PrepOptions):
+        from data.lengths import LengthHistogram
+
+        self.tmp, self.seq_len, self.options = tmp, seq_len, options
+        self.stats, self.histogram = PrepStats(), LengthHistogram(seq_len)
+        self.rejected = _Rejected(tmp / REJECTED_FILE)
+        self.kind, self.writer = "conversation", None
+
+    def add(self, where: str, shape: str | None, result, raw=None, *, row_json: str | None = None) -> None:
+        stats = self.stats
+        stats.rows += 1
+        if shape is not None:
+            self.kind = KINDS[shape]
+        if result.error is not None:
+            stats.rejected += 1
+            self.rejected.add(where, result.error, row_json if row_json is not None else _row_json(raw))
+            return
+        self.histogram.add(result.lengths)
+        stats.max_tokens = max(stats.max_tokens, *result.lengths, 0)
+        stats.truncated += result.truncated
+        stats.dropped_no_trained_tokens_after_truncation += result.dropped
+        stats.documents_split += result.documents_split
+        for example, tokens, trained in zip(result.examples, result.tokens, result.trained):
+            if self.writer is None:
+                self.writer = _CacheWriter(self.tmp / DATA_FILE, kind=self.kind, seq_len=self.seq_len,
+                                           packing=self.options.packing and self.kind != "preference")
+            self.writer.add(example, tokens)
+            stats.examples += 1
+            stats.tokens += tokens
+            stats.trained_tokens += trained
+
+    def finish(self, data, split: str) -> tuple[PrepStats, str, bool]:
+        """Refuse invalid or empty data, else close the Arrow file and draw the histogram."""
+        from data.lengths import plot_lengths
+
+        stats, writer, seq_len = self.stats, self.writer, self.seq_len
+        self.rejected.close()
+        if stats.rejected and self.options.on_invalid == "error":
+            _raise_for_errors(self.rejected.shown, stats.rejected, stats.rows, split)
+        if writer is None:
+            fix = ("it is empty (no rows, or only blank lines): point data." + split + " at the data file, or add rows"
+                   if stats.rows == 0 else "every row was rejected (set data.on_invalid: error to list each with "
+                   "its reason) or had no trained token left after truncation (raise training.seq_len)")
+            raise KeelError(f"data.{split}: {data} holds nothing to train on ({stats.rows} rows, "
+                            f"{stats.rejected} rejected): {fix}")
+        writer.close()
+        stats.sequences = writer.sequences
+        if writer.packing:
+            stats.padding_fraction = round(1 - writer.sequence_tokens / (writer.sequences * seq_len), 6)
+        stats.length_histogram = self.histogram.to_dict()
+        plot_lengths(stats.length_histogram, self.tmp / LENGTHS_PLOT,
+                     title=f"data.{split}: {stats.examples} examples, seq_len {seq_len}, {stats.truncated} truncated"
+                           + (f"; packed into {stats.sequences} rows, {stats.padding_fraction:.1%} padding"
+                              if writer.packing else ""))
+        return stats, self.kind, writer.packing
+
+
+def _tokenizer(tokenizer_dir: Path, fmt: Format, trust_remote_code: bool):
+    from data.model_loading import LoadPolicy, load_tokenizer
     from data.render import check_tokenizer
-    from data.workers import tokenized_rows
 
     tokenizer = load_tokenizer(tokenizer_dir, LoadPolicy(trust_remote_code=trust_remote_code))
     check_tokenizer(tokenizer, fmt, where=str(tokenizer_dir))
-    stats, histogram, rejected = PrepStats(), LengthHistogram(seq_len), _Rejected(tmp / REJECTED_FILE)
-    kind, writer = "conversation", None
+    return tokenizer
+
+
+def _build(source: Source, tmp: Path, *, data, tokenizer_dir: Path, fmt: Format, seq_len: int, split: str,
+           options: PrepOptions, num_proc: int, trust_remote_code: bool = False) -> tuple[PrepStats, str, bool]:
+    """Write the cache into `tmp`; (stats, kind, packed)."""
+    from data.progress import Progress
+    from data.workers import tokenized_rows
+
+    tokenizer = _tokenizer(tokenizer_dir, fmt, trust_remote_code)
+    out = _Output(tmp, seq_len=seq_len, options=options)
     progress = Progress(f"prepare data.{split}", total=source.count_rows())
     try:
         for where, raw, shape, result in tokenized_rows(source, options.shape, tokenizer=tokenizer,
                                                         tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len,
                                                         num_proc=num_proc, trust_remote_code=trust_remote_code):
-            stats.rows += 1
             progress.update()
-            if shape is not None:
-                kind = KINDS[shape]
-            if result.error is not None:
-                stats.rejected += 1
-                rejected.add(where, result.error, raw)
-                continue
-            histogram.add(result.lengths)
-            stats.max_tokens = max(stats.max_tokens, *result.lengths, 0)
-            stats.truncated += result.truncated
-            stats.dropped_no_trained_tokens_after_truncation += result.dropped
-            stats.documents_split += result.documents_split
-            for example, tokens, trained in zip(result.examples, result.tokens, result.trained):
-                if writer is None:
-                    writer = _CacheWriter(tmp / DATA_FILE, kind=kind, seq_len=seq_len,
-                                          packing=options.packing and kind != "preference")
-                writer.add(example, tokens)
-                stats.examples += 1
-                stats.tokens += tokens
-                stats.trained_tokens += trained
+            out.add(where, shape, result, raw)
     finally:
         progress.close()
-        rejected.close()
-    if stats.rejected and options.on_invalid == "error":
-        _raise_for_errors(rejected.shown, stats.rejected, stats.rows, split)
-    if writer is None:
-        fix = ("it is empty (no rows, or only blank lines): point data." + split + " at the data file, or add rows"
-               if stats.rows == 0 else "every row was rejected (set data.on_invalid: error to list each with its "
-               "reason) or had no trained token left after truncation (raise training.seq_len)")
-        raise KeelError(f"data.{split}: {data} holds nothing to train on ({stats.rows} rows, "
-                        f"{stats.rejected} rejected): {fix}")
-    writer.close()
-    stats.sequences = writer.sequences
-    if writer.packing:
-        stats.padding_fraction = round(1 - writer.sequence_tokens / (writer.sequences * seq_len), 6)
-    stats.length_histogram = histogram.to_dict()
-    plot_lengths(stats.length_histogram, tmp / LENGTHS_PLOT,
-                 title=f"data.{split}: {stats.examples} examples, seq_len {seq_len}, {stats.truncated} truncated"
-                       + (f"; packed into {stats.sequences} rows, {stats.padding_fraction:.1%} padding"
-                          if writer.packing else ""))
-    return stats, kind, writer.packing
+        out.rejected.close()
+    return out.finish(data, split)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -321,9 +348,12 @@ def _publish(tmp: Path, final: Path) -> None:
 def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
                  cache_root: str | Path | None = None, split: str = "train",
                  options: PrepOptions | None = None, num_proc: int | None = None,
-                 timeout_s: float = WAIT_TIMEOUT_S, trust_remote_code: bool = False) -> Prepared:
+                 timeout_s: float = WAIT_TIMEOUT_S, trust_remote_code: bool = False,
+                 node: NodeShare | None = None) -> Prepared:
     """Prepared token ids for one data location (file, directory or URL), from the cache when
-    there; built here, or waited for while another process builds it."""
+    there; built here, or waited for while another process builds it. With `node` one of
+    several (data/shards.py), this node tokenizes its share of the rows into the shared cache
+    directory and the cache is assembled from every node's shards."""
     from data.workers import default_num_proc
 
     options = options or PrepOptions()
@@ -332,11 +362,27 @@ def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, se
     root = Path(cache_root) if cache_root else default_cache_root()
     final = root / cache_key(source, tokenizer_dir, fmt, seq_len, options)
     deadline = time.time() + timeout_s
+    num_proc = num_proc or default_num_proc()
+    args = dict(data=data, tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len, split=split, options=options,
+                num_proc=num_proc, trust_remote_code=trust_remote_code)
+    if node is not None and node.count > 1 and not (final / COMPLETE_MARKER).exists():
+        shards = ShardDir(root / f".{final.name}.shards", node)
+        _prepare_share(source, shards, final, deadline, timeout_s, **args)
+        return _build_once(source, final, deadline, timeout_s, lambda tmp: _assemble(shards, tmp, **args),
+                           shards=shards, **args)
+    return _build_once(source, final, deadline, timeout_s, lambda tmp: _build(source, tmp, **args), **args)
+
+
+def _build_once(source: Source, final: Path, deadline: float, timeout_s: float, build, *, data, seq_len: int,
+                options: PrepOptions, shards: ShardDir | None = None, **_) -> Prepared:
+    """The cache at `final`: reused, or built by `build(tmp)` under the cache lock and published by
+    rename, or waited for while another process holds the lock."""
+    root = final.parent
     while not (final / COMPLETE_MARKER).exists():
         root.mkdir(parents=True, exist_ok=True)
-        lock = _Lock.take(root / f".{final.name}.lock")
+        lock = Lock.take(root / f".{final.name}.lock")
         if lock is None:
-            _wait_while_locked(final, root / f".{final.name}.lock", deadline, timeout_s)
+            _wait_while_locked(final, root / f".{final.name}.lock", deadline, timeout_s, shards)
             continue
         with lock:
             if (final / COMPLETE_MARKER).exists():
@@ -346,10 +392,12 @@ def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, se
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
-                stats, kind, packed = _build(source, tmp, data=data, tokenizer_dir=tokenizer_dir, fmt=fmt,
-                                             seq_len=seq_len, split=split, options=options,
-                                             num_proc=num_proc or default_num_proc(),
-                                             trust_remote_code=trust_remote_code)
+                stats, kind, packed = build(tmp)
+            except KeelError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if shards is not None:  # the nodes waiting for this cache fail with the same message
+                    shards.fail(str(exc))
+                raise
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -358,8 +406,142 @@ def prepare_file(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, se
                                                      "source": str(data), "options": asdict(options)}))
             (tmp / COMPLETE_MARKER).write_text(f"prepared in {time.time() - t0:.1f}s\n")
             _publish(tmp, final)
+            if shards is not None:
+                shutil.rmtree(shards.path, ignore_errors=True)
             return Prepared(final, stats, reused=False, kind=kind, packed=packed, seq_len=seq_len)
     return _read_prepared(final)
+
+
+# ----------------------------------------------------------------------------- across nodes
+
+
+def _prepare_share(source: Source, shards: ShardDir, final: Path, deadline: float, timeout_s: float, *,
+                   split: str, **args) -> None:
+    """Tokenize this node's shards, then any missing shard whose node died or cannot be seen,
+    until every shard is present (or the cache is already complete)."""
+    shards.start()
+    node, told = shards.node, False
+    own = True  # the first pass: this node's own shards
+    while not (final / COMPLETE_MARKER).exists():
+        if shards.failed():
+            raise KeelError(shards.failed())
+        total, done = shards.rows(), shards.done()
+        if own:
+            pick = (lambda s: node.owns(s) and s not in done)
+        elif total is None:  # the shards were just assembled and removed by another node (or are being)
+            if time.time() > deadline:
+                raise KeelError(f"gave up after {timeout_s:.0f}s waiting for {final} ({shards.path} lost its row count)")
+            time.sleep(1.0)
+            continue
+        else:
+            missing = [s for s in range(_shard_count(total)) if s not in done]
+            if not missing:
+                return
+            free = {s for s in missing if shards.claimable(s)}
+            if not free:
+                if not told:
+                    print(f"[keel] data.{split}, node {node.rank}: waiting for shards {_ranges(missing)} from the "
+                          "other nodes", file=sys.stderr, flush=True)
+                    told = True
+                if time.time() > deadline:
+                    raise KeelError(f"gave up after {timeout_s:.0f}s waiting for shards {_ranges(missing)} of "
+                                    f"{final} (other nodes' claims in {shards.path})")
+                time.sleep(2.0)
+                continue
+            pick = free.__contains__
+        _tokenize_shards(source, shards, pick, split=split, **args)
+        own = False
+
+
+def _shard_count(rows: int) -> int:
+    return (rows + sharding.SHARD_ROWS - 1) // sharding.SHARD_ROWS
+
+
+def _ranges(shards: list[int]) -> str:
+    return ", ".join(map(str, shards[:8])) + (f" and {len(shards) - 8} more" if len(shards) > 8 else "")
+
+
+def _tokenize_shards(source: Source, shards: ShardDir, pick, *, data, tokenizer_dir: Path, fmt: Format, seq_len: int,
+                     split: str, options: PrepOptions, num_proc: int, trust_remote_code: bool) -> None:
+    """One pass over the source: the rows of the shards `pick` selects (and this process
+    claims) are tokenized and written shard by shard; the row count is recorded."""
+    from collections import deque
+
+    from data.progress import Progress
+    from data.shards import write_shard
+    from data.workers import shaped_rows, tokenized_rows
+
+    size, node = sharding.SHARD_ROWS, shards.node
+    held = Lock()
+    claimed: dict[int, bool] = {}
+    places: deque = deque()  # row index of each selected row, in order: results come back in that order
+    count = [0]
+
+    def selected():
+        for i, row in enumerate(shaped_rows(source, options.shape)):
+            count[0] = i + 1
+            s = i // size
+            if s not in claimed:
+                claimed[s] = pick(s) and shards.claim(s, held)
+            if claimed[s]:
+                places.append(i)
+                yield row
+
+    expected = source.count_rows()
+    progress = Progress(f"prepare data.{split} (node {node.rank} of {node.count})",
+                        total=expected // node.count if expected else None)
+    t0, done, rows, current, buffer = time.time(), [], 0, None, []
+
+    def flush():
+        write_shard(shards.shard(current), buffer)
+        shards.release(current, held)
+        done.append(current)
+
+    tokenizer = _tokenizer(tokenizer_dir, fmt, trust_remote_code)
+    with held:
+        try:
+            for where, raw, shape, result in tokenized_rows(source, options.shape, tokenizer=tokenizer,
+                                                            tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len,
+                                                            num_proc=num_proc, trust_remote_code=trust_remote_code,
+                                                            rows=selected()):
+                s = places.popleft() // size
+                if s != current and buffer:
+                    flush()
+                    buffer = []
+                current = s
+                buffer.append((where, shape, _row_json(raw) if result.error is not None else None, result))
+                rows += 1
+                progress.update()
+            if buffer:
+                flush()
+        finally:
+            progress.close()
+    shards.set_rows(count[0])
+    shards.record(done, rows, time.time() - t0)
+    if done:
+        print(f"[keel] data.{split}, node {node.rank} of {node.count}: prepared shards {_ranges(done)} "
+              f"({rows} rows) in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+
+
+def _assemble(shards: ShardDir, tmp: Path, *, data, seq_len: int, split: str, options: PrepOptions, **_):
+    """The cache from every shard, in source order, through the single-node writer."""
+    from data.shards import read_shard
+
+    out = _Output(tmp, seq_len=seq_len, options=options)
+    total = shards.rows()
+    try:
+        for s in range(_shard_count(total)):
+            for where, shape, row_json, result in read_shard(shards.shard(s)):
+                out.add(where, shape, result, row_json=row_json)
+    finally:
+        out.rejected.close()
+    result = out.finish(data, split)
+    records = shards.records()
+    (tmp / NODES_FILE).write_text(json.dumps(records, indent=2))
+    print(f"[keel] data.{split} prepared by {len(records)} nodes: " + "; ".join(
+        f"node {r['node']} ({r['host']}) shards {_ranges(r['shards'])}, {r['rows']} rows in {r['seconds']}s"
+        for r in records), file=sys.stderr, flush=True)
+    return result
 
 
 def _read_prepared(path: Path) -> Prepared:
@@ -375,45 +557,10 @@ def _read_prepared(path: Path) -> Prepared:
 # ----------------------------------------------------------------------------- one preparer
 
 
-class _Lock:
-    """`.<name>.lock` next to the cache, created with O_EXCL (atomic on local disks, NFS v3+,
-    Lustre, EFS); its mtime is refreshed while the holder prepares. Only work is saved by it:
-    two processes that both prepare (a takeover race) publish identical caches by rename."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
-
-    @classmethod
-    def take(cls, path: Path) -> _Lock | None:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-        return cls(path)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
-    def __enter__(self) -> _Lock:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.path.unlink(missing_ok=True)
-
-
-def _wait_while_locked(final: Path, lock: Path, deadline: float, timeout_s: float) -> None:
-    """Wait until the cache is complete, or the lock is gone (its holder failed: take over) or stale."""
+def _wait_while_locked(final: Path, lock: Path, deadline: float, timeout_s: float,
+                       shards: ShardDir | None = None) -> None:
+    """Wait until the cache is complete, or the lock is gone (its holder failed: take over) or stale;
+    across nodes, raise the assembling node's error about the data."""
     try:
         holder = lock.read_text().strip()
     except OSError:
@@ -421,6 +568,8 @@ def _wait_while_locked(final: Path, lock: Path, deadline: float, timeout_s: floa
     print(f"[keel] {holder} is preparing {final.name}; waiting for {final / COMPLETE_MARKER}", file=sys.stderr,
           flush=True)
     while not (final / COMPLETE_MARKER).exists():
+        if shards is not None and shards.failed():
+            raise KeelError(shards.failed())
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:

@@ -33,6 +33,7 @@ import numpy as np
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from data.conversation import RowError
+from data.encoding import backend_of, piece_encoder
 from data.errors import KeelError
 from data.formats import Format
 
@@ -151,38 +152,11 @@ def split_examples(messages: list[dict], fmt: Format, tools=None) -> list[tuple[
     return out
 
 
-def _encoder(tokenizer):
-    """The tokenizers backend of a fast tokenizer, set up as `tokenizer(text,
-    add_special_tokens=False)` sets it up (no truncation, no padding, special tokens matched
-    unless the tokenizer splits them), or None: then the tokenizer itself is called.
-
-    Calling the backend straight skips transformers' per-call wrapping (argument checks, a
-    BatchEncoding per text), which cost about a tenth of preparation; the ids and offsets are
-    the backend's own either way."""
-    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is None or not hasattr(backend, "encode"):
-        return None
-    if backend.truncation is not None:
-        backend.no_truncation()
-    if backend.padding is not None:
-        backend.no_padding()
-    split = bool(getattr(tokenizer, "split_special_tokens", False))
-    if backend.encode_special_tokens != split:
-        backend.encode_special_tokens = split
-    return backend
-
-
-def _encode(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
-    """Token ids of `text` (no special tokens added) and the character where each token starts."""
-    backend = _encoder(tokenizer)
-    if backend is None:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    else:
-        enc = backend.encode(text, add_special_tokens=False)
-        ids, offsets = enc.ids, enc.offsets
-    starts = np.fromiter((start for start, _end in offsets), dtype=np.int64, count=len(ids))
-    return ids, starts
+def _encode(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `text` (no special tokens added) and the character where each token starts,
+    as int32 and int64 arrays (data/encoding.py: the tokenizer's own ids, repeated pieces
+    tokenized once)."""
+    return piece_encoder(tokenizer).encode(text)
 
 
 _ANCHORS: dict[int, tuple[object, dict[int, str]]] = {}  # id(tokenizer) -> (tokenizer, its anchors)
@@ -201,33 +175,33 @@ def _anchors(tokenizer) -> dict[int, str]:
     return held[1]
 
 
-def _prompt_tokens_fast(tokenizer, text: str, ids: list[int], starts: np.ndarray, start: int) -> int | None:
+def _prompt_tokens_fast(tokenizer, text: str, ids: np.ndarray, starts: np.ndarray, start: int) -> int | None:
     """How many tokens the prompt text[:start] has when they begin `ids`, found by tokenizing only
     text[p:start], where p is the last added token of the prompt (see _anchors): tokenizers
     split the text at added tokens first, so tokenizing text[:start] gives ids[:k] (the text
     before p, tokenized as in the whole text) followed by the tokens of text[p:start]. None when
     there is no such token, or when text[p:start] does not tokenize as `ids` does there (then the
     whole prompt is tokenized, which says precisely whether and how it differs)."""
-    backend = _encoder(tokenizer)
+    backend = backend_of(tokenizer)
     if backend is None or backend.encode_special_tokens:
         return None
     anchors = _anchors(tokenizer)
     k = int(np.searchsorted(starts, start, side="left")) - 1
     while k >= 0:
-        content = anchors.get(ids[k])
+        content = anchors.get(int(ids[k]))
         p = int(starts[k])
         if content is not None and text.startswith(content, p) and p + len(content) <= start:
             break
         k -= 1
     if k < 0:
         return None
-    tail = backend.encode(text[p:start], add_special_tokens=False).ids
-    if ids[k:k + len(tail)] != tail:
+    tail = piece_encoder(tokenizer).encode(text[p:start])[0]
+    if not np.array_equal(ids[k:k + len(tail)], tail):
         return None
     return k + len(tail)
 
 
-def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int,
+def _check_boundary(tokenizer, text: str, ids: np.ndarray, start: int, index: int,
                     starts: np.ndarray | None = None) -> int:
     """Tokens of the prompt the server builds for this turn; they must begin the training ids."""
     if starts is not None and bool((starts[1:] >= starts[:-1]).all()):
@@ -235,7 +209,7 @@ def _check_boundary(tokenizer, text: str, ids: list[int], start: int, index: int
         if n is not None:
             return n
     prompt_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
-    if ids[: len(prompt_ids)] != prompt_ids:
+    if not np.array_equal(ids[: len(prompt_ids)], prompt_ids):
         around = text[max(0, start - 12): start + 12]
         raise RowError(
             f"messages[{index}]: the prompt the server renders for this turn ends inside a token of the "
@@ -284,8 +258,8 @@ def _answer_ids(tokenizer, fmt: Format, special: dict, prompt: list[dict], answe
     text, [(start, end)] = assistant_spans(messages, tools, fmt, special, [len(prompt)])
     ids, starts = _encode(tokenizer, text)
     n = _check_boundary(tokenizer, text, ids, start, len(prompt), starts)
-    answer_ids = [t for t, s in zip(ids[n:], starts[n:].tolist()) if s < end]
-    return ids[:n], answer_ids
+    answer_ids = [t for t, s in zip(ids[n:].tolist(), starts[n:].tolist()) if s < end]
+    return ids[:n].tolist(), answer_ids
 
 
 def render_preference(pair: dict, *, tokenizer, fmt: Format) -> RenderedPair:

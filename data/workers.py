@@ -98,9 +98,11 @@ def _task(chunk: list) -> list[tuple[Any, str] | None]:
 
 
 def tokenized_rows(source: Source, shape_option: str, *, tokenizer, tokenizer_dir: str, fmt: Format, seq_len: int,
-                   num_proc: int, trust_remote_code: bool = False) -> Iterator[tuple[str, Any, str | None, RowExamples]]:
-    """(where, raw row, shape, RowExamples) for every row of the source, in source order."""
-    chunks = _chunks(shaped_rows(source, shape_option), CHUNK_ROWS)
+                   num_proc: int, trust_remote_code: bool = False,
+                   rows: Iterator | None = None) -> Iterator[tuple[str, Any, str | None, RowExamples]]:
+    """(where, raw row, shape, RowExamples) for every row of the source, in source order; or for
+    `rows`, some of shaped_rows(source) (a node's shards, data/shards.py)."""
+    chunks = _chunks(shaped_rows(source, shape_option) if rows is None else rows, CHUNK_ROWS)
     head = list(islice(chunks, POOL_AFTER_CHUNKS + 1))
     if num_proc <= 1 or len(head) <= POOL_AFTER_CHUNKS:
         _state.update(tokenizer=tokenizer, fmt=fmt, seq_len=seq_len)

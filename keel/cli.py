@@ -95,7 +95,9 @@ def _recipe_and_overrides(p: argparse.ArgumentParser, argv: list[str]):
     return p.parse_intermixed_args(argv)
 
 
-def cmd_prepare(argv: list[str]) -> int:
+def cmd_prepare(argv: list[str], node=None) -> int:
+    """`keel prepare`; `node`: this node's share when several prepare together (keel train passes its
+    --node-rank and --nnodes), else from the environment (data/shards.py)."""
     a = _recipe_and_overrides(_parser("prepare", "Validate, render and tokenize a recipe's data into the cache."), argv)
     import time
 
@@ -110,7 +112,7 @@ def cmd_prepare(argv: list[str]) -> int:
     fmt = recipe_format(recipe)
     for split in ["train"] + (["eval"] if recipe.data.eval else []):
         t0 = time.time()
-        prep = prepared_split(recipe, split, local_rank=0, fmt=fmt)
+        prep = prepared_split(recipe, split, local_rank=0, fmt=fmt, node=node)
         took = time.time() - t0
         how = (f"reused cache {prep.path}" if prep.reused else
                f"built cache {prep.path} in {took:.1f}s ({prep.stats.rows / max(took, 1e-9):.0f} rows/s, "
@@ -274,8 +276,11 @@ def cmd_train(argv: list[str]) -> int:
         print(f"[keel] --overwrite: removing the previous run's checkpoints and model from {recipe.output.dir}")
         clear_run_dir(Path(recipe.output.dir))
     nproc = a.nproc_per_node or default_processes(recipe.cluster, _gpu_count())
-    # Prepare the data once, before the process group exists (ranks then only read the cache).
-    cmd_prepare([a.recipe, *a.overrides])
+    # Prepare the data once, before the process group exists (ranks then only read the cache);
+    # the nodes of a job each tokenize their share into a shared data.cache_dir.
+    from data.shards import NodeShare
+
+    cmd_prepare([a.recipe, *a.overrides], node=NodeShare(a.node_rank, a.nnodes))
     import time
 
     # one directory per launch and node: a shared run dir holds every node's logs side by side

@@ -48,9 +48,16 @@ def recipe_format(recipe: Recipe) -> Format:
                           trust_remote_code=recipe.model.trust_remote_code)
 
 
-def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | None = None):
-    """Prepared data for a split. Local rank 0 builds a missing cache; the others wait for it."""
+def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | None = None, node=None):
+    """Prepared data for a split. Local rank 0 builds a missing cache; the others wait for it.
+
+    With data.cache_dir set (the launchers set it to the volume every node shares), a job of
+    several nodes prepares across them: each node's local rank 0 tokenizes its share of the
+    rows (`node`, by default from the torchrun or operator environment; data/shards.py). The
+    default cache directory is in the home directory, usually each node's own: there every
+    node prepares its whole copy, as before."""
     from data.prepare import PrepOptions, prepare_file, wait_for_prepared
+    from data.shards import NodeShare, node_share_from_env
 
     data_file = recipe.data.train if split == "train" else recipe.data.eval
     kwargs = dict(tokenizer_dir=recipe.model.path, fmt=fmt or recipe_format(recipe),
@@ -59,7 +66,10 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
                   options=PrepOptions(shape=recipe.data.shape, on_invalid=recipe.data.on_invalid,
                                       packing=recipe.training.packing))
     if local_rank == 0:
-        prepared = prepare_file(data_file, split=split, num_proc=recipe.data.num_proc, **kwargs)
+        if recipe.data.cache_dir is None:
+            node = NodeShare()
+        prepared = prepare_file(data_file, split=split, num_proc=recipe.data.num_proc,
+                                node=node if node is not None else node_share_from_env(), **kwargs)
     else:
         prepared = wait_for_prepared(data_file, **kwargs)
     if local_rank == 0 and prepared.kind == "document" and (recipe.data.train_on or recipe.data.history_reasoning):

@@ -113,9 +113,10 @@ def pod_template(*, name: str, image: str, args: list[str], gpus: int, efa: int,
     if limits:
         trainer["resources"] = {"limits": limits}
     # Data is validated and prepared before torchrun starts: a bad row fails this pod at once
-    # with `file:line: reason` instead of leaving the other nodes waiting at rendezvous. Each
-    # pod builds or reuses the cache on the shared volume; pods preparing at the same time
-    # publish identical caches by atomic rename (data/prepare.py).
+    # with `file:line: reason` instead of leaving the other nodes waiting at rendezvous. The
+    # pods' init containers prepare together into the cache on the shared volume, each its
+    # share of the rows by the operator's PET_NODE_RANK / PET_NNODES (data/shards.py); the cache
+    # is assembled once and published by atomic rename (data/prepare.py).
     prepare = {"name": "prepare-data", **common, "command": ["keel", "prepare"], "args": args,
                "volumeMounts": mounts}
     shared = ({"persistentVolumeClaim": {"claimName": volume.claim}} if volume.claim else {"emptyDir": {}})
