@@ -97,7 +97,8 @@ def read_output(text: str, fmt: Format) -> ReadOutput:
                 reasoning, text, well_formed = body, "", False
             else:
                 reasoning, text = body[:end], body[end + len(close_tag):]
-                well_formed = stripped.startswith(open_tag) and open_tag not in body and close_tag not in text
+                # opened once (here, or by the generation prompt) and closed once
+                well_formed = open_tag not in body and close_tag not in text
             reasoning = reasoning.strip() or None
     calls, invalid, cut = [], 0, False
     if parseable_tool_calls(fmt):

@@ -57,6 +57,10 @@ class PromptStats:
     rejected: int = 0
     max_prompt_tokens: int = 0
 
+    @property
+    def examples(self) -> int:  # what `keel prepare` reports per second, as for SFT data
+        return self.prompts
+
     def numbers(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
 
