@@ -16,6 +16,7 @@ unification (FIELD-NOTES, section 1):
     prompt_ids  its token ids
     reference   {"content": str | null, "tool_calls": [{"name", "arguments"}]} as JSON, or ""
     tools       the tools' JSON schemas as a JSON list ("[]" without tools)
+    messages    the validated prompt messages as JSON (multi-turn rollouts render tool turns after them)
 
 Cached like SFT data (data/prepare.py's cache key, with this module's version on top): local
 rank 0 builds, the other ranks wait on the completion marker.
@@ -39,7 +40,7 @@ from data.prepare import COMPLETE_MARKER, PrepOptions, cache_key, default_cache_
 from data.shapes import KINDS, detect_shape, to_canonical
 from data.sources import open_source
 
-PROMPTS_VERSION = "1"
+PROMPTS_VERSION = "2"
 DATA_FILE = "prompts.arrow"
 STATS_FILE = "stats.json"
 REJECTED_FILE = "rejected.jsonl"
@@ -132,7 +133,7 @@ def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: in
                        f"= {max_prompt_tokens}; shorten it, or raise training.seq_len")
     return {"prompt": text, "prompt_ids": list(ids),
             "reference": json.dumps(reference_of(valid["messages"][-1])) if reference is not None else "",
-            "tools": json.dumps(tools or [])}
+            "tools": json.dumps(tools or []), "messages": json.dumps(messages, ensure_ascii=False)}
 
 
 def _key(source, tokenizer_dir: Path, fmt: Format, seq_len: int, shape: str, extra: dict) -> str:

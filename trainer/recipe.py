@@ -131,6 +131,11 @@ class GrpoSection(Section):
                                           "runs your code, so it needs grpo.trust_python_code: true.")
     trust_python_code: bool = Field(default=False, description="Allow grpo.python_rewards (imports and runs the named "
                                                                "Python functions in every training process).")
+    max_turns: int = Field(default=1, gt=0, description="Assistant turns per rollout: above 1, the model's tool calls "
+                                                        "run (grpo.tools_module) and their results are fed back.")
+    tools_module: str | None = Field(
+        default=None, description="Python module whose functions are the tools multi-turn rollouts call, by name; "
+                                  "runs your code, so it needs grpo.trust_python_code: true.")
     generation: Literal["auto", "transformers", "vllm"] = Field(
         default="auto", description="Rollout engine: transformers' generate, or vLLM colocated in the training "
                                     "processes (TRL's colocate mode); auto: vllm on CUDA GPUs with vLLM installed, "
@@ -144,6 +149,15 @@ class GrpoSection(Section):
         if self.python_rewards and not self.trust_python_code:
             raise ValueError("grpo.python_rewards: runs Python code from your modules in every training process; "
                              "set grpo.trust_python_code: true to allow it, or remove grpo.python_rewards")
+        if self.tools_module is not None and not self.trust_python_code:
+            raise ValueError("grpo.tools_module: runs your Python functions as tools in every training process; set "
+                             "grpo.trust_python_code: true to allow it, or remove grpo.tools_module")
+        if self.max_turns > 1 and self.tools_module is None:
+            raise ValueError(f"grpo.max_turns: {self.max_turns} turns need tools to run between them; set "
+                             "grpo.tools_module (and grpo.trust_python_code: true), or grpo.max_turns: 1")
+        if self.max_turns > 1 and self.generation == "vllm":
+            raise ValueError("grpo.max_turns: multi-turn rollouts generate with transformers here; set "
+                             "grpo.generation: transformers (or auto), or grpo.max_turns: 1")
         for path in self.python_rewards:
             if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", path):
                 raise ValueError(f"grpo.python_rewards: {path!r} is not a dotted path module.function; write it "

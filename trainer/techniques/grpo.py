@@ -35,9 +35,13 @@ class ClosedReward:
         self.name, self.tokenizer, self.fmt, self.grpo = name, tokenizer, fmt, grpo
         self.logs_pass = name == next((r for r in PASS_REWARDS if r in grpo.rewards.used()), None)
 
-    def __call__(self, *, completion_ids, reference, tools, log_metric=None, **_):
+    def __call__(self, *, completion_ids, reference, tools, log_metric=None, turn_starts=None, **_):
+        from trainer.techniques.tool_env import last_turn
+
         out = []
-        for ids, ref, tool_list in zip(completion_ids, reference, tools, strict=True):
+        for k, (ids, ref, tool_list) in enumerate(zip(completion_ids, reference, tools, strict=True)):
+            # a multi-turn rollout is scored on its last assistant turn
+            ids = last_turn(ids, turn_starts[k] if turn_starts is not None else None)
             scored = read_completion(ids, tokenizer=self.tokenizer, fmt=self.fmt)
             out.append(score(self.name, scored, reference=json.loads(ref) if ref else None,
                              tools=json.loads(tool_list), fmt=self.fmt, name_credit=self.grpo.tool_name_credit,
@@ -97,6 +101,7 @@ def make_grpo_trainer_class():
         """TRL's GRPOTrainer, starting each rollout from Keel's prepared prompt ids."""
 
         def _generate_and_score_completions(self, inputs):
+            self._keel_inputs = inputs
             self._keel_prompt_ids = [list(x["prompt_ids"]) for x in inputs]
             self._keel_prompts = [x["prompt"] for x in inputs]
             return super()._generate_and_score_completions(inputs)
@@ -109,6 +114,41 @@ def make_grpo_trainer_class():
             return [list(ids) for ids in self._keel_prompt_ids], None, {}
 
     return KeelGRPOTrainer
+
+
+def multi_turn_rollout(grpo, *, tokenizer, fmt: Format):
+    """TRL's rollout_func for grpo.max_turns > 1 (trainer/techniques/tool_env.py): generation with
+    transformers on the model being trained, tool results inserted with env_mask 0."""
+    from trainer.techniques.tool_env import load_tools, roll_out
+
+    tool_fns = load_tools(grpo.tools_module)
+    stops = stop_token_ids(tokenizer, fmt)
+
+    def rollout(prompts, trainer):
+        import torch
+        from trl.models import unwrap_model_for_generation
+
+        inputs = trainer._keel_inputs
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "env_mask": [], "turn_starts": []}
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
+            def generate(ids, budget):
+                new = model.generate(torch.tensor([ids], device=trainer.accelerator.device), max_new_tokens=budget,
+                                     do_sample=True, temperature=grpo.temperature, top_k=0, eos_token_id=stops,
+                                     pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+                end = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
+                return new[:end]
+
+            for row in inputs:
+                r = roll_out(prompt_messages=json.loads(row["messages"]), prompt_ids=list(row["prompt_ids"]),
+                             tools=json.loads(row["tools"]), generate=generate, tool_fns=tool_fns, fmt=fmt,
+                             tokenizer=tokenizer, max_turns=grpo.max_turns, max_tokens=grpo.max_completion_tokens)
+                out["prompt_ids"].append(list(row["prompt_ids"]))
+                out["completion_ids"].append(r.completion_ids)
+                out["env_mask"].append(r.env_mask)
+                out["turn_starts"].append(r.turn_starts)
+        return out
+
+    return rollout
 
 
 def build_grpo_trainer(*, model, tokenizer, peft_config, grpo, fmt: Format, args: dict, train_dataset,
@@ -133,7 +173,8 @@ def build_grpo_trainer(*, model, tokenizer, peft_config, grpo, fmt: Format, args
         generation_kwargs={"stop_token_ids" if vllm else "eos_token_id": stop_token_ids(tokenizer, fmt)},
         log_completions=False,
     )
+    rollout = multi_turn_rollout(grpo, tokenizer=tokenizer, fmt=fmt) if grpo.max_turns > 1 else None
     return make_grpo_trainer_class()(
-        model=model, reward_funcs=funcs, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        model=model, reward_funcs=funcs, rollout_func=rollout, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
