@@ -130,6 +130,7 @@ def multi_turn_rollout(grpo, *, tokenizer, fmt: Format):
 
         inputs = trainer._keel_inputs
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "env_mask": [], "turn_starts": []}
+        calls = []
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
             def generate(ids, budget):
                 new = model.generate(torch.tensor([ids], device=trainer.accelerator.device), max_new_tokens=budget,
@@ -146,6 +147,9 @@ def multi_turn_rollout(grpo, *, tokenizer, fmt: Format):
                 out["completion_ids"].append(r.completion_ids)
                 out["env_mask"].append(r.env_mask)
                 out["turn_starts"].append(r.turn_starts)
+                calls.append(r.tool_calls)
+        mode = "train" if trainer.model.training else "eval"
+        trainer._metrics[mode]["tools/calls_per_rollout"].append(sum(calls) / max(1, len(calls)))
         return out
 
     return rollout
