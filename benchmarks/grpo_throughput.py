@@ -15,7 +15,8 @@ A random-init model rarely stops early, so completions run to max_completion_tok
 generation work is the same. Generation time is the time spent in `_generate_single_turn`
 (timed the same way for both); training time is the rest of each optimizer step (reward, log
 probabilities, loss, backward, optimizer). Runs are interleaved (keel, trl, keel, trl, ...) and
-the report takes medians over repeats, first step of each run left out (warm-up).
+the report takes medians over the steps of a run (first step left out: warm-up) and then over
+repeats, so a step slowed by another job on the machine does not decide the result.
 """
 
 from __future__ import annotations
@@ -106,18 +107,19 @@ def run_one(kind: str, *, model_dir: Path, prompts, args, work: Path) -> dict:
     steps = clock.steps[1:]  # the first step warms up
     seqs = args.batch  # completions per step in one process
     prompt_tokens = statistics.mean(len(x) for x in prompts["keel"]["prompt_ids"])
-    gen_tok = sum(s["gen_tokens"] for s in steps)
-    gen_s = sum(s["gen_s"] for s in steps)
-    train_s = sum(s["wall_s"] - s["gen_s"] for s in steps)
-    train_tokens = gen_tok + prompt_tokens * seqs * len(steps)
-    return {"kind": kind, "generation_tokens_per_s": gen_tok / gen_s, "training_tokens_per_s": train_tokens / train_s,
-            "step_s": statistics.median(s["wall_s"] for s in steps), "steps": len(steps)}
+    # medians over steps: a step slowed by another job on the machine does not skew the run
+    gen = [s["gen_tokens"] / s["gen_s"] for s in steps]
+    train = [(s["gen_tokens"] + prompt_tokens * seqs) / (s["wall_s"] - s["gen_s"]) for s in steps]
+    return {"kind": kind, "generation_tokens_per_s": statistics.median(gen),
+            "training_tokens_per_s": statistics.median(train),
+            "step_s": statistics.median(s["wall_s"] for s in steps), "steps": len(steps),
+            "completion_tokens_per_step": statistics.mean(s["gen_tokens"] for s in steps)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--completion-tokens", type=int, default=48)
@@ -193,7 +195,8 @@ def write_md(path: Path, info: dict, results: list, med: dict, ratio: dict) -> N
              "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), "",
              f"Model: random-init Llama, hidden {a['hidden']}, {a['layers']} layers, the tiny tokenizer; "
              f"{a['batch']} completions per step (group {a['group']}), {a['completion_tokens']} completion tokens, "
-             f"{a['steps']} steps per run (first left out), {a['repeats']} interleaved repeats, one process, fp32.", "",
+             f"{a['steps']} steps per run (first left out), {a['repeats']} interleaved repeats, one process, fp32; "
+             "medians over steps, then over repeats.", "",
              "| | generation tokens/s | training tokens/s | step s |", "|---|---|---|---|"]
     for k in ("keel", "trl"):
         m = med[k]
@@ -203,7 +206,8 @@ def write_md(path: Path, info: dict, results: list, med: dict, ratio: dict) -> N
               "Both use the same generation (transformers' generate) and the same loss code (TRL's); Keel differs in "
               "where prompt ids come from (prepared once, the served rendering) and in its rewards (parsed from ids). "
               "A ratio near 1 is the expected result: Keel's guarantees cost no throughput.", "",
-              f"Keel's prompt preparation (once, cached): {info['keel_prompt_preparation_s']:.1f}s for 64 prompts.", "",
+              f"Keel's prompt preparation (once, cached; not in the timed steps): {info['keel_prompt_preparation_s']:.2f} s "
+              "for 64 prompts.", "",
               "Runs:", "", "```"] + [json.dumps(r) for r in results] + ["```", ""]
     path.write_text("\n".join(lines))
 

@@ -225,3 +225,22 @@ def test_a_prompt_longer_than_its_budget_is_refused(tiny_model):
     with pytest.raises(RowError, match="grpo.max_completion_tokens"):
         prompt_row(generate_tool_choice(1)[0], "messages", tokenizer=tok, fmt=FMT, max_prompt_tokens=10,
                    needs_reference=None)
+
+
+def test_keel_eval_reports_the_grpo_rewards_of_a_generated_turn(tiny_model):
+    from transformers import AutoTokenizer
+
+    from serving.evaluate import Case, grpo_rewards, summarize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    case = Case(0, 1, [{"role": "user", "content": "Weather in Paris?"}], TOOLS,
+                {"role": "assistant", "content": "", "tool_calls": [call]})
+    right = grpo_rewards(case, tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"], tokenizer=tok, fmt=FMT)
+    assert right == {"reward_tool_call": 1.0, "reward_schema_valid": 1.0, "reward_format": 1.0}
+    wrong = grpo_rewards(case, tok(CALL.replace("Paris", "Rome"), add_special_tokens=False)["input_ids"],
+                         tokenizer=tok, fmt=FMT)
+    assert wrong == {"reward_tool_call": 0.0, "reward_schema_valid": 1.0, "reward_format": 0.0}
+    scored = [Case(0, 1, case.messages, TOOLS, case.reference, result={"begun_calls": 1, "valid_calls": 1, **r})
+              for r in (right, wrong)]
+    assert summarize(scored)["reward_tool_call"] == (0.5, 2)
