@@ -87,6 +87,7 @@ def test_grpo_raises_the_tool_call_reward_on_held_out_prompts_and_the_inverted_r
     before = held_out_reward(runs.start, runs.held_out)
     after = held_out_reward(runs.trained / "model", runs.held_out)
     inverted = held_out_reward(runs.inverted / "model", runs.held_out)
+    print(f"held-out tool_call reward: start {before:.3f}, GRPO {after:.3f}, inverted {inverted:.3f}")
     assert after >= before + MARGIN, f"held-out tool_call reward {before:.2f} at the start, {after:.2f} after GRPO"
     assert inverted <= before + 0.05, f"inverted reward: {before:.2f} at the start, {inverted:.2f} after"
 
