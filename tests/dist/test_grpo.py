@@ -1,7 +1,7 @@
 """GRPO under torchrun with 2 processes raises the tool-call reward on prompts it never trained
 on, and the same run with the reward inverted does not (so the rise comes from the reward, not
 from training on the prompts). One SFT start model and the two GRPO runs are shared by the
-tests of this module (about 2.5 minutes on 2 CPU cores).
+tests of this module (about 1.7 minutes on 2 otherwise idle CPU cores).
 
 The task (data/synthetic.py generate_tool_prompts): one question, the tool it needs, called with
 empty arguments. The start model is the tiny model after a short SFT on such conversations: it
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 FMT = load_format("hermes-qwen3")
 HELD_OUT_SEED = 12345
-MARGIN = 0.15  # held-out tool_call reward the GRPO run must gain over its start (seen here: +0.34)
+MARGIN = 0.15  # held-out tool_call reward the GRPO run must gain over its start (seen here: 0.125 -> 0.469)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Runs:
 
 def grpo_cmd(start: Path, run_dir: Path, data: Path, weight: float) -> list[str]:
     return train_cmd(start, run_dir, data, "technique=grpo", "peft.kind=none", "training.packing=false",
-                     "training.seq_len=256", "training.max_steps=40", "training.learning_rate=1e-3",
+                     "training.seq_len=256", "training.max_steps=60", "training.learning_rate=1e-3",
                      "training.lr_scheduler=constant", "training.micro_batch_size=8", "checkpoint.every_steps=1000",
                      "grpo.num_generations=8", "grpo.max_completion_tokens=24", "grpo.temperature=1.0",
                      f"grpo.rewards.tool_call={weight}", "grpo.rewards.format=0.2")
@@ -95,7 +95,7 @@ def test_grpo_raises_the_tool_call_reward_on_held_out_prompts_and_the_inverted_r
 def test_grpo_logs_its_rewards_per_step_and_exports_a_grpo_model(runs):
     records = [json.loads(line) for line in (runs.trained / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
-    assert len({r["step"] for r in steps}) == 40
+    assert len({r["step"] for r in steps}) == 60
     for key in ("rewards/tool_call/mean", "rewards/format/mean", "pass_rate", "completions/mean_length",
                 "clip_ratio/region_mean", "reward_std"):
         assert all(key in r for r in steps), key
