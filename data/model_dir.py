@@ -37,7 +37,7 @@ class ExportInfo(BaseModel):
 
     base_model: str | None = None  # model.path the run started from (an adapter's base)
     format: str | None = None  # the format's name (its spec is in keel-format/)
-    technique: Literal["sft", "cpt", "dpo"] | None = None
+    technique: Literal["sft", "cpt", "dpo", "grpo"] | None = None
     peft: Literal["none", "lora", "qlora"] | None = None
     adapter: bool = False  # an unmerged LoRA adapter, not a whole model
     seq_len: PositiveInt | None = None  # training's context length: the served max_model_len

@@ -258,3 +258,20 @@ def generate_tool_choice(n: int, seed: int = 0) -> list[dict]:
                              "function": {"name": name, "arguments": json.dumps(args)}}]}],
             "tools": SHORT_TOOLS})
     return rows
+
+
+def generate_tool_prompts(n: int, seed: int = 0) -> list[dict]:
+    """GRPO's toy task: one question and the one tool it needs, called with empty arguments and
+    no reasoning, the tools listed by name only. Completions are about 20 tokens, so rollouts on
+    CPU are cheap; the tool_call reward is 1 exactly when the model picks the right tool."""
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        user, calls, _ = _tool_turn(rng)
+        rows.append({"messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"id": f"call_{k}", "type": "function",
+                             "function": {"name": calls[0][0], "arguments": "{}"}}]}],
+            "tools": SHORT_TOOLS})
+    return rows

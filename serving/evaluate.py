@@ -20,6 +20,9 @@ Scores (n is the number of cases or calls each is taken over):
                           markup is left in the content)
     answer_exact_match    on reference turns that answer in text: the same text
     finished              the turn ended with its end-of-turn token, not max_tokens
+    reward_<name>         the rewards `technique: grpo` trains with (data/rewards.py: tool_call,
+                          schema_valid, format, answer_match), read from the generated token ids
+                          as a GRPO run reads its rollouts: a GRPO run's rewards on held-out prompts
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from data.options import ArgumentParser
 from data.errors import KeelError
 from data.model_config import read_model_config
 
+GRPO_REWARDS = ("tool_call", "schema_valid", "format", "answer_match")
 METRICS = ("tool_call_validity", "call_decision", "tool_name_match", "arguments_match", "reasoning_format",
-           "answer_exact_match", "finished")
+           "answer_exact_match", "finished", *(f"reward_{name}" for name in GRPO_REWARDS))
 
 
 @dataclass
@@ -114,6 +118,27 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
         out["reasoning_format"] = (text.startswith(spec.think.open) and text.count(spec.think.close) == 1
                                    and text.count(spec.think.open) == 1
                                    and not any(d in (content or "") for d in (spec.think.open, spec.think.close)))
+    return out
+
+
+def grpo_rewards(case: Case, token_ids, *, tokenizer, fmt) -> dict:
+    """The GRPO rewards of one generated turn, where they apply to its reference (tool rewards on
+    turns with calls, answer_match on turns that answer in text; none for harmony formats)."""
+    from data.completion import parseable_tool_calls
+    from data.prompts import reference_of
+    from data.rewards import read_completion, score
+
+    if fmt.harmony:
+        return {}
+    scored = read_completion(list(token_ids), tokenizer=tokenizer, fmt=fmt)
+    ref = reference_of(case.reference)
+    out = {}
+    for name in GRPO_REWARDS:
+        if name in ("tool_call", "schema_valid") and not (parseable_tool_calls(fmt) and ref["tool_calls"]):
+            continue
+        if name == "answer_match" and (ref["tool_calls"] or not ref["content"]):
+            continue
+        out[f"reward_{name}"] = score(name, scored, reference=ref, tools=case.tools or [], fmt=fmt)
     return out
 
 
@@ -239,6 +264,7 @@ def evaluate(model: str, data: str, *, limit: int | None = None, max_tokens: int
         parsed = [(c.name, json.loads(c.arguments)) for c in calls or []]
         case.result = score_case(case, reasoning=reasoning, content=content, calls=parsed, raw=gen.text,
                                  finish=gen.finish_reason or "", fmt=fmt)
+        case.result.update(grpo_rewards(case, gen.token_ids, tokenizer=engine_tokenizer, fmt=fmt))
     scored = [c for c in cases if "skipped" not in c.result]
     return cases, summarize(scored)
 

@@ -32,10 +32,8 @@ instead of writing a call that would be dropped. Stripping the markup stays as t
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from vllm.entrypoints.generate.base.protocol import (DeltaFunctionCall, DeltaMessage, DeltaToolCall,
                                                      ExtractedToolCallInformation, FunctionCall, ToolCall)
@@ -44,62 +42,13 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tool_parsers import ToolParserManager
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
+from data.completion import ParsedCall, parse_call, partial_suffix, split_output  # noqa: F401 (one definition, shared with GRPO rewards)
 from data.formats import load_format
 
 logger = logging.getLogger("keel.parsers")
 
 # The logit bias that rules a token out (OpenAI's and vLLM's lower bound).
 FORBID = -100.0
-
-
-@dataclass(frozen=True)
-class ParsedCall:
-    name: str
-    arguments: str  # a JSON object, as OpenAI's API carries it
-
-
-def parse_call(raw: str) -> ParsedCall | None:
-    """The call inside one pair of delimiters, or None when it is not a valid call."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and obj["name"]
-            and isinstance(obj.get("arguments"), dict)):
-        return None
-    return ParsedCall(obj["name"], json.dumps(obj["arguments"], ensure_ascii=False))
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
-def split_output(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], list[str]]:
-    """(text outside any call, complete calls' raw JSON, a cut call's raw JSON if the text ends
-    inside one). Markup never reaches the first element: a stray closing tag is dropped too."""
-    content, calls, cut = [], [], []
-    pos = 0
-    while True:
-        start, stray = text.find(open_tag, pos), text.find(close_tag, pos)
-        if 0 <= stray and (start < 0 or stray < start):
-            content.append(text[pos:stray])
-            pos = stray + len(close_tag)
-            continue
-        if start < 0:
-            content.append(text[pos:])
-            break
-        content.append(text[pos:start])
-        end = text.find(close_tag, start + len(open_tag))
-        if end < 0:
-            cut.append(text[start + len(open_tag):])
-            break
-        calls.append(text[start + len(open_tag):end])
-        pos = end + len(close_tag)
-    return "".join(content), calls, cut
 
 
 @functools.cache

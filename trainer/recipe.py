@@ -96,6 +96,87 @@ class DpoSection(Section):
     )
 
 
+class GrpoRewards(Section):
+    """Weights of the closed-name rewards (data/rewards.py); 0 leaves one out."""
+
+    tool_call: float = Field(default=0.0, description="Calls equal the reference's: names, and arguments as JSON values.")
+    schema_valid: float = Field(default=0.0, description="Calls' arguments validate against the offered tool's schema.")
+    format: float = Field(default=0.0, description="Turn ended, reasoning in the think delimiters, no malformed call, "
+                                                   "no markup in content.")
+    answer_match: float = Field(default=0.0, description="Final content equals the reference's content.")
+    length: float = Field(default=0.0, description="Penalty: minus the completion's share of max_completion_tokens.")
+
+    def used(self) -> dict[str, float]:
+        return {name: weight for name, weight in self.model_dump().items() if weight}
+
+
+class GrpoSection(Section):
+    num_generations: int = Field(default=4, gt=1, description="Group size: completions sampled per prompt; their "
+                                                               "rewards are compared within the group.")
+    max_completion_tokens: int = Field(default=256, gt=0, description="Most tokens a completion may have.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
+    beta: float = Field(default=0.0, ge=0, description="KL penalty against the starting model; 0: no reference model.")
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="PPO-style clip range of the probability ratio.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        default="dapo", description="How token losses are averaged (TRL's loss_type); dapo: over all tokens of the batch.")
+    iterations: int = Field(default=1, gt=0, description="Optimizer passes over each generated batch (TRL's num_iterations).")
+    rewards: GrpoRewards = Field(description="Reward weights by name: tool_call, schema_valid, format, answer_match, "
+                                             "length; at least one non-zero.")
+    tool_name_credit: float = Field(default=0.0, ge=0, le=1, description="tool_call reward when only the call names "
+                                                                        "match the reference.")
+    answer_normalized: bool = Field(default=True, description="answer_match ignores case, whitespace and trailing "
+                                                              "punctuation; false: exact match.")
+    python_rewards: dict[str, float] = Field(
+        default_factory=dict, description="Your own reward functions by dotted path (module.function) -> weight; "
+                                          "runs your code, so it needs grpo.trust_python_code: true.")
+    trust_python_code: bool = Field(default=False, description="Allow grpo.python_rewards (imports and runs the named "
+                                                               "Python functions in every training process).")
+    max_turns: int = Field(default=1, gt=0, description="Assistant turns per rollout: above 1, the model's tool calls "
+                                                        "run (grpo.tools_module) and their results are fed back.")
+    tools_module: str | None = Field(
+        default=None, description="Python module whose functions are the tools multi-turn rollouts call, by name; "
+                                  "runs your code, so it needs grpo.trust_python_code: true.")
+    generation: Literal["auto", "transformers", "vllm"] = Field(
+        default="auto", description="Rollout engine: transformers' generate, or vLLM colocated in the training "
+                                    "processes (TRL's colocate mode); auto: vllm on CUDA GPUs with vLLM installed, "
+                                    "transformers otherwise.")
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if not self.rewards.used() and not self.python_rewards:
+            raise ValueError("grpo.rewards: every weight is 0; give at least one reward a weight, e.g. "
+                             "grpo.rewards.tool_call: 1.0")
+        if self.python_rewards and not self.trust_python_code:
+            raise ValueError("grpo.python_rewards: runs Python code from your modules in every training process; "
+                             "set grpo.trust_python_code: true to allow it, or remove grpo.python_rewards")
+        if self.tools_module is not None and not self.trust_python_code:
+            raise ValueError("grpo.tools_module: runs your Python functions as tools in every training process; set "
+                             "grpo.trust_python_code: true to allow it, or remove grpo.tools_module")
+        if self.max_turns > 1 and self.tools_module is None:
+            raise ValueError(f"grpo.max_turns: {self.max_turns} turns need tools to run between them; set "
+                             "grpo.tools_module (and grpo.trust_python_code: true), or grpo.max_turns: 1")
+        if self.max_turns > 1 and self.generation == "vllm":
+            raise ValueError("grpo.max_turns: multi-turn rollouts generate with transformers here; set "
+                             "grpo.generation: transformers (or auto), or grpo.max_turns: 1")
+        for path in self.python_rewards:
+            if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", path):
+                raise ValueError(f"grpo.python_rewards: {path!r} is not a dotted path module.function; write it "
+                                 "like my_rewards.exact_answer")
+        return self
+
+
+def group_problem(grpo: GrpoSection, training: "TrainingSection", world: int) -> str | None:
+    """Why the batch cannot be cut into whole groups, or None: TRL samples each prompt's group in
+    one generation batch of micro_batch_size x processes x grad_accum completions."""
+    batch = training.micro_batch_size * training.grad_accum * world
+    if batch % grpo.num_generations:
+        return (f"grpo.num_generations: {grpo.num_generations} completions per prompt do not divide the generation "
+                f"batch of {batch} (training.micro_batch_size {training.micro_batch_size} x "
+                f"training.grad_accum {training.grad_accum} x {world} processes); make the batch a multiple of "
+                f"{grpo.num_generations}, or pick a group size that divides {batch}")
+    return None
+
+
 class TrainingSection(Section):
     max_steps: int | None = Field(default=None, gt=0)
     epochs: float | None = Field(default=None, gt=0)
@@ -210,9 +291,10 @@ class ClusterSection(Section):
 class Recipe(Section):
     model: ModelSection
     data: DataSection
-    technique: Literal["cpt", "sft", "dpo"] = "sft"
+    technique: Literal["cpt", "sft", "dpo", "grpo"] = "sft"
     peft: PeftSection = PeftSection()
     dpo: DpoSection | None = None
+    grpo: GrpoSection | None = None
     training: TrainingSection
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -251,6 +333,7 @@ class Recipe(Section):
                                 "passed with `keel launch --secret NAME`)")
         if self.dpo is not None and self.technique != "dpo":
             problems.append(f"dpo: set, but technique is {self.technique!r}; remove it or set technique: dpo")
+        problems += self._grpo_problems()
         if self.peft.kind == "qlora" and self.distributed.strategy in ("zero3", "fsdp2"):
             problems.append(f"peft.kind: qlora with distributed.strategy {self.distributed.strategy} is not supported "
                             "(4-bit weights cannot be sharded here); use ddp, zero1 or zero2")
@@ -265,6 +348,37 @@ class Recipe(Section):
             # One line per problem, each starting with its key path (see format_validation_error).
             raise ValueError("\n".join(problems))
         return self
+
+    def _grpo_problems(self) -> list[str]:
+        if self.technique != "grpo":
+            return ([f"grpo: set, but technique is {self.technique!r}; remove it or set technique: grpo"]
+                    if self.grpo is not None else [])
+        if self.grpo is None:
+            return ["grpo: technique grpo needs a grpo section with at least its rewards, e.g. "
+                    "grpo: {rewards: {tool_call: 1.0}}"]
+        problems = []
+        if self.training.packing:
+            problems.append("training.packing: GRPO trains on sampled completions, which are not packed; "
+                            "set training.packing: false")
+        if self.grpo.max_completion_tokens >= self.training.seq_len:
+            problems.append(f"grpo.max_completion_tokens: {self.grpo.max_completion_tokens} leaves no room for the "
+                            f"prompt in training.seq_len {self.training.seq_len}; lower it or raise training.seq_len")
+        if self.cluster is not None:
+            world = self.cluster.nodes * self.cluster.gpus_per_node
+            if problem := group_problem(self.grpo, self.training, world):
+                problems.append(problem)
+        if self.model.format in available_formats() and self.model.format != "native":
+            from data.formats import load_format
+            from data.rewards import reward_problem
+
+            fmt = load_format(self.model.format)
+            if fmt.harmony:
+                problems.append(f"model.format: technique grpo does not render {self.model.format!r} (harmony) "
+                                "prompts yet; use a jinja format such as hermes-qwen3")
+            for name in self.grpo.rewards.used():
+                if problem := reward_problem(name, fmt):
+                    problems.append(problem)
+        return problems
 
     @property
     def dpo_settings(self) -> DpoSection:

@@ -48,6 +48,20 @@ def recipe_format(recipe: Recipe) -> Format:
                           trust_remote_code=recipe.model.trust_remote_code)
 
 
+def prepared_prompts(recipe: Recipe, split: str, local_rank: int, fmt: Format):
+    """GRPO's prompts for a split (data/prompts.py). Local rank 0 builds them; the others wait."""
+    from data.prompts import prepare_prompts
+    from data.rewards import NEEDS_REFERENCE
+
+    needs = next((name for name in recipe.grpo.rewards.used() if name in NEEDS_REFERENCE), None)
+    return prepare_prompts(recipe.data.train if split == "train" else recipe.data.eval,
+                           tokenizer_dir=recipe.model.path, fmt=fmt, seq_len=recipe.training.seq_len,
+                           max_completion_tokens=recipe.grpo.max_completion_tokens, needs_reference=needs,
+                           split=split, cache_root=recipe.data.cache_dir, shape=recipe.data.shape,
+                           on_invalid=recipe.data.on_invalid, build=local_rank == 0,
+                           trust_remote_code=recipe.model.trust_remote_code)
+
+
 def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | None = None, node=None):
     """Prepared data for a split. Local rank 0 builds a missing cache; the others wait for it.
 
@@ -59,6 +73,8 @@ def prepared_split(recipe: Recipe, split: str, local_rank: int, fmt: Format | No
     from data.prepare import PrepOptions, prepare_file, wait_for_prepared
     from data.shards import NodeShare, node_share_from_env
 
+    if recipe.technique == "grpo":
+        return prepared_prompts(recipe, split, local_rank, fmt or recipe_format(recipe))
     data_file = recipe.data.train if split == "train" else recipe.data.eval
     kwargs = dict(tokenizer_dir=recipe.model.path, fmt=fmt or recipe_format(recipe),
                   seq_len=recipe.training.seq_len, cache_root=recipe.data.cache_dir,
@@ -119,6 +135,10 @@ def init_process_group(distributed, *, rank: int, local_rank: int, world: int) -
 def describe_prepared(prepared) -> str:
     """One line of what a prepared split holds (keel prepare and the trainer print it)."""
     s = prepared.stats
+    if prepared.kind == "prompt":
+        return (f"{s.rows} rows -> {s.prompts} prompts ({s.with_reference} with a reference), longest prompt "
+                f"{s.max_prompt_tokens} tokens, {s.rejected} rejected"
+                + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
     rows = (f", packed into {s.sequences} rows of up to {prepared.seq_len} tokens ({s.padding_fraction:.1%} padding)"
             if prepared.packed else "")
     return (f"{s.rows} rows -> {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained{rows}, "
@@ -186,7 +206,7 @@ def build_model_parts(recipe: Recipe):
 
 
 def build_trainer(recipe: Recipe, *, model, tokenizer, peft_config, train_data, eval_data, output_dir: str,
-                  callbacks: list):
+                  callbacks: list, fmt: Format | None = None):
     """The technique's TRL trainer: TrainingArguments from the recipe's sections, the prepared
     datasets, Keel's callbacks. Creates no process group itself: under torchrun, train() has
     started one; a single process outside torchrun (a test, a notebook) needs none."""
@@ -205,6 +225,14 @@ def build_trainer(recipe: Recipe, *, model, tokenizer, peft_config, train_data, 
         trainer = build_dpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config,
                                     dpo=recipe.dpo_settings, model_path=recipe.model.path, args=args,
                                     load_policy=recipe.model.load_policy, callbacks=callbacks, **datasets)
+    elif recipe.technique == "grpo":
+        from trainer.recipe import group_problem
+        from trainer.techniques.grpo import build_grpo_trainer
+
+        if problem := group_problem(recipe.grpo, recipe.training, int(os.environ.get("WORLD_SIZE", 1))):
+            raise KeelError(problem)
+        trainer = build_grpo_trainer(model=model, tokenizer=tokenizer, peft_config=peft_config, grpo=recipe.grpo,
+                                     fmt=fmt or recipe_format(recipe), args=args, callbacks=callbacks, **datasets)
     else:  # sft on rendered conversations, cpt on document blocks: both next-token loss on labels
         from trainer.techniques.sft import build_sft_trainer
 
@@ -373,7 +401,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                      heartbeat, stopper]
         trainer = build_trainer(recipe, model=model, tokenizer=tokenizer, peft_config=peft_config,
                                 train_data=train_data, eval_data=eval_data, output_dir=str(ckpt_root),
-                                callbacks=callbacks)
+                                callbacks=callbacks, fmt=fmt)
         fail_loudly_on_save(trainer, ckpt_root)
 
         def record_failure(message: str) -> None:

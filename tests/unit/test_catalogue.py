@@ -319,10 +319,11 @@ def test_one_training_step_on_the_recipes_architecture_technique_targets_and_for
 def test_every_recipe_packs_where_packing_is_exact():
     """Packing is where Keel's training speed comes from (docs/training.md), and packed rows stay
     per document under every attention Keel selects (test_attention_selection.py): every recipe
-    packs except DPO (pairs are never packed) and models with attention sinks (refused)."""
+    packs except DPO (pairs are never packed), GRPO (sampled completions are not packed; refused)
+    and models with attention sinks (refused)."""
     from trainer.models.config import has_attention_sinks
 
     for path in CATALOGUE:
         r = load_recipe(path)
-        exact = r.technique != "dpo" and not has_attention_sinks(load_config(r.model.path))
+        exact = r.technique not in ("dpo", "grpo") and not has_attention_sinks(load_config(r.model.path))
         assert r.training.packing == exact, rel(path)
