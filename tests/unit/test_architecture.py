@@ -38,3 +38,13 @@ def test_product_code_and_docs_cite_nothing_outside_the_repository():
                 if "../shared" in text or "/work/" in text:
                     offenders.append(str(f.relative_to(REPO)))
     assert offenders == []
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by their base name (the test folders are not packages), so two
+    test_x.py in different folders stop the whole run at collection: name each file once."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a module name; rename one"
+        seen[path.name] = path
