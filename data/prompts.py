@@ -131,7 +131,7 @@ def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: in
     if len(ids) > max_prompt_tokens:
         raise RowError(f"the prompt is {len(ids)} tokens, more than training.seq_len - grpo.max_completion_tokens "
                        f"= {max_prompt_tokens}; shorten it, or raise training.seq_len")
-    return {"prompt": text, "prompt_ids": list(ids),
+    return {"prompt": text, "prompt_ids": [int(t) for t in ids],
             "reference": json.dumps(reference_of(valid["messages"][-1])) if reference is not None else "",
             "tools": json.dumps(tools or []), "messages": json.dumps(messages, ensure_ascii=False)}
 

@@ -76,7 +76,7 @@ def tool_turn_ids(*, messages: list[dict], tools: list[dict], results: list[dict
     before = before[:before.rindex(eot) + len(eot)]
     if not after.startswith(before):
         raise ValueError(f"format {fmt.name!r}: the template does not render tool results as an append")
-    return _encode(tokenizer, after[len(before):])[0]
+    return [int(t) for t in _encode(tokenizer, after[len(before):])[0]]
 
 
 def roll_out(*, prompt_messages: list[dict], prompt_ids: list[int], tools: list[dict], generate, tool_fns: dict,
