@@ -597,9 +597,14 @@ def wait_for_prepared(data: str | Path, *, tokenizer_dir: str | Path, fmt: Forma
     root = Path(cache_root) if cache_root else default_cache_root()
     source = open_source(str(data))
     final = root / cache_key(source, Path(tokenizer_dir), fmt, seq_len, options or PrepOptions())
+    wait_for_marker(final, timeout_s, "prepared data")
+    return _read_prepared(final)
+
+
+def wait_for_marker(final: Path, timeout_s: float, what: str) -> None:
+    """Wait until another process has published `final` (its completion marker is there)."""
     deadline = time.time() + timeout_s
     while not (final / COMPLETE_MARKER).exists():
         if time.time() > deadline:
-            raise KeelError(f"gave up after {timeout_s:.0f}s waiting for prepared data at {final}")
+            raise KeelError(f"gave up after {timeout_s:.0f}s waiting for {what} at {final}")
         time.sleep(1.0)
-    return _read_prepared(final)

@@ -29,14 +29,13 @@ import json
 import os
 import shutil
 import socket
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data.conversation import RowError, validate_conversation
 from data.errors import KeelError
 from data.formats import Format
-from data.prepare import COMPLETE_MARKER, PrepOptions, cache_key, default_cache_root
+from data.prepare import COMPLETE_MARKER, PrepOptions, cache_key, default_cache_root, wait_for_marker
 from data.shapes import KINDS, detect_shape, to_canonical
 from data.sources import open_source
 
@@ -110,7 +109,7 @@ def _arguments_text(arguments) -> str:
 
 def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: int, needs_reference: str | None) -> dict:
     """One row as a prompt. Raises RowError. `needs_reference`: the reward that needs one, if any."""
-    from data.render import _encode, _special_tokens, render_text
+    from data.render import encode_text, render_text
 
     canonical = to_canonical(shape, raw)
     if KINDS[shape] != "conversation":
@@ -126,12 +125,12 @@ def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: in
     if not any(m["role"] == "user" for m in messages):
         raise RowError("the prompt has no user message")
     text = render_text({"messages": messages, "tools": tools or None}, fmt=fmt, add_generation_prompt=True,
-                       special_tokens=_special_tokens(tokenizer))
-    ids, _ = _encode(tokenizer, text)
+                       tokenizer=tokenizer)
+    ids = encode_text(tokenizer, text)
     if len(ids) > max_prompt_tokens:
         raise RowError(f"the prompt is {len(ids)} tokens, more than training.seq_len - grpo.max_completion_tokens "
                        f"= {max_prompt_tokens}; shorten it, or raise training.seq_len")
-    return {"prompt": text, "prompt_ids": [int(t) for t in ids],
+    return {"prompt": text, "prompt_ids": ids,
             "reference": json.dumps(reference_of(valid["messages"][-1])) if reference is not None else "",
             "tools": json.dumps(tools or []), "messages": json.dumps(messages, ensure_ascii=False)}
 
@@ -158,11 +157,7 @@ def prepare_prompts(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format,
     if (final / COMPLETE_MARKER).exists():
         return _read(final)
     if not build:
-        deadline = time.time() + timeout_s
-        while not (final / COMPLETE_MARKER).exists():
-            if time.time() > deadline:
-                raise KeelError(f"gave up after {timeout_s:.0f}s waiting for prepared prompts at {final}")
-            time.sleep(1.0)
+        wait_for_marker(final, timeout_s, "prepared prompts")
         return _read(final)
     from data.model_loading import LoadPolicy, load_tokenizer
     from data.render import check_tokenizer

@@ -285,12 +285,21 @@ def render_document(text: str, *, tokenizer) -> list[int]:
 
 
 def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool = False,
-                special_tokens: dict | None = None) -> str:
-    """The rendered prompt text, as the server would build it."""
+                special_tokens: dict | None = None, tokenizer=None) -> str:
+    """The rendered prompt text, as the server would build it (with `tokenizer`, its special
+    tokens as template variables, as apply_chat_template passes them)."""
     if fmt.harmony:
         from data import harmony
 
         return harmony.render_text(conversation, fmt, add_generation_prompt=add_generation_prompt)
+    if special_tokens is None and tokenizer is not None:
+        special_tokens = _special_tokens(tokenizer)
     text, _ = _render(conversation["messages"], conversation.get("tools"), fmt, special_tokens or {},
                       add_generation_prompt=add_generation_prompt)
     return text
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered text, no special tokens added, as the server tokenizes a prompt:
+    plain ints (the arrays _encode gives are for the preparation's own columns)."""
+    return _encode(tokenizer, text)[0].tolist()

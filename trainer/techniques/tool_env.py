@@ -64,19 +64,18 @@ def _text(tokenizer, ids: list[int]) -> str:
 def tool_turn_ids(*, messages: list[dict], tools: list[dict], results: list[dict], fmt: Format, tokenizer) -> list[int]:
     """Token ids the template puts between an assistant turn that made calls and the next
     generation: the tool results' turns and the generation prompt."""
-    from data.render import _encode, _special_tokens, render_text
+    from data.render import encode_text, render_text
 
-    special = _special_tokens(tokenizer)
-    before = render_text({"messages": messages, "tools": tools or None}, fmt=fmt, special_tokens=special)
-    after = render_text({"messages": messages + results, "tools": tools or None}, fmt=fmt,
-                        add_generation_prompt=True, special_tokens=special)
+    before = render_text({"messages": messages, "tools": tools or None}, fmt=fmt, tokenizer=tokenizer)
+    after = render_text({"messages": messages + results, "tools": tools or None}, fmt=fmt, tokenizer=tokenizer,
+                        add_generation_prompt=True)
     # the model's turn ends with the end-of-turn token (a stop token, one special token); what the
     # template writes after it (a newline) belongs to the inserted part, which tokenizes on its own
     eot = fmt.spec.end_of_turn
     before = before[:before.rindex(eot) + len(eot)]
     if not after.startswith(before):
         raise ValueError(f"format {fmt.name!r}: the template does not render tool results as an append")
-    return [int(t) for t in _encode(tokenizer, after[len(before):])[0]]
+    return encode_text(tokenizer, after[len(before):])
 
 
 def roll_out(*, prompt_messages: list[dict], prompt_ids: list[int], tools: list[dict], generate, tool_fns: dict,
