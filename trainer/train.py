@@ -57,6 +57,7 @@ def prepared_prompts(recipe: Recipe, split: str, local_rank: int, fmt: Format):
     return prepare_prompts(recipe.data.train if split == "train" else recipe.data.eval,
                            tokenizer_dir=recipe.model.path, fmt=fmt, seq_len=recipe.training.seq_len,
                            max_completion_tokens=recipe.grpo.max_completion_tokens, needs_reference=needs,
+                           recorded_results=recipe.grpo.tool_results == "recorded",
                            split=split, cache_root=recipe.data.cache_dir, shape=recipe.data.shape,
                            on_invalid=recipe.data.on_invalid, build=local_rank == 0,
                            trust_remote_code=recipe.model.trust_remote_code)
