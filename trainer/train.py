@@ -137,7 +137,8 @@ def describe_prepared(prepared) -> str:
     """One line of what a prepared split holds (keel prepare and the trainer print it)."""
     s = prepared.stats
     if prepared.kind == "prompt":
-        return (f"{s.rows} rows -> {s.prompts} prompts ({s.with_reference} with a reference), longest prompt "
+        recorded = f", {s.with_recorded_results} with recorded tool results" if s.with_recorded_results else ""
+        return (f"{s.rows} rows -> {s.prompts} prompts ({s.with_reference} with a reference{recorded}), longest prompt "
                 f"{s.max_prompt_tokens} tokens, {s.rejected} rejected"
                 + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
     rows = (f", packed into {s.sequences} rows of up to {prepared.seq_len} tokens ({s.padding_fraction:.1%} padding)"

@@ -167,6 +167,7 @@ def test_recorded_prompts_are_refused_when_no_row_records_a_result(tiny_model, t
     from data.errors import KeelError
     from data.prompts import prepare_prompts
     from data.synthetic import generate_tool_prompts, write_jsonl
+    from trainer.train import describe_prepared
 
     write_jsonl(generate_tool_prompts(3), tmp_path / "p.jsonl")  # questions and calls, no tool results
     kw = {"tokenizer_dir": tiny_model, "fmt": FMT, "seq_len": 512, "max_completion_tokens": 64,
@@ -177,6 +178,7 @@ def test_recorded_prompts_are_refused_when_no_row_records_a_result(tiny_model, t
     write_jsonl([EPISODE, *generate_tool_prompts(2)], tmp_path / "e.jsonl")
     prepared = prepare_prompts(tmp_path / "e.jsonl", cache_root=tmp_path / "c", **kw)
     assert prepared.stats.with_recorded_results == 1
+    assert "(3 with a reference, 1 with recorded tool results)" in describe_prepared(prepared)
     recorded = json.loads(prepared.load()[0]["recorded"])
     assert recorded == [{"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}',
                          "result": RECORDED_RESULT}]
