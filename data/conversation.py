@@ -440,6 +440,24 @@ def _answer(pending: list[dict], msg: dict, where: str) -> dict:
     return pending[0]
 
 
+def recorded_tool_results(messages: list[dict]) -> list[dict]:
+    """The tool calls of validated messages paired with the results that answer them, in the
+    order they occur: [{"name", "arguments" (JSON text), "result"}]. The pairing is the one
+    validation checked (by tool_call_id, else by name, else by order)."""
+    recorded, pending = [], []
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant":
+            pending = list(msg.get("tool_calls") or [])
+        elif msg["role"] == "tool":
+            call = _answer(pending, msg, f"messages[{i}]")
+            pending = [c for c in pending if c is not call]
+            args = call["function"]["arguments"]
+            recorded.append({"name": call["function"]["name"],
+                             "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                             "result": msg["content"]})
+    return recorded
+
+
 def _one_answer(value: Any, side: str) -> dict:
     """A preference side: one assistant message (or a list holding exactly one)."""
     if isinstance(value, list):

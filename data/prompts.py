@@ -5,6 +5,12 @@ ends with an assistant turn gives that turn as the reference (its content and to
 messages before it are the prompt. A row that ends with a user or tool message is a prompt
 without a reference, refused when a reward needs one.
 
+With recorded tool results (grpo.tool_results: recorded, for multi-turn rollouts) a row is a
+recorded episode: the prompt ends at the last user message, and the assistant's tool calls and
+their tool results after it are what the rollouts replay (a rollout's call that matches a
+recorded one gets its recorded result; trainer/techniques/tool_env.py). The reference is still
+the last assistant turn.
+
 The prompt is rendered with the format's chat template and `add_generation_prompt`, exactly as
 `keel serve` renders the same messages and tools, and tokenized whole as the server tokenizes
 it: the ids stored here are the ids the rollouts start from (token in), and the ids the served
@@ -17,6 +23,8 @@ unification (FIELD-NOTES, section 1):
     reference   {"content": str | null, "tool_calls": [{"name", "arguments"}]} as JSON, or ""
     tools       the tools' JSON schemas as a JSON list ("[]" without tools)
     messages    the validated prompt messages as JSON (multi-turn rollouts render tool turns after them)
+    recorded    the row's tool calls with their results, [{"name", "arguments", "result"}] as JSON
+                (arguments as JSON text; every call the row answers, before the reference)
 
 Cached like SFT data (data/prepare.py's cache key, with this module's version on top): local
 rank 0 builds, the other ranks wait on the completion marker.
@@ -32,14 +40,14 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.conversation import RowError, validate_conversation
+from data.conversation import RowError, recorded_tool_results, validate_conversation
 from data.errors import KeelError
 from data.formats import Format
 from data.prepare import COMPLETE_MARKER, PrepOptions, cache_key, default_cache_root, wait_for_marker
 from data.shapes import KINDS, detect_shape, to_canonical
 from data.sources import open_source
 
-PROMPTS_VERSION = "2"
+PROMPTS_VERSION = "3"
 DATA_FILE = "prompts.arrow"
 STATS_FILE = "stats.json"
 REJECTED_FILE = "rejected.jsonl"
@@ -54,6 +62,7 @@ class PromptStats:
     rows: int = 0
     prompts: int = 0
     with_reference: int = 0
+    with_recorded_results: int = 0
     rejected: int = 0
     max_prompt_tokens: int = 0
 
@@ -107,8 +116,10 @@ def _arguments_text(arguments) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
-def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: int, needs_reference: str | None) -> dict:
-    """One row as a prompt. Raises RowError. `needs_reference`: the reward that needs one, if any."""
+def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: int, needs_reference: str | None,
+               recorded_results: bool = False) -> dict:
+    """One row as a prompt. Raises RowError. `needs_reference`: the reward that needs one, if any.
+    `recorded_results`: the row is a recorded episode, its prompt ends at the last user message."""
     from data.render import encode_text, render_text
 
     canonical = to_canonical(shape, raw)
@@ -124,6 +135,9 @@ def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: in
     messages, tools = valid["messages"][:-1], valid["tools"]
     if not any(m["role"] == "user" for m in messages):
         raise RowError("the prompt has no user message")
+    recorded = recorded_tool_results(messages)
+    if recorded_results:
+        messages = messages[:max(k for k, m in enumerate(messages) if m["role"] == "user") + 1]
     text = render_text({"messages": messages, "tools": tools or None}, fmt=fmt, add_generation_prompt=True,
                        tokenizer=tokenizer)
     ids = encode_text(tokenizer, text)
@@ -132,7 +146,8 @@ def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: in
                        f"= {max_prompt_tokens}; shorten it, or raise training.seq_len")
     return {"prompt": text, "prompt_ids": ids,
             "reference": json.dumps(reference_of(valid["messages"][-1])) if reference is not None else "",
-            "tools": json.dumps(tools or []), "messages": json.dumps(messages, ensure_ascii=False)}
+            "tools": json.dumps(tools or []), "messages": json.dumps(messages, ensure_ascii=False),
+            "recorded": json.dumps(recorded, ensure_ascii=False)}
 
 
 def _key(source, tokenizer_dir: Path, fmt: Format, seq_len: int, shape: str, extra: dict) -> str:
@@ -142,17 +157,19 @@ def _key(source, tokenizer_dir: Path, fmt: Format, seq_len: int, shape: str, ext
 
 
 def prepare_prompts(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format, seq_len: int,
-                    max_completion_tokens: int, needs_reference: str | None, split: str = "train",
+                    max_completion_tokens: int, needs_reference: str | None, recorded_results: bool = False,
+                    split: str = "train",
                     cache_root: str | Path | None = None, shape: str = "auto", on_invalid: str = "error",
                     build: bool = True, trust_remote_code: bool = False,
                     timeout_s: float = WAIT_TIMEOUT_S) -> PreparedPrompts:
     """The prompts of one data location, from the cache or built here (`build`: this process
-    prepares; the others wait for the completion marker)."""
+    prepares; the others wait for the completion marker). `recorded_results`: rows are recorded
+    episodes (prompt_row)."""
     tokenizer_dir = Path(tokenizer_dir)
     source = open_source(str(data), key=f"data.{split}")
     root = Path(cache_root) if cache_root else default_cache_root()
     extra = {"max_completion_tokens": max_completion_tokens, "needs_reference": needs_reference,
-             "on_invalid": on_invalid}
+             "on_invalid": on_invalid, "recorded_results": recorded_results}
     final = root / _key(source, tokenizer_dir, fmt, seq_len, shape, extra)
     if (final / COMPLETE_MARKER).exists():
         return _read(final)
@@ -170,7 +187,8 @@ def prepare_prompts(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format,
     tmp.mkdir()
     try:
         stats = _build(source, tmp, tokenizer=tokenizer, fmt=fmt, max_prompt_tokens=seq_len - max_completion_tokens,
-                       needs_reference=needs_reference, shape=shape, on_invalid=on_invalid, split=split)
+                       needs_reference=needs_reference, recorded_results=recorded_results, shape=shape,
+                       on_invalid=on_invalid, split=split)
         (tmp / STATS_FILE).write_text(json.dumps(asdict(stats), indent=2))
         (tmp / COMPLETE_MARKER).write_text("prepared\n")
         try:
@@ -184,7 +202,7 @@ def prepare_prompts(data: str | Path, *, tokenizer_dir: str | Path, fmt: Format,
 
 
 def _build(source, tmp: Path, *, tokenizer, fmt: Format, max_prompt_tokens: int, needs_reference: str | None,
-           shape: str, on_invalid: str, split: str) -> PromptStats:
+           recorded_results: bool, shape: str, on_invalid: str, split: str) -> PromptStats:
     from datasets import Dataset
 
     stats, rows, errors = PromptStats(), [], []
@@ -196,13 +214,14 @@ def _build(source, tmp: Path, *, tokenizer, fmt: Format, max_prompt_tokens: int,
             if shape == "auto":
                 shape = detect_shape(raw, f"data.{split} {where}")
             row = prompt_row(raw, shape, tokenizer=tokenizer, fmt=fmt, max_prompt_tokens=max_prompt_tokens,
-                             needs_reference=needs_reference)
+                             needs_reference=needs_reference, recorded_results=recorded_results)
         except RowError as exc:
             errors.append((where, str(exc)))
             continue
         rows.append(row)
         stats.max_prompt_tokens = max(stats.max_prompt_tokens, len(row["prompt_ids"]))
         stats.with_reference += bool(row["reference"])
+        stats.with_recorded_results += row["recorded"] != "[]"
     stats.rejected = len(errors)
     if errors and on_invalid == "error":
         shown = "\n".join(f"  - {where}: {why}" for where, why in errors[:5])
@@ -215,6 +234,10 @@ def _build(source, tmp: Path, *, tokenizer, fmt: Format, max_prompt_tokens: int,
                 f.write(json.dumps({"where": where, "reason": why}) + "\n")
     if not rows:
         raise KeelError(f"data.{split}: no usable prompt in {source.location}")
+    if recorded_results and not stats.with_recorded_results:
+        raise KeelError(f"data.{split}: grpo.tool_results is recorded, but no row of {source.location} records a tool "
+                        "call with its result (an assistant turn with tool_calls followed by its role 'tool' "
+                        "messages); add them to the rows, or set grpo.tool_results: module with grpo.tools_module")
     stats.prompts = len(rows)
     _write_arrow(Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]}), tmp / DATA_FILE)
     return stats

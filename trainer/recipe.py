@@ -132,7 +132,12 @@ class GrpoSection(Section):
     trust_python_code: bool = Field(default=False, description="Allow grpo.python_rewards (imports and runs the named "
                                                                "Python functions in every training process).")
     max_turns: int = Field(default=1, gt=0, description="Assistant turns per rollout: above 1, the model's tool calls "
-                                                        "run (grpo.tools_module) and their results are fed back.")
+                                                        "get results (grpo.tool_results) that are fed back.")
+    tool_results: Literal["module", "recorded"] = Field(
+        default="module", description="Where multi-turn rollouts get tool results: module, by running the functions "
+                                      "of grpo.tools_module; recorded, from the tool results recorded in the data "
+                                      "(a call whose name and arguments match a recorded call gets its result; "
+                                      "the prompt ends at the row's last user message).")
     tools_module: str | None = Field(
         default=None, description="Python module whose functions are the tools multi-turn rollouts call, by name; "
                                   "runs your code, so it needs grpo.trust_python_code: true.")
@@ -152,9 +157,17 @@ class GrpoSection(Section):
         if self.tools_module is not None and not self.trust_python_code:
             raise ValueError("grpo.tools_module: runs your Python functions as tools in every training process; set "
                              "grpo.trust_python_code: true to allow it, or remove grpo.tools_module")
-        if self.max_turns > 1 and self.tools_module is None:
-            raise ValueError(f"grpo.max_turns: {self.max_turns} turns need tools to run between them; set "
-                             "grpo.tools_module (and grpo.trust_python_code: true), or grpo.max_turns: 1")
+        if self.tool_results == "recorded" and self.tools_module is not None:
+            raise ValueError("grpo.tools_module: not used with grpo.tool_results: recorded (the results come from the "
+                             "data); remove grpo.tools_module, or set grpo.tool_results: module to run it")
+        if self.tool_results == "recorded" and self.max_turns == 1:
+            raise ValueError("grpo.tool_results: recorded results are fed back between assistant turns, and "
+                             "grpo.max_turns is 1; set grpo.max_turns: 2 (or more), or remove grpo.tool_results")
+        if self.max_turns > 1 and self.tool_results == "module" and self.tools_module is None:
+            raise ValueError(f"grpo.max_turns: {self.max_turns} turns need tool results between them; set "
+                             "grpo.tools_module (and grpo.trust_python_code: true) to run your tools, or "
+                             "grpo.tool_results: recorded to replay the results recorded in the data, or "
+                             "grpo.max_turns: 1")
         if self.max_turns > 1 and self.generation == "vllm":
             raise ValueError("grpo.max_turns: multi-turn rollouts generate with transformers here; set "
                              "grpo.generation: transformers (or auto), or grpo.max_turns: 1")

@@ -57,6 +57,7 @@ def prepared_prompts(recipe: Recipe, split: str, local_rank: int, fmt: Format):
     return prepare_prompts(recipe.data.train if split == "train" else recipe.data.eval,
                            tokenizer_dir=recipe.model.path, fmt=fmt, seq_len=recipe.training.seq_len,
                            max_completion_tokens=recipe.grpo.max_completion_tokens, needs_reference=needs,
+                           recorded_results=recipe.grpo.tool_results == "recorded",
                            split=split, cache_root=recipe.data.cache_dir, shape=recipe.data.shape,
                            on_invalid=recipe.data.on_invalid, build=local_rank == 0,
                            trust_remote_code=recipe.model.trust_remote_code)
@@ -136,7 +137,8 @@ def describe_prepared(prepared) -> str:
     """One line of what a prepared split holds (keel prepare and the trainer print it)."""
     s = prepared.stats
     if prepared.kind == "prompt":
-        return (f"{s.rows} rows -> {s.prompts} prompts ({s.with_reference} with a reference), longest prompt "
+        recorded = f", {s.with_recorded_results} with recorded tool results" if s.with_recorded_results else ""
+        return (f"{s.rows} rows -> {s.prompts} prompts ({s.with_reference} with a reference{recorded}), longest prompt "
                 f"{s.max_prompt_tokens} tokens, {s.rejected} rejected"
                 + (f": see {prepared.rejected_file}" if prepared.rejected_file else ""))
     rows = (f", packed into {s.sequences} rows of up to {prepared.seq_len} tokens ({s.padding_fraction:.1%} padding)"

@@ -118,10 +118,11 @@ def make_grpo_trainer_class():
 
 def multi_turn_rollout(grpo, *, tokenizer, fmt: Format):
     """TRL's rollout_func for grpo.max_turns > 1 (trainer/techniques/tool_env.py): generation with
-    transformers on the model being trained, tool results inserted with env_mask 0."""
-    from trainer.techniques.tool_env import load_tools, roll_out
+    transformers on the model being trained, tool results (from grpo.tools_module, or recorded in
+    the row) inserted with env_mask 0."""
+    from trainer.techniques.tool_env import load_tools, module_tools, recorded_results, roll_out
 
-    tool_fns = load_tools(grpo.tools_module)
+    module = module_tools(load_tools(grpo.tools_module)) if grpo.tool_results == "module" else None
     stops = stop_token_ids(tokenizer, fmt)
 
     def rollout(prompts, trainer):
@@ -140,8 +141,9 @@ def multi_turn_rollout(grpo, *, tokenizer, fmt: Format):
                 return new[:end]
 
             for row in inputs:
+                call_tool = module or recorded_results(json.loads(row["recorded"]))
                 r = roll_out(prompt_messages=json.loads(row["messages"]), prompt_ids=list(row["prompt_ids"]),
-                             tools=json.loads(row["tools"]), generate=generate, tool_fns=tool_fns, fmt=fmt,
+                             tools=json.loads(row["tools"]), generate=generate, call_tool=call_tool, fmt=fmt,
                              tokenizer=tokenizer, max_turns=grpo.max_turns, max_tokens=grpo.max_completion_tokens)
                 out["prompt_ids"].append(list(row["prompt_ids"]))
                 out["completion_ids"].append(r.completion_ids)

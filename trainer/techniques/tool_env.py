@@ -9,20 +9,30 @@ without them), so the rolled-out sequence is token for token what the server wou
 the same conversation (checked by tests/unit/test_grpo_env.py). Model tokens are kept as sampled,
 never re-tokenized; only the inserted tool turns are tokenized, from text the template wrote.
 
-Tools are Python functions in a module the recipe names (grpo.tools_module, behind
-grpo.trust_python_code): a call runs the function of that name with its arguments; its return
-value (text, or JSON for anything else) is the tool result. An unknown tool or a raised
-exception becomes an error result the model sees, as a client would send it.
+Tool results come from one of two sources (grpo.tool_results):
+- module: Python functions in a module the recipe names (grpo.tools_module, behind
+  grpo.trust_python_code): a call runs the function of that name with its arguments; its return
+  value (text, or JSON for anything else) is the tool result. An unknown tool or a raised
+  exception becomes an error result the model sees, as a client would send it.
+- recorded: the tool calls recorded in the prompt's row with their results (data/prompts.py): a
+  call whose name and arguments (compared as JSON values, as the tool_call reward compares them)
+  equal a recorded call's gets that call's recorded result, the first one recorded if several
+  match; any other call gets an error result naming the call. No code of the user's runs.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from data.completion import read_output
 from data.formats import Format
+from data.rewards import json_value
+
+# call_tool(name, arguments as JSON text) -> the tool result's text
+CallTool = Callable[[str, str], str]
 
 
 @dataclass
@@ -57,6 +67,25 @@ def run_tool(tools: dict, name: str, arguments: str) -> str:
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
 
 
+def module_tools(tools: dict) -> CallTool:
+    """Calls answered by running the functions of grpo.tools_module."""
+    return lambda name, arguments: run_tool(tools, name, arguments)
+
+
+def recorded_results(recorded: list[dict]) -> CallTool:
+    """Calls answered from the row's recorded calls ({"name", "arguments", "result"})."""
+
+    def call_tool(name: str, arguments: str) -> str:
+        args = json_value(arguments)
+        for call in recorded:
+            if call["name"] == name and json_value(call["arguments"]) == args:
+                return call["result"]
+        return json.dumps({"error": f"no recorded result for this call: the data records no call of {name!r} with "
+                                    f"the arguments {arguments}"}, ensure_ascii=False)
+
+    return call_tool
+
+
 def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -78,10 +107,10 @@ def tool_turn_ids(*, messages: list[dict], tools: list[dict], results: list[dict
     return encode_text(tokenizer, after[len(before):])
 
 
-def roll_out(*, prompt_messages: list[dict], prompt_ids: list[int], tools: list[dict], generate, tool_fns: dict,
-             fmt: Format, tokenizer, max_turns: int, max_tokens: int) -> Rollout:
+def roll_out(*, prompt_messages: list[dict], prompt_ids: list[int], tools: list[dict], generate,
+             call_tool: CallTool, fmt: Format, tokenizer, max_turns: int, max_tokens: int) -> Rollout:
     """`generate(ids, budget) -> new ids` samples one assistant turn (ending with a stop token, or
-    cut at `budget`)."""
+    cut at `budget`); `call_tool` answers each call the model makes (module_tools, recorded_results)."""
     from data.rewards import read_completion
 
     out = Rollout()
@@ -102,7 +131,7 @@ def roll_out(*, prompt_messages: list[dict], prompt_ids: list[int], tools: list[
         messages.append({"role": "assistant", "content": scored.output.content or "",
                          "reasoning": scored.output.reasoning or "", "tool_calls": calls})
         results = [{"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
-                    "content": run_tool(tool_fns, c["function"]["name"], c["function"]["arguments"])} for c in calls]
+                    "content": call_tool(c["function"]["name"], c["function"]["arguments"])} for c in calls]
         out.tool_calls += len(calls)
         inserted = tool_turn_ids(messages=messages, tools=tools, results=results, fmt=fmt, tokenizer=tokenizer)
         if len(out.completion_ids) + len(inserted) >= max_tokens:
