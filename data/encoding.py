@@ -78,6 +78,7 @@ class PieceEncoder:
         self.tokenizer = weakref.proxy(tokenizer)  # held in _ENCODERS under the tokenizer: no cycle keeping it
         self.backend = backend_of(tokenizer)
         self.split, self.anchors = None, {}
+        self._capture_of, self._capture = None, None  # self.split as re.split's pattern with the match kept
         self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.checks_left = SELF_CHECKS
         if self.backend is not None and not self.backend.encode_special_tokens:
@@ -119,6 +120,38 @@ class PieceEncoder:
         return held
 
     def _pieces(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces and the added tokens between them from re.split (in C), which alternates them,
+        instead of a Python step per match; a match that is not an anchor (its whitespace rules look
+        around it) stays inside its piece, which _pieces_by_match does."""
+        if self._capture_of is not self.split:
+            self._capture_of, self._capture = self.split, re.compile(f"({self.split.pattern})")
+        if self._capture.groups != 1:
+            return self._pieces_by_match(text)
+        ids, starts, bases = [], [], []
+        cache, anchors, at = self.cache, self.anchors, 0
+        for i, part in enumerate(self._capture.split(text)):
+            if i & 1:
+                held = anchors.get(part)
+                if held is None:
+                    return self._pieces_by_match(text)
+            elif not part:
+                continue
+            else:
+                held = cache.get(part)
+                if held is None:
+                    held = self._piece(part)
+            ids.append(held[0]), starts.append(held[1]), bases.append(at)
+            at += len(part)
+        return self._join(ids, starts, bases)
+
+    @staticmethod
+    def _join(ids: list, starts: list, bases: list) -> tuple[np.ndarray, np.ndarray]:
+        if not ids:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        counts = [len(a) for a in ids]
+        return np.concatenate(ids), np.concatenate(starts) + np.repeat(np.asarray(bases, dtype=np.int64), counts)
+
+    def _pieces_by_match(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         ids, starts, bases = [], [], []
         at = 0
         for m in self.split.finditer(text):
@@ -133,10 +166,7 @@ class PieceEncoder:
         if at < len(text):
             part = self._piece(text[at:])
             ids.append(part[0]), starts.append(part[1]), bases.append(at)
-        if not ids:
-            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        counts = [len(a) for a in ids]
-        return np.concatenate(ids), np.concatenate(starts) + np.repeat(np.asarray(bases, dtype=np.int64), counts)
+        return self._join(ids, starts, bases)
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         if self.split is None:

@@ -60,6 +60,7 @@ from data.shapes import KINDS
 from data.shards import STALE_LOCK_S, Lock, NodeShare, ShardDir, list_array
 from data.sources import Source, open_source
 from data.tokenized import COLUMNS, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
+from data.workers import heap_frozen
 
 PREP_VERSION = "3"
 COMPLETE_MARKER = "_COMPLETE"
@@ -392,7 +393,8 @@ def _build_once(source: Source, final: Path, deadline: float, timeout_s: float, 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
-                stats, kind, packed = build(tmp)
+                with heap_frozen():  # data/workers.py: full garbage-collector passes skip the process's own heap
+                    stats, kind, packed = build(tmp)
             except KeelError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if shards is not None:  # the nodes waiting for this cache fail with the same message
@@ -497,8 +499,8 @@ def _tokenize_shards(source: Source, shards: ShardDir, pick, *, data, tokenizer_
         shards.release(current, held)
         done.append(current)
 
-    tokenizer = _tokenizer(tokenizer_dir, fmt, trust_remote_code)
-    with held:
+    with held, heap_frozen():
+        tokenizer = _tokenizer(tokenizer_dir, fmt, trust_remote_code)
         try:
             for where, raw, shape, result in tokenized_rows(source, options.shape, tokenizer=tokenizer,
                                                             tokenizer_dir=tokenizer_dir, fmt=fmt, seq_len=seq_len,

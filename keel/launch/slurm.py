@@ -3,7 +3,10 @@
 The script holds the recipe as written (so the job does not depend on the file staying where it
 was rendered) and runs, from a directory every node shares (--workdir: Lustre, NFS):
 
-    srun (1 task)           keel prepare: data validated and tokenized once, into the shared cache
+    srun (1 task per node)  keel prepare on each node: each tokenizes its share of the rows into
+                            the shared cache (data/shards.py; node rank $SLURM_NODEID of the job's
+                            nodes, handed over as PET_NODE_RANK / PET_NNODES), one of them
+                            assembles the cache and publishes it once, the others wait for it
     srun (1 task per node)  keel train on each node: torchrun joining one c10d rendezvous on the
                             first node of the allocation; output.dir and the cache on --workdir
 
@@ -100,6 +103,9 @@ def sbatch_script(*, recipe_path: str | Path, overrides: list[str], name: str | 
                      f" --container-workdir={workdir}")
     recipe_file = f"{run_dir}/recipe.yaml"
     keel_args = " ".join(shlex.quote(a) for a in launch.args)
+    # data/shards.py reads a node's share from PET_NODE_RANK / PET_NNODES (as the Kubeflow operators
+    # set them); Slurm numbers the job's nodes in SLURM_NODEID, and the job has topo.nodes of them
+    prepare = f'PET_NODE_RANK="$SLURM_NODEID" PET_NNODES={topo.nodes} exec keel prepare "$@"'
     train = (f'exec keel train "$@" --nnodes={topo.nodes} --nproc-per-node={topo.processes_per_node} '
              f'--rdzv-endpoint="$KEEL_HEAD:{rdzv_port}" --rdzv-id="$SLURM_JOB_ID" --node-rank="$SLURM_NODEID" '
              f'--max-restarts={max_restarts}')
@@ -124,8 +130,10 @@ def sbatch_script(*, recipe_path: str | Path, overrides: list[str], name: str | 
         'echo "[keel] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; rendezvous '
         f'$KEEL_HEAD:{rdzv_port}"',
         "",
-        "# data preparation, once, before the training step",
-        f'srun --nodes=1 --ntasks=1{container} keel prepare "${{keel_args[@]}}" || exit $?',
+        "# data preparation before the training step, on every node: each tokenizes its share of the rows into the",
+        "# shared cache; once every share is there, one of them assembles the cache and publishes it, once",
+        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1{container} \\",
+        f"    bash -c {shlex.quote(prepare)} keel \"${{keel_args[@]}}\" || exit $?",
         "",
         "# training: one task per node, each keel train running torchrun against the first node's rendezvous",
         f"srun --nodes={topo.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1{container} \\",

@@ -153,9 +153,15 @@ def test_slurm_script_is_bash_with_the_clusters_sbatch_options(capsys):
     assert "export FI_PROVIDER=efa" in script and "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
     assert "--container-image=registry.example/keel-train:0.1.0" in script
     assert "set -a; . /home/me/.keel/secrets.env; set +a" in script
-    # data prepared once, on one task, before the step that trains on every node
-    prepare, train = script.index("srun --nodes=1 --ntasks=1"), script.index("srun --nodes=2 --ntasks-per-node=1")
-    assert prepare < train and "keel prepare" in script[prepare:train]
+    # data prepared on every node (one task each, its share of the rows by its Slurm node id), then trained on
+    # every node; tests/unit/test_prepare_nodes.py runs this preparation step for real
+    steps = re.findall(r"^srun (.*) \\\n    bash -c '(.*)' keel \"\$\{keel_args\[@\]\}\"", script, re.M)
+    every_node = (f"--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --container-image={IMAGE} "
+                  "--container-mounts=/fsx/keel:/fsx/keel --container-workdir=/fsx/keel")
+    assert [(options, re.search(r"\bexec (keel \w+)", command)[1]) for options, command in steps] == [
+        (every_node, "keel prepare"), (every_node, "keel train")]
+    assert steps[0][1].startswith('PET_NODE_RANK="$SLURM_NODEID" PET_NNODES=2 exec keel prepare')
+    assert "srun --nodes=1" not in script
     assert '--rdzv-endpoint="$KEEL_HEAD:29500"' in script and "--nproc-per-node=8" in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "scontrol requeue" in script and "trap requeue USR1" in script

@@ -127,3 +127,79 @@ def test_a_node_alone_prepares_the_shards_of_a_node_that_never_shows_up(rows_fil
     _same_cache(one.path, alone.path)
     [record] = json.loads((alone.path / NODES_FILE).read_text())
     assert record["node"] == 0 and record["shards"] == list(range(10))
+
+
+# ----------------------------------------------------------------------------- Slurm
+
+SRUN = r"""#!/bin/bash
+# Slurm's srun (not installed here) for `srun --nodes=N --ntasks-per-node=1 [options] COMMAND`: COMMAND
+# once per node, all at once, each with the variables Slurm sets in a task (SLURM_NODEID: the node's
+# index in the job); exits with a failed task's status
+nodes=1
+while [[ $1 == --* ]]; do
+    case $1 in --nodes=*) nodes=${1#--nodes=} ;; esac
+    shift
+done
+pids=()
+for ((i = 0; i < nodes; i++)); do
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_NNODES=$nodes SLURM_STEP_NUM_NODES=$nodes "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def _slurm_bin(where: Path) -> Path:
+    """srun and scontrol standing in for Slurm's, and `keel` (this checkout's CLI, with SHARD_ROWS rows per
+    shard, so that the small file has shards for both nodes)."""
+    where.mkdir()
+    (where / "srun").write_text(SRUN)
+    (where / "scontrol").write_text("#!/bin/bash\necho node0; echo node1\n")
+    (where / "keel").write_text(
+        f'#!/bin/bash\nexec {sys.executable} -c "import sys, data.shards; data.shards.SHARD_ROWS = {SHARD_ROWS}; '
+        'from keel.cli import main; sys.exit(main())" "$@"\n')
+    for tool in where.iterdir():
+        tool.chmod(0o755)
+    return where
+
+
+def test_the_slurm_script_prepares_on_every_node_and_gives_the_single_node_cache(rows_file, tiny_model, tmp_path,
+                                                                                  capsys):
+    """The rendered sbatch script's preparation step, run as Slurm runs it on a 2-node job (one task per
+    node, SLURM_NODEID 0 and 1): each node tokenizes its own shards (its rank and the node count reach
+    data/shards.py), the cache is published once, and it is the single-node cache bit for bit."""
+    from keel.cli import main as keel
+
+    recipe = REPO / "recipes" / "quickstart" / "sft-tool-calling.yaml"
+    overrides = [f"model.path={tiny_model}", f"data.train={rows_file}", "training.seq_len=512",
+                 "data.on_invalid=skip"]
+    assert keel(["prepare", str(recipe), *overrides, f"data.cache_dir={tmp_path / 'one'}"]) == 0
+    [one] = [p for p in (tmp_path / "one").iterdir() if not p.name.startswith(".")]
+    capsys.readouterr()
+
+    workdir = tmp_path / "shared"
+    assert keel(["launch", str(recipe), "--target", "slurm", "--workdir", str(workdir), "--nodes", "2",
+                 "cluster.nodes=2", *overrides]) == 0
+    script = capsys.readouterr().out
+    step = script.index("exec keel prepare")
+    assert script.rfind("srun --nodes=2 --ntasks-per-node=1", 0, step) > script.rfind("\n\n", 0, step)
+    head = script[: script.index("\n", step) + 1]  # the job up to and including its preparation step
+    env = {**os.environ, "PATH": f"{_slurm_bin(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-1]", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("PET_NODE_RANK", "PET_NNODES", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    job = subprocess.run(["bash", "-c", head], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+
+    [two] = [p for p in (workdir / "cache" / "prepared").iterdir() if not p.name.startswith(".")]
+    _same_cache(one, two)
+    by = json.loads((two / NODES_FILE).read_text())
+    assert [(r["node"], r["shards"]) for r in by] == [(0, [0, 2, 4, 6, 8]), (1, [1, 3, 5, 7, 9])]
+    assert "node 0 of 2" in job.stderr and "node 1 of 2" in job.stderr
+    assert "data.train prepared by 2 nodes" in job.stdout + job.stderr
+    assert job.stdout.count("train: built cache") + job.stdout.count("train: reused cache") == 2
+    assert job.stdout.count("train: built cache") == 1  # assembled and published once
+    assert not list((workdir / "cache" / "prepared").glob(".*.shards"))

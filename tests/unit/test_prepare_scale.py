@@ -159,3 +159,30 @@ def test_workers_default_to_every_cpu_the_process_may_use(monkeypatch):
     assert data.workers.default_num_proc() == 12
     monkeypatch.setattr(data.workers.os, "sched_getaffinity", lambda pid: {3}, raising=False)
     assert data.workers.default_num_proc() == 1
+
+
+def test_preparing_leaves_the_processs_garbage_collector_as_it_was(tiny_model, tmp_path):
+    """Preparation freezes the heap while it builds (data/workers.py heap_frozen); the process that
+    prepared (keel train's, a notebook's) gets its collector back as it was, after a failure too, and a
+    process that froze its own heap keeps it frozen."""
+    import gc
+
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(_rows(20), data)
+    kwargs = dict(tokenizer_dir=tiny_model, fmt=FMT, seq_len=1024, options=PrepOptions(packing=True))
+    assert gc.get_freeze_count() == 0
+    prepare_file(data, cache_root=tmp_path / "a", **kwargs)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(KeelError, match="holds nothing to train on"):
+        prepare_file(empty, cache_root=tmp_path / "b", **kwargs)
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        prepare_file(data, cache_root=tmp_path / "c", **kwargs)
+        assert gc.get_freeze_count() > 0  # (objects freed meanwhile leave the frozen set: not an equal count)
+    finally:
+        gc.unfreeze()
