@@ -299,6 +299,15 @@ def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool 
     return text
 
 
+def generation_prompt_opens_reasoning(fmt: Format) -> bool:
+    """Whether the format's generation prompt already opens the think block (DeepSeek-R1's ends
+    in `<think>\n`): the model's output then starts inside its reasoning, with no opening tag."""
+    if fmt.harmony or fmt.spec.think is None:
+        return False
+    text = render_text({"messages": [{"role": "user", "content": "x"}]}, fmt=fmt, add_generation_prompt=True)
+    return text.rstrip().endswith(fmt.spec.think.open)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of rendered text, no special tokens added, as the server tokenizes a prompt:
     plain ints (the arrays _encode gives are for the preparation's own columns)."""

@@ -14,8 +14,8 @@ Scores (n is the number of cases or calls each is taken over):
     call_decision         the model called tools exactly when the reference did
     tool_name_match       on reference turns with calls: the same tool names (as a multiset)
     arguments_match       on reference turns with calls: the same names with the same arguments
-    reasoning_format      (formats with reasoning) the output opens with the think delimiter and
-                          closes it once, and no delimiter is left in the content (harmony: it
+    reasoning_format      (formats with reasoning) the output opens with the think delimiter (or
+                          the generation prompt does, as DeepSeek-R1's) and closes it once, and no delimiter is left in the content (harmony: it
                           opens with one analysis message, ended by <|end|>, and no harmony
                           markup is left in the content)
     answer_exact_match    on reference turns that answer in text: the same text
@@ -114,7 +114,11 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
 
         out["reasoning_format"] = reasoning_format(raw, content)
     elif spec.supports.reasoning and spec.think:
+        from data.render import generation_prompt_opens_reasoning
+
         text = raw.lstrip()
+        if generation_prompt_opens_reasoning(fmt):  # the prompt wrote the opening tag: count it as the output's
+            text = spec.think.open + text
         out["reasoning_format"] = (text.startswith(spec.think.open) and text.count(spec.think.close) == 1
                                    and text.count(spec.think.open) == 1
                                    and not any(d in (content or "") for d in (spec.think.open, spec.think.close)))

@@ -49,3 +49,19 @@ def test_answers_and_reasoning_format():
     summary = summarize([good, no_think, called])
     assert summary["answer_exact_match"] == (2 / 3, 3) and summary["reasoning_format"] == (2 / 3, 3)
     assert summary["tool_call_validity"] == (0.0, 1) and math.isnan(summary["tool_name_match"][0])
+
+
+def test_reasoning_format_when_the_generation_prompt_opens_the_reasoning():
+    """DeepSeek-R1's generation prompt ends in <think>: a well-formed output starts inside the
+    reasoning, and one that opens it again has two opening tags."""
+    fmt = load_format("deepseek-r1")
+
+    def fmt_ok(raw: str, content: str) -> bool:
+        case = Case(0, 1, [{"role": "user", "content": "q"}], None, ANSWER_REF)
+        return score_case(case, reasoning="r", content=content, calls=[], raw=raw, finish="stop", fmt=fmt)["reasoning_format"]
+
+    assert fmt_ok("r\n</think>\n\nIt is 18°C in Paris.", "It is 18°C in Paris.")
+    assert not fmt_ok("<think>r</think>It is 18°C in Paris.", "It is 18°C in Paris.")
+    assert not fmt_ok("It is 18°C in Paris.", "It is 18°C in Paris.")
+    # hermes-qwen3's prompt does not open it: the output must
+    assert not score(ANSWER_REF, raw="r</think>It is 18°C in Paris.", content="It is 18°C in Paris.").result["reasoning_format"]
