@@ -79,6 +79,10 @@ CPU_DEEPSPEED_RUNTIME = 60 * 1024**2
 # DeepSpeed's defaults, which Keel's config leaves in place (trainer/parallel.py)
 ZERO3_MAX_LIVE_PARAMS = 10**9
 ZERO_REDUCE_BUCKET = 5 * 10**8
+# GRPO's rollouts through TRL's colocated vLLM (trainer/techniques/grpo.py): vLLM reserves this
+# share of each GPU for its weights and KV cache for the whole run (TRL's default
+# vllm_gpu_memory_utilization, which Keel leaves in place)
+VLLM_COLOCATE_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class ModelShape:
     max_positions: int | None
     active: int = 0  # parameters a token passes through (a mixture of experts uses top-k of its experts)
     attention_width: int = 0  # heads x head_dim (what attention scores are computed over)
+    kv_width: int = 0  # key/value heads x head_dim (what a KV cache holds per layer and token, keys and values each)
     heads: int = 0  # attention heads (query heads: eager attention makes one score matrix each)
     experts: int = 0  # experts per MoE layer (0: dense)
     experts_per_token: int = 0
@@ -121,6 +126,7 @@ class ModelShape:
     def __post_init__(self):
         self.active = self.active or self.params
         self.attention_width = self.attention_width or self.hidden
+        self.kv_width = self.kv_width or self.attention_width
 
 
 @dataclass
@@ -133,6 +139,7 @@ class Estimate:
     activations_ckpt: float
     reference: float
     overhead: float
+    generation: float = 0.0  # GRPO: memory its rollouts hold beyond the training step's own
     # gradients that are never live together with the activations (subtracted from the total)
     not_together: float = 0.0
     # CPU: freed blocks glibc malloc keeps resident in its heap (0 on GPUs)
@@ -142,7 +149,7 @@ class Estimate:
     @property
     def total(self) -> float:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.reference + self.overhead
-                + self.heap_kept - self.not_together)
+                + self.heap_kept + self.generation - self.not_together)
 
 
 def model_shape(config: dict, peft) -> ModelShape:
@@ -163,6 +170,7 @@ def model_shape(config: dict, peft) -> ModelShape:
                       intermediate=intermediate, vocab=text["vocab_size"], layer_params=counts.layer,
                       max_positions=text.get("max_position_embeddings"), active=active_parameters(config, counts),
                       attention_width=heads * head_dim, heads=heads, experts=experts,
+                      kv_width=(text.get("num_key_value_heads") or heads) * head_dim,
                       experts_per_token=top_k, eager_attention=has_attention_sinks(config),
                       mxfp4=is_mxfp4(config))
 
@@ -235,10 +243,17 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
         weights = 2 * shape.layer_params * gathered_bytes
         notes.append("parameters live in CPU memory (offload)")
     reference = 0.0
-    if recipe.technique == "dpo" and recipe.peft.kind == "none":
+    # a frozen copy of the starting model: DPO's reference, GRPO's KL term (beta > 0); under LoRA
+    # both use the base with the adapters switched off instead
+    kl = recipe.technique == "grpo" and recipe.grpo.beta > 0
+    if (recipe.technique == "dpo" or kl) and recipe.peft.kind == "none":
         reference = shape.params * w_f / (n if d.strategy in ("zero3", "fsdp2") else 1)
     no_ckpt, ckpt = activation_bytes(recipe, shape, cpu=cpu)
     act = ckpt if t.gradient_checkpointing else no_ckpt
+    generation = 0.0
+    if recipe.technique == "grpo":
+        generation, note = generation_bytes(recipe, shape, cluster, activations=act)
+        notes.append(note)
     # DDP's and FSDP2's .grad tensors are made during backward, as the activations are freed, and
     # freed by zero_grad after the optimizer step. With one micro-batch per step the two never
     # peak together: activations at the start of backward, gradients at its end. (With gradient
@@ -261,7 +276,28 @@ def estimate(recipe, shape: ModelShape, cluster: Cluster) -> Estimate:
         overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
     return Estimate(weights=weights, gradients=grads, optimizer=opt, activations=act, activations_no_ckpt=no_ckpt,
                     activations_ckpt=ckpt, reference=reference, overhead=overhead, not_together=not_together,
-                    heap_kept=heap_kept, notes=notes)
+                    heap_kept=heap_kept, generation=generation, notes=notes)
+
+
+def generation_bytes(recipe, shape: ModelShape, cluster: Cluster, *, activations: float) -> tuple[float, str]:
+    """What GRPO's rollouts hold beyond the training step, and how it was counted.
+
+    With vLLM (TRL's colocate mode, GPUs) vLLM reserves its share of each GPU for the whole run.
+    With transformers' generate, the KV cache of one generation batch (TRL generates micro-batch x
+    grad_accum completions at once, each up to seq_len tokens with its prompt); it is freed before
+    the training forward, so only what it needs beyond the activations raises the peak."""
+    t = recipe.training
+    if cluster.gpu != "cpu" and recipe.grpo.generation in ("vllm", "auto"):
+        share = VLLM_COLOCATE_SHARE * cluster.memory_gib * GIB
+        return share, (f"GRPO rollouts in TRL's colocated vLLM: {VLLM_COLOCATE_SHARE:.0%} of each GPU held for its "
+                       "weights and KV cache (vllm_gpu_memory_utilization)"
+                       + ("; grpo.generation auto assumes vLLM is in the training image" if
+                          recipe.grpo.generation == "auto" else ""))
+    value = 4 if cluster.gpu == "cpu" else 2
+    seqs = t.micro_batch_size * t.grad_accum
+    kv = seqs * t.seq_len * shape.layers * 2 * shape.kv_width * value
+    return max(0.0, kv - activations), (f"GRPO rollouts with transformers: a KV cache of {seqs} sequences of up to "
+                                        f"{t.seq_len} tokens ({kv / GIB:.2f} GiB), freed before the training step")
 
 
 def activation_bytes(recipe, shape: ModelShape, *, cpu: bool) -> tuple[float, float]:
@@ -487,7 +523,9 @@ def render(p: Plan) -> str:
         f"on: {_gib(e.activations_ckpt).strip()}; now {'on' if r.training.gradient_checkpointing else 'off'})",
     ]
     if e.reference:
-        lines.append(f"  dpo reference {_gib(e.reference)}")
+        lines.append(f"  {'dpo' if r.technique == 'dpo' else 'kl'} reference {_gib(e.reference)}")
+    if e.generation:
+        lines.append(f"  generation    {_gib(e.generation)}   (GRPO rollouts)")
     if e.heap_kept:
         lines.append(f"  malloc heap   {_gib(e.heap_kept)}   (freed blocks kept resident)")
     if e.not_together:

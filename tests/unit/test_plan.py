@@ -178,3 +178,28 @@ def test_a_lora_base_is_held_in_bf16_on_gpus_as_peers_hold_it(model_dirs):
     z3 = estimate(recipe(model_dirs["8b"], "peft.kind=lora", "peft.r=16", "distributed.strategy=zero3"), shape,
                   Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=8))
     assert z3.weights < gpu.weights
+
+
+def test_grpo_counts_its_rollouts_and_its_kl_reference(model_dirs):
+    """GRPO holds more than SFT: TRL's colocated vLLM keeps 30% of each GPU, transformers'
+    generate a KV cache (8B: 8 key/value heads x 128 x 32 layers x 2 x bf16 = 128 KiB a token),
+    and beta > 0 a frozen copy of the model (none under LoRA, where the base is the reference)."""
+    grpo = ("technique=grpo", "grpo.rewards.tool_call=1", "training.packing=false")
+    shape = model_shape(LLAMA_31_8B, recipe(model_dirs["8b"]).peft)
+    h100 = Cluster(gpu="h100-80gb", nodes=1, gpus_per_node=8)
+    sft = estimate(recipe(model_dirs["8b"], "distributed.strategy=zero3"), shape, h100)
+    vllm = estimate(recipe(model_dirs["8b"], "distributed.strategy=zero3", *grpo), shape, h100)
+    assert vllm.generation == pytest.approx(0.3 * h100.memory_gib * GIB)
+    assert vllm.total == pytest.approx(sft.total + vllm.generation, rel=0.01)  # the rest as for SFT
+    long = recipe(model_dirs["8b"], "distributed.strategy=zero3", *grpo, "grpo.generation=transformers",
+                  "training.micro_batch_size=1", "training.grad_accum=64", "training.seq_len=8192",
+                  "training.gradient_checkpointing=true")
+    hf = estimate(long, shape, h100)  # TRL generates micro-batch x grad_accum completions at once
+    kv = 64 * 8192 * 32 * 2 * 8 * 128 * 2
+    assert hf.generation == pytest.approx(kv - hf.activations) and hf.generation > 0
+    assert estimate(recipe(model_dirs["8b"], "distributed.strategy=zero3", *grpo, "grpo.beta=0.04"), shape,
+                    h100).reference == pytest.approx(shape.params * 2 / 8)
+    lora = recipe(model_dirs["8b"], *grpo, "grpo.beta=0.04", "peft.kind=lora")
+    assert estimate(lora, model_shape(LLAMA_31_8B, lora.peft), h100).reference == 0
+    text = render(plan(recipe(model_dirs["8b"], "distributed.strategy=zero3", *grpo), h100, LLAMA_31_8B))
+    assert "generation" in text and "colocated vLLM" in text
