@@ -73,7 +73,9 @@ class ReadOutput:
     calls: list[ParsedCall] = field(default_factory=list)
     invalid_calls: int = 0  # calls inside the delimiters whose JSON is not a call (dropped by the server)
     cut_call: bool = False  # the text ended inside a call
-    reasoning_well_formed: bool = True  # think delimiters opened and closed once, in that order
+    # formats with think delimiters: a think block opened once (by the output, or by the generation
+    # prompt as DeepSeek-R1's does, not both) and closed once; True for formats without them
+    reasoning_well_formed: bool = True
 
 
 def parseable_tool_calls(fmt: Format) -> bool:
@@ -87,18 +89,22 @@ def read_output(text: str, fmt: Format) -> ReadOutput:
     spec = fmt.spec
     reasoning, well_formed = None, True
     if spec.think is not None:
+        from data.render import generation_prompt_opens_reasoning
+
         open_tag, close_tag = spec.think.open, spec.think.close
         stripped = text.lstrip()
-        if stripped.startswith(open_tag) or close_tag in text:
+        opened_here = stripped.startswith(open_tag)
+        well_formed = False
+        if opened_here or close_tag in text:
             # the opening tag may live in the generation prompt (then the output starts inside it)
-            body = stripped[len(open_tag):] if stripped.startswith(open_tag) else text
+            body = stripped[len(open_tag):] if opened_here else text
             end = body.find(close_tag)
             if end < 0:
-                reasoning, text, well_formed = body, "", False
+                reasoning, text = body, ""
             else:
                 reasoning, text = body[:end], body[end + len(close_tag):]
-                # opened once (here, or by the generation prompt) and closed once
-                well_formed = open_tag not in body and close_tag not in text
+                well_formed = (opened_here != generation_prompt_opens_reasoning(fmt)
+                               and open_tag not in body and close_tag not in text)
             reasoning = reasoning.strip() or None
     calls, invalid, cut = [], 0, False
     if parseable_tool_calls(fmt):

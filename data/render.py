@@ -26,6 +26,7 @@ functions below hand such a format to it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -299,13 +300,18 @@ def render_text(conversation: dict, *, fmt: Format, add_generation_prompt: bool 
     return text
 
 
+_OPENS_REASONING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Format -> bool, rendered once
+
+
 def generation_prompt_opens_reasoning(fmt: Format) -> bool:
     """Whether the format's generation prompt already opens the think block (DeepSeek-R1's ends
     in `<think>\n`): the model's output then starts inside its reasoning, with no opening tag."""
     if fmt.harmony or fmt.spec.think is None:
         return False
-    text = render_text({"messages": [{"role": "user", "content": "x"}]}, fmt=fmt, add_generation_prompt=True)
-    return text.rstrip().endswith(fmt.spec.think.open)
+    if fmt not in _OPENS_REASONING:
+        text = render_text({"messages": [{"role": "user", "content": "x"}]}, fmt=fmt, add_generation_prompt=True)
+        _OPENS_REASONING[fmt] = text.rstrip().endswith(fmt.spec.think.open)
+    return _OPENS_REASONING[fmt]
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

@@ -114,13 +114,10 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
 
         out["reasoning_format"] = reasoning_format(raw, content)
     elif spec.supports.reasoning and spec.think:
-        from data.render import generation_prompt_opens_reasoning
+        from data.completion import read_output
 
-        text = raw.lstrip()
-        if generation_prompt_opens_reasoning(fmt):  # the prompt wrote the opening tag: count it as the output's
-            text = spec.think.open + text
-        out["reasoning_format"] = (text.startswith(spec.think.open) and text.count(spec.think.close) == 1
-                                   and text.count(spec.think.open) == 1
+        # the GRPO format reward's rule (data/completion.py), the prompt's own opening tag included
+        out["reasoning_format"] = (read_output(raw, fmt).reasoning_well_formed
                                    and not any(d in (content or "") for d in (spec.think.open, spec.think.close)))
     return out
 

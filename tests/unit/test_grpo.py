@@ -70,6 +70,19 @@ def test_format_reward_wants_reasoning_delimited_and_nothing_leaking():
     assert reward("format", "<think>a</think>text <|im_start|>user") == 0.0  # control token in content
     assert reward("format", '<think>a</think><tool_call>{"name": "get_weather"') == 0.0  # cut call
     assert reward("format", "<think>a</think>just an answer") == 1.0
+    assert reward("format", "a</think>just an answer") == 0.0  # hermes-qwen3's prompt does not open it
+
+
+def test_format_reward_counts_the_think_tag_a_generation_prompt_opened():
+    """DeepSeek-R1's generation prompt ends in <think>: the output starts inside its reasoning,
+    and opening it again is malformed (the same rule keel eval's reasoning_format uses)."""
+    r1 = load_format("deepseek-r1")
+
+    def fmt_reward(text):
+        return score("format", Scored(read_output(text, r1), ended=True, tokens=10), reference=REF, tools=[], fmt=r1)
+
+    assert fmt_reward("a\n</think>\n\njust an answer") == 1.0
+    assert fmt_reward("<think>a</think>just an answer") == 0.0
 
 
 def test_answer_match_exact_and_normalized():
