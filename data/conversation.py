@@ -440,6 +440,14 @@ def _answer(pending: list[dict], msg: dict, where: str) -> dict:
     return pending[0]
 
 
+def call_of(call: dict) -> dict:
+    """A validated tool call as {"name", "arguments" (JSON text)}: how GRPO's references and
+    recorded results hold calls."""
+    args = call["function"]["arguments"]
+    return {"name": call["function"]["name"],
+            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}
+
+
 def recorded_tool_results(messages: list[dict]) -> list[dict]:
     """The tool calls of validated messages paired with the results that answer them, in the
     order they occur: [{"name", "arguments" (JSON text), "result"}]. The pairing is the one
@@ -451,10 +459,7 @@ def recorded_tool_results(messages: list[dict]) -> list[dict]:
         elif msg["role"] == "tool":
             call = _answer(pending, msg, f"messages[{i}]")
             pending = [c for c in pending if c is not call]
-            args = call["function"]["arguments"]
-            recorded.append({"name": call["function"]["name"],
-                             "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
-                             "result": msg["content"]})
+            recorded.append({**call_of(call), "result": msg["content"]})
     return recorded
 
 

@@ -40,7 +40,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.conversation import RowError, recorded_tool_results, validate_conversation
+from data.conversation import RowError, call_of, recorded_tool_results, validate_conversation
 from data.errors import KeelError
 from data.formats import Format
 from data.prepare import COMPLETE_MARKER, PrepOptions, cache_key, default_cache_root, wait_for_marker
@@ -107,13 +107,7 @@ def split_prompt(conversation: dict) -> tuple[list[dict], dict | None]:
 
 def reference_of(turn: dict) -> dict:
     """A validated assistant turn as a reward's reference: content and calls (arguments as JSON text)."""
-    calls = [{"name": c["function"]["name"], "arguments": _arguments_text(c["function"]["arguments"])}
-             for c in turn.get("tool_calls") or []]
-    return {"content": turn.get("content") or None, "tool_calls": calls}
-
-
-def _arguments_text(arguments) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"content": turn.get("content") or None, "tool_calls": [call_of(c) for c in turn.get("tool_calls") or []]}
 
 
 def prompt_row(raw, shape: str, *, tokenizer, fmt: Format, max_prompt_tokens: int, needs_reference: str | None,
