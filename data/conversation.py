@@ -188,7 +188,9 @@ def _validator(schema_json: str):
     return Draft202012Validator(json.loads(schema_json), registry=Registry(retrieve=_no_retrieval))
 
 
-def _check_arguments(args: dict, schema: dict | None, where: str) -> None:
+def check_arguments(args: dict, schema: dict | None, where: str) -> None:
+    """Raise RowError when `args` do not validate against the tool's parameters schema (compiled
+    once per schema; no $ref outside it followed). Rows, GRPO's schema_valid and keel eval use it."""
     import re
 
     from referencing.exceptions import Unresolvable
@@ -337,7 +339,7 @@ def _assistant(msg: dict, content: str | None, rules: RowRules, schemas: dict, w
         if rules.fenced_calls:
             _check_fenced_name(name, rules, here)
         args = _arguments(fn.get("arguments"), here)
-        _check_arguments(args, schemas.get(name), here)
+        check_arguments(args, schemas.get(name), here)
         call_id = call.get("id")
         if call_id is not None and not isinstance(call_id, str):
             raise RowError(f"{here}.id: must be a string")

@@ -80,7 +80,7 @@ def tool_call_reward(scored: Scored, reference: dict, *, name_credit: float) -> 
 
 
 def schema_valid_reward(scored: Scored, tools: list[dict]) -> float:
-    from data.conversation import RowError, _check_arguments
+    from data.conversation import RowError, check_arguments
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools if "function" in t}
     total = len(scored.output.calls) + scored.output.invalid_calls
@@ -91,7 +91,7 @@ def schema_valid_reward(scored: Scored, tools: list[dict]) -> float:
         if call.name not in schemas:
             continue
         try:
-            _check_arguments(json.loads(call.arguments), schemas[call.name], "arguments")
+            check_arguments(json.loads(call.arguments), schemas[call.name], "arguments")
         except RowError:
             continue
         valid += 1

@@ -82,17 +82,17 @@ def _canonical(calls) -> list[tuple[str, str]]:
 
 def score_case(case: Case, *, reasoning: str | None, content: str | None, calls: list[tuple[str, dict]], raw: str,
                finish: str, fmt) -> dict:
-    import jsonschema
+    from data.conversation import RowError, check_arguments
 
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in case.tools or []}
     valid = 0
     for name, args in calls:
-        try:
-            if name in schemas:
-                jsonschema.validate(args, schemas[name])
+        if name in schemas:
+            try:  # the validation training rows and GRPO's schema_valid reward get
+                check_arguments(args, schemas[name], "arguments")
                 valid += 1
-        except jsonschema.ValidationError:
-            pass
+            except RowError:
+                pass
     spec = fmt.spec
     if fmt.harmony:
         from serving.harmony import begun_calls
