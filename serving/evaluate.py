@@ -88,7 +88,7 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
     valid = 0
     for name, args in calls:
         if name in schemas:
-            try:  # the validation training rows and GRPO's schema_valid reward get
+            try:  # the same check as training-row validation and GRPO's schema_valid reward
                 check_arguments(args, schemas[name], "arguments")
                 valid += 1
             except RowError:
