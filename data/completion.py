@@ -40,16 +40,26 @@ def partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def split_output(text: str, open_tag: str, close_tag: str) -> tuple[str, list[str], list[str]]:
+def first_tag(text: str, tags: tuple[str, ...], pos: int) -> tuple[int, str]:
+    """(index, tag) of the earliest of `tags` in `text` from `pos`; (-1, "") when none is there."""
+    found = [(i, tag) for tag in tags if (i := text.find(tag, pos)) >= 0]
+    return min(found) if found else (-1, "")
+
+
+def split_output(text: str, open_tag: str, close_tag: str,
+                 dropped: tuple[str, ...] = ()) -> tuple[str, list[str], list[str]]:
     """(text outside any call, complete calls' raw JSON, a cut call's raw JSON if the text ends
-    inside one). Markup never reaches the first element: a stray closing tag is dropped too."""
+    inside one). Markup never reaches the first element: a stray closing tag is dropped too, and so
+    is each tag in `dropped` outside a call (a format's think tags, written after the reasoning
+    ended: vLLM's qwen3 parser drops a repeated `</think>` from a whole answer, not from a stream)."""
     content, calls, cut = [], [], []
-    pos = 0
+    pos, strays = 0, (close_tag, *dropped)
     while True:
-        start, stray = text.find(open_tag, pos), text.find(close_tag, pos)
+        start = text.find(open_tag, pos)
+        stray, tag = first_tag(text, strays, pos)
         if 0 <= stray and (start < 0 or stray < start):
             content.append(text[pos:stray])
-            pos = stray + len(close_tag)
+            pos = stray + len(tag)
             continue
         if start < 0:
             content.append(text[pos:])
@@ -108,7 +118,8 @@ def read_output(text: str, fmt: Format) -> ReadOutput:
             reasoning = reasoning.strip() or None
     calls, invalid, cut = [], 0, False
     if parseable_tool_calls(fmt):
-        text, raws, cuts = split_output(text, spec.tool_call.open, spec.tool_call.close)
+        think = (spec.think.open, spec.think.close) if spec.think is not None else ()
+        text, raws, cuts = split_output(text, spec.tool_call.open, spec.tool_call.close, dropped=think)
         for raw in raws:
             call = parse_call(raw.strip())
             if call is None:

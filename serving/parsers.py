@@ -42,7 +42,7 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tool_parsers import ToolParserManager
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
-from data.completion import ParsedCall, parse_call, partial_suffix, split_output  # noqa: F401 (one definition, shared with GRPO rewards)
+from data.completion import ParsedCall, first_tag, parse_call, partial_suffix, split_output  # noqa: F401 (one definition, shared with GRPO rewards)
 from data.formats import load_format
 
 logger = logging.getLogger("keel.parsers")
@@ -56,6 +56,13 @@ def call_delimiters(format_name: str) -> tuple[str, str]:
     """(open, close) tags of a format's tool calls, read from its spec once per process."""
     spec = load_format(format_name).spec
     return spec.tool_call.open, spec.tool_call.close
+
+
+@functools.cache
+def think_delimiters(format_name: str) -> tuple[str, ...]:
+    """A format's think tags, dropped where they reach the content (after the reasoning ended)."""
+    spec = load_format(format_name).spec
+    return (spec.think.open, spec.think.close) if spec.think is not None else ()
 
 
 _markup_ids: dict[int, tuple[object, tuple[int, ...]]] = {}
@@ -82,6 +89,8 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
         super().__init__(tokenizer, tools)
         self.open_tag, self.close_tag = call_delimiters(self.format_name)
         self.tool_call_start_token, self.tool_call_end_token = self.open_tag, self.close_tag
+        self.think_tags = think_delimiters(self.format_name)
+        self._strays = (self.close_tag, *self.think_tags)  # dropped where they reach the content
         # Streaming state: vLLM hands an engine-based parser only each new piece of text.
         self._text = ""
         self._pos = 0  # text before this is settled (sent as content, or inside a finished call)
@@ -115,7 +124,7 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
         return calls
 
     def extract_tool_calls(self, model_output: str, request) -> ExtractedToolCallInformation:
-        content, raws, _cut = split_output(model_output, self.open_tag, self.close_tag)
+        content, raws, _cut = split_output(model_output, self.open_tag, self.close_tag, dropped=self.think_tags)
         calls = self._calls(raws)
         return ExtractedToolCallInformation(
             tools_called=bool(calls),
@@ -154,15 +163,16 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
                             function=DeltaFunctionCall(name=call.name, arguments=call.arguments)))
                         self._calls_sent += 1
                 continue
-            start, stray = self._text.find(self.open_tag, self._pos), self._text.find(self.close_tag, self._pos)
+            start = self._text.find(self.open_tag, self._pos)
+            stray, tag = first_tag(self._text, self._strays, self._pos)
             if 0 <= stray and (start < 0 or stray < start):
                 self._send_content(self._text[self._pos:stray], content)
-                self._pos = stray + len(self.close_tag)
+                self._pos = stray + len(tag)
                 continue
             if start < 0:
                 # A tag cut between two deltas is held back until the next one decides it.
                 rest = self._text[self._pos:]
-                stop = len(self._text) - max(partial_suffix(rest, self.open_tag), partial_suffix(rest, self.close_tag))
+                stop = len(self._text) - max(partial_suffix(rest, t) for t in (self.open_tag, *self._strays))
                 self._send_content(self._text[self._pos:stop], content)
                 self._pos = stop
                 break

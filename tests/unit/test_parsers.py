@@ -2,7 +2,8 @@
 format spec's names, fed model outputs a real server gets: whole (non-streaming) and token by
 token through vLLM's incremental detokenizer (streaming). The served server tests
 (tests/serving/) check the same contract end to end; these cover outputs the tiny model does not
-write on demand (an invalid call, a stray closing tag, parallel calls, whitespace)."""
+write on demand (an invalid call, a stray closing tag, think tags after the reasoning, parallel
+calls, whitespace)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ OUTPUTS = [
     # a stray closing tag (the model wrote a call's JSON without its opening tag)
     ('{"name": "f"}</tool_call>', '{"name": "f"}', []),
     ("a < b and b > c", "a < b and b > c", []),
+    # think tags after the reasoning ended (a collapsed model wrote `</think>` until max_tokens):
+    # dropped from the content, streamed as whole (vLLM's qwen3 parser drops a repeated `</think>`
+    # from a whole answer only). Not covered: a think tag inside a call's JSON, which vLLM's qwen3
+    # parser removes from a whole answer before Keel's parser sees the text, and a stream keeps.
+    ("</think></think>Hello.", "Hello.", []),
+    ("</think></think></think>", None, []),
+    ("a<think>b</think>c", "abc", []),
+    ("</think>\n" + call("f", {}), None, [("f", {})]),
 ]
 
 
