@@ -118,8 +118,7 @@ def read_output(text: str, fmt: Format) -> ReadOutput:
             reasoning = reasoning.strip() or None
     calls, invalid, cut = [], 0, False
     if parseable_tool_calls(fmt):
-        think = (spec.think.open, spec.think.close) if spec.think is not None else ()
-        text, raws, cuts = split_output(text, spec.tool_call.open, spec.tool_call.close, dropped=think)
+        text, raws, cuts = split_output(text, spec.tool_call.open, spec.tool_call.close, dropped=spec.think_tags)
         for raw in raws:
             call = parse_call(raw.strip())
             if call is None:

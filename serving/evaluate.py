@@ -118,7 +118,7 @@ def score_case(case: Case, *, reasoning: str | None, content: str | None, calls:
 
         # the GRPO format reward's rule (data/completion.py), the prompt's own opening tag included
         out["reasoning_format"] = (read_output(raw, fmt).reasoning_well_formed
-                                   and not any(d in (content or "") for d in (spec.think.open, spec.think.close)))
+                                   and not any(d in (content or "") for d in spec.think_tags))
     return out
 
 

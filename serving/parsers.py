@@ -52,17 +52,11 @@ FORBID = -100.0
 
 
 @functools.cache
-def call_delimiters(format_name: str) -> tuple[str, str]:
-    """(open, close) tags of a format's tool calls, read from its spec once per process."""
+def delimiters(format_name: str) -> tuple[str, str, tuple[str, ...]]:
+    """(open, close) tags of a format's tool calls and its think tags, read from its spec once per
+    process."""
     spec = load_format(format_name).spec
-    return spec.tool_call.open, spec.tool_call.close
-
-
-@functools.cache
-def think_delimiters(format_name: str) -> tuple[str, ...]:
-    """A format's think tags, dropped where they reach the content (after the reasoning ended)."""
-    spec = load_format(format_name).spec
-    return (spec.think.open, spec.think.close) if spec.think is not None else ()
+    return spec.tool_call.open, spec.tool_call.close, spec.think_tags
 
 
 _markup_ids: dict[int, tuple[object, tuple[int, ...]]] = {}
@@ -87,9 +81,8 @@ class TaggedJsonToolParser(Hermes2ProToolParser):
     def __init__(self, tokenizer, tools=None):
         # vLLM builds two parsers per request on its event loop: construction must stay cheap.
         super().__init__(tokenizer, tools)
-        self.open_tag, self.close_tag = call_delimiters(self.format_name)
+        self.open_tag, self.close_tag, self.think_tags = delimiters(self.format_name)
         self.tool_call_start_token, self.tool_call_end_token = self.open_tag, self.close_tag
-        self.think_tags = think_delimiters(self.format_name)
         self._strays = (self.close_tag, *self.think_tags)  # dropped where they reach the content
         # Streaming state: vLLM hands an engine-based parser only each new piece of text.
         self._text = ""

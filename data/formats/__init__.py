@@ -115,6 +115,11 @@ class FormatSpec(BaseModel):
     native_syntax: str | None = None
     vllm: VllmParsers = VllmParsers()
 
+    @property
+    def think_tags(self) -> tuple[str, ...]:
+        """(open, close) of the reasoning block; () for formats without one."""
+        return (self.think.open, self.think.close) if self.think is not None else ()
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.renderer == "harmony":
