@@ -10,6 +10,8 @@ was rendered) and runs, from a directory every node shares (--workdir: Lustre, N
     srun (1 task per node)  keel train on each node: torchrun joining one c10d rendezvous on the
                             first node of the allocation; output.dir and the cache on --workdir
 
+Each step's task gets all the CPUs the job holds on a node (srun --cpus-per-task), not srun's 1.
+
 Preemption and time limits: the job is requeueable. Slurm's SIGTERM (preemption, scancel) reaches
 every task; keel train passes it to torchrun, whose workers save a checkpoint and stop
 (trainer/resilience/stopping.py), and the batch shell waits for that instead of dying first.
@@ -127,16 +129,23 @@ def sbatch_script(*, recipe_path: str | Path, overrides: list[str], name: str | 
         *(f"set -a; . {s}; set +a  # secrets, read at job start" for s in secrets),
         'KEEL_HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export KEEL_HEAD",
+        "# each step runs one task a node, and srun gives a task 1 CPU unless told (since Slurm 22.05 it does not",
+        "# inherit sbatch's --cpus-per-task), to which a task plugin that binds pins torchrun, all its ranks and the",
+        "# preparation's workers. So the task asks for all the CPUs the job holds on a node: SLURM_JOB_CPUS_PER_NODE",
+        "# reads like 72(x2),36, and as one srun asks the same of every node, the least of them",
+        r"""cpus_per_node=$(tr ',' '\n' <<<"$SLURM_JOB_CPUS_PER_NODE" | sed 's/(.*//' | sort -n | head -n 1)""",
         'echo "[keel] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; rendezvous '
         f'$KEEL_HEAD:{rdzv_port}"',
         "",
         "# data preparation before the training step, on every node: each tokenizes its share of the rows into the",
         "# shared cache; once every share is there, one of them assembles the cache and publishes it, once",
-        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1{container} \\",
+        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --cpus-per-task=\"$cpus_per_node\" --kill-on-bad-exit=1"
+        f"{container} \\",
         f"    bash -c {shlex.quote(prepare)} keel \"${{keel_args[@]}}\" || exit $?",
         "",
         "# training: one task per node, each keel train running torchrun against the first node's rendezvous",
-        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1{container} \\",
+        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --cpus-per-task=\"$cpus_per_node\" --kill-on-bad-exit=1"
+        f"{container} \\",
         f"    bash -c {shlex.quote(train)} keel \"${{keel_args[@]}}\" &",
         "train_pid=$!",
         "# preemption or scancel: the steps get SIGTERM and checkpoint; the shell waits for them",

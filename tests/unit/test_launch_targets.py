@@ -8,6 +8,7 @@ platform writes them. Bad input fails with the option named and nothing printed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -156,7 +157,8 @@ def test_slurm_script_is_bash_with_the_clusters_sbatch_options(capsys):
     # data prepared on every node (one task each, its share of the rows by its Slurm node id), then trained on
     # every node; tests/unit/test_prepare_nodes.py runs this preparation step for real
     steps = re.findall(r"^srun (.*) \\\n    bash -c '(.*)' keel \"\$\{keel_args\[@\]\}\"", script, re.M)
-    every_node = (f"--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --container-image={IMAGE} "
+    every_node = (f'--nodes=2 --ntasks-per-node=1 --cpus-per-task="$cpus_per_node" --kill-on-bad-exit=1 '
+                  f"--container-image={IMAGE} "
                   "--container-mounts=/fsx/keel:/fsx/keel --container-workdir=/fsx/keel")
     assert [(options, re.search(r"\bexec (keel \w+)", command)[1]) for options, command in steps] == [
         (every_node, "keel prepare"), (every_node, "keel train")]
@@ -165,6 +167,23 @@ def test_slurm_script_is_bash_with_the_clusters_sbatch_options(capsys):
     assert '--rdzv-endpoint="$KEEL_HEAD:29500"' in script and "--nproc-per-node=8" in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "scontrol requeue" in script and "trap requeue USR1" in script
+
+
+@pytest.mark.parametrize("job_cpus, per_task", [("96(x2)", "96"), ("72(x2),36", "36"), ("36,72(x3)", "36"),
+                                                ("8", "8")])
+def test_slurm_steps_give_their_one_task_the_cpus_the_job_holds_on_a_node(capsys, job_cpus, per_task):
+    """srun gives a task 1 CPU unless told (since Slurm 22.05 it does not inherit sbatch's --cpus-per-task),
+    and a task plugin that binds pins the task to it: all of torchrun's ranks and the preparation's workers
+    on one core. Each step's single task asks for the CPUs the job holds on its smallest node."""
+    script = slurm_script(capsys)
+    sruns = re.findall(r"^srun .*", script, re.M)
+    assert len(sruns) == 2 and all(' --cpus-per-task="$cpus_per_node" ' in line for line in sruns), sruns
+    [count] = re.findall(r"^cpus_per_node=.*", script, re.M)
+    assert script.index(count) < script.index(sruns[0])
+    # the line as bash runs it, with SLURM_JOB_CPUS_PER_NODE as sbatch sets it (CPUs[(xNODES)],...)
+    shown = subprocess.run(["bash", "-c", f'{count}\necho "$cpus_per_node"'], capture_output=True, text=True,
+                           env={**os.environ, "SLURM_JOB_CPUS_PER_NODE": job_cpus}, check=True)
+    assert shown.stdout == per_task + "\n", shown.stderr
 
 
 def test_slurm_script_carries_the_recipe_as_written(capsys):

@@ -188,7 +188,8 @@ def test_the_slurm_script_prepares_on_every_node_and_gives_the_single_node_cache
     head = script[: script.index("\n", step) + 1]  # the job up to and including its preparation step
     env = {**os.environ, "PATH": f"{_slurm_bin(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-1]", "TOKENIZERS_PARALLELISM": "false"}
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_JOB_CPUS_PER_NODE": "2(x2)",
+           "TOKENIZERS_PARALLELISM": "false"}
     for name in ("PET_NODE_RANK", "PET_NNODES", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
     job = subprocess.run(["bash", "-c", head], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
