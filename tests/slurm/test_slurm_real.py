@@ -84,7 +84,10 @@ def slurm_cluster(tmp_path_factory):
         f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        # tasks bound to their CPUs by default, as clusters often do (Slurm's automatic binding would bind a
+        # one-CPU task to a whole socket here, which on this machine is every CPU)
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/affinity", "TaskPluginParam=Cores",
+        "JobAcctGatherType=jobacct_gather/none",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory", "DefMemPerCPU=1024",
         "MpiDefault=none", "ReturnToService=2", "KillWait=120", "MinJobAge=600",
         f"NodeName={host} CPUs={os.cpu_count()} RealMemory={_memory_mb()} State=UNKNOWN",
@@ -128,7 +131,10 @@ def test_rendered_script_trains_on_real_slurm_and_a_requeue_resumes(slurm_cluste
     workdir.mkdir()
     bin_dir = tmp_path / "bin"  # the nodes' own environment: `keel` on PATH
     bin_dir.mkdir()
-    (bin_dir / "keel").write_text(f"#!/bin/sh\nexec {sys.executable} -m keel.cli \"$@\"\n")
+    # which first says how many CPUs the step's task may use (its affinity, which Slurm's task plugin sets)
+    count = "import os; print(len(os.sched_getaffinity(0)))"
+    (bin_dir / "keel").write_text(f"#!/bin/sh\necho \"[test] keel $1 may use $({sys.executable} -c '{count}') CPUs\"\n"
+                                  f"exec {sys.executable} -m keel.cli \"$@\"\n")
     (bin_dir / "keel").chmod(0o755)
     data = small_data(tmp_path / "data.jsonl", rows=48)
     job_env = {**keel_env, "SLURM_CONF": env["SLURM_CONF"], "PYTHONPATH": str(REPO),
@@ -161,3 +167,8 @@ def test_rendered_script_trains_on_real_slurm_and_a_requeue_resumes(slurm_cluste
     resumed = re.findall(r"resumed from checkpoint step (\d+)", text)
     assert resumed and int(resumed[-1]) >= every, text[-6000:]
     assert "reused cache" in text  # the training step reuses what the preparation step built
+    # both runs' steps may use every CPU of the node: torchrun with its ranks, and the preparation with its
+    # workers, are not pinned to the one CPU a task that srun gives by default
+    used = re.findall(r"\[test\] keel (\w+) may use (\d+) CPUs", text)
+    n = str(os.cpu_count())
+    assert len(used) == 4 and sorted(set(used)) == [("prepare", n), ("train", n)], used
