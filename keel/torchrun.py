@@ -7,7 +7,9 @@ differences:
   which `keel train` prints one summary (failure_summary);
 - every rank's output is line-prefixed with its global rank (torchrun prefixes local ranks,
   which repeat on every node), and unbuffered, so that what --tee shows live and keeps in
-  --log-dir is what the rank wrote, when it wrote it.
+  --log-dir is what the rank wrote, when it wrote it;
+- the workers know its pid ($KEEL_LAUNCHER_PID), and end if it dies, even by SIGKILL
+  (trainer/resilience/launcher.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 import socket
 import sys
 from pathlib import Path
+
+from trainer.resilience.launcher import LAUNCHER_PID_ENV
 
 FAILURE_FILE = "failure.json"
 # the last line of a rank's stderr that reads as an error: Keel's own, or a Python exception's
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:")
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # its workers end with it (trainer/resilience/launcher.py)
     try:
         run(args)
     except ChildFailedError as exc:

@@ -366,7 +366,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
             log(f"output.dir {run_dir} holds this recipe's finished run: nothing to train; the model is in {model_uri}")
         return run_dir / MODEL_DIR
 
-    from trainer.resilience.checkpoints import CheckpointCompletion, fail_loudly_on_save
+    from trainer.resilience.checkpoints import CheckpointCompletion, fail_loudly_on_save, no_step_past_max_steps
     from trainer.resilience.heartbeat import Heartbeat
     from trainer.resilience.non_finite import stop_on_non_finite
     from trainer.resilience.run_identity import write_run_file
@@ -405,6 +405,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
                                 train_data=train_data, eval_data=eval_data, output_dir=str(ckpt_root),
                                 callbacks=callbacks, fmt=fmt)
         fail_loudly_on_save(trainer, ckpt_root)
+        no_step_past_max_steps(trainer)
 
         def record_failure(message: str) -> None:
             if is_main:

@@ -2,8 +2,9 @@
 size limit, a file truncated on disk): a killed rank resumes and matches an uninterrupted run;
 a stopped rank fails the job within distributed.timeout_s with a message naming it, and a
 re-run resumes; SIGTERM saves a checkpoint a re-run resumes from; a checkpoint write that fails
-ends the run naming it, and a re-run skips it and a damaged one; a rank killed after the export
-ends the job finished; a non-finite loss stops training, is not retried, and is summarised."""
+ends the run naming it, and a re-run skips it and a damaged one; SIGKILL of the job leaves no
+worker running; a rank killed after the export ends the job finished; a non-finite loss stops
+training, is not retried, and is summarised."""
 
 from __future__ import annotations
 
@@ -119,6 +120,48 @@ def test_sigterm_of_the_job_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_p
     assert again.returncode == 0, again.stdout[-4000:]
     assert f"resumed from checkpoint step {step} " in again.stdout
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))  # no step lost or doubled
+
+
+def running(procs) -> list[psutil.Process]:
+    """Those of `procs` still running (a zombie has ended: it holds no memory and no port)."""
+    left = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def test_sigkill_of_the_job_leaves_no_worker_running(tmp_path, tiny_model, keel_env):
+    """What `kill -9 -PGID`, the OOM killer or a container runtime killing the parent does:
+    SIGKILL to keel train's process group while it trains. torchrun starts each worker in a
+    session of its own, out of that group's reach: the workers must end with their launcher
+    instead of training on as orphans that hold memory (on GPUs, GPU memory) and ports."""
+    data = small_data(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "run"
+    args = (f"training.max_steps={STEPS * 5}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
+            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.Popen(train_cmd(tiny_model, run_dir, data, *args), cwd=REPO, env=keel_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for(lambda: loss_steps(run_dir) >= 2, 600, "two trained steps", proc)
+        ranks = list(workers(proc).values())
+        assert len(ranks) == 2
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        deadline = time.time() + 5
+        while (left := running(ranks)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not left, (f"workers still running 5 s after the job was killed: "
+                          f"{[(p.pid, p.ppid(), p.status()) for p in left]}\n{out[-3000:]}")
+    finally:
+        for p in running(ranks):
+            p.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_disk_full_mid_checkpoint_fails_loudly_and_a_damaged_checkpoint_is_skipped(tmp_path, tiny_model, keel_env):

@@ -162,12 +162,13 @@ def test_with_keep_last_1_a_complete_checkpoint_exists_at_every_save(tmp_path, t
     """A real Trainer with Keel's arguments and callback, saving every step with keep_last 1.
     When the trainer hands a new checkpoint to the callbacks (before Keel marks it complete), the
     previous complete one must still be on disk: a crash there must leave something to resume
-    from. transformers' own save_total_limit had deleted it by then."""
+    from. transformers' own save_total_limit had deleted it by then. Resumed from the checkpoint
+    of the last step, the trainer trains nothing more."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from trainer.arguments import training_args
-    from trainer.resilience.checkpoints import CheckpointCompletion
+    from trainer.resilience.checkpoints import CheckpointCompletion, no_step_past_max_steps
 
     r = recipe(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=1", "training.max_steps=3",
                "training.micro_batch_size=1", "training.grad_accum=1", "training.precision=fp32")
@@ -182,7 +183,7 @@ def test_with_keep_last_1_a_complete_checkpoint_exists_at_every_save(tmp_path, t
     args = training_args(training=r.training, checkpoint=r.checkpoint, distributed=r.distributed, model=model,
                          output_dir=str(root), has_eval=False)
     args["ddp_backend"] = None  # one process, no process group
-    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 3
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 4  # the 3 steps end mid-epoch
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=rows,
                       callbacks=[CompleteCheckpointsAtSave(),
                                  CheckpointCompletion(is_main=True, every_minutes=None, keep_last=1)])
@@ -190,3 +191,13 @@ def test_with_keep_last_1_a_complete_checkpoint_exists_at_every_save(tmp_path, t
     assert seen == [[], ["checkpoint-1"], ["checkpoint-2"]]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]
     assert latest_complete_checkpoint(root) == root / "checkpoint-3"
+
+    # Resumed from that checkpoint of the last step (a run stopped or killed before its export),
+    # Keel's trainer trains no step more: transformers alone trained and saved a 4th (`step 4/3`).
+    resumed = Trainer(model=model, args=TrainingArguments(**args), train_dataset=rows,
+                      callbacks=[CheckpointCompletion(is_main=True, every_minutes=None, keep_last=1)])
+    no_step_past_max_steps(resumed)
+    resumed.train(resume_from_checkpoint=str(root / "checkpoint-3"))
+    assert resumed.state.global_step == 3
+    assert not [r for r in resumed.state.log_history if "loss" in r and r["step"] > 3]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]

@@ -201,3 +201,23 @@ def fail_loudly_on_save(trainer, ckpt_root: Path) -> None:
             ) from exc
 
     trainer._save_checkpoint = save_or_explain
+
+
+def no_step_past_max_steps(trainer) -> None:
+    """A run resumed from the checkpoint of its last step trains nothing more, and goes on to the
+    export. That checkpoint is saved before the export, so a run stopped or killed in between
+    (SIGTERM in the last step, a kill during the export) resumes from it; transformers 5.19 checks
+    max_steps only at the end of a step, and trained (and saved) one step past it, `step 41/40`,
+    whenever max_steps ends mid-epoch.
+
+    Wraps the instance's Trainer.get_batch_samples, which draws each optimizer step's batches
+    before the step runs: at max_steps it draws none and stops training."""
+    get_batch_samples = trainer.get_batch_samples
+
+    def batches_up_to_max_steps(*args, **kwargs):
+        if trainer.state.global_step >= trainer.state.max_steps:
+            trainer.control.should_training_stop = True
+            return [], None
+        return get_batch_samples(*args, **kwargs)
+
+    trainer.get_batch_samples = batches_up_to_max_steps
