@@ -301,7 +301,9 @@ def run_torchrun(cmd: list[str], run_dir: Path, log_dir: Path) -> int:
     summary (keel/torchrun.py) instead of torchrun's traceback."""
     import signal
 
-    proc = subprocess.Popen(cmd)
+    from trainer.resilience.launcher import TRAIN_PID_ENV
+
+    proc = subprocess.Popen(cmd, env={**os.environ, TRAIN_PID_ENV: str(os.getpid())})  # it ends if this process dies
     received: list[int] = []
 
     def forward(signum, frame):

@@ -9,7 +9,7 @@ differences:
   which repeat on every node), and unbuffered, so that what --tee shows live and keeps in
   --log-dir is what the rank wrote, when it wrote it;
 - the workers know its pid ($KEEL_LAUNCHER_PID), and end if it dies, even by SIGKILL
-  (trainer/resilience/launcher.py).
+  (trainer/resilience/launcher.py); started by `keel train` ($KEEL_TRAIN_PID), it ends with it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from trainer.resilience.launcher import LAUNCHER_PID_ENV
+from trainer.resilience.launcher import LAUNCHER_PID_ENV, TRAIN_PID_ENV, end_with_parent
 
 FAILURE_FILE = "failure.json"
 # the last line of a rank's stderr that reads as an error: Keel's own, or a Python exception's
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:")
+    if TRAIN_PID_ENV in os.environ:  # started by keel train: end with it, as the workers end with this process
+        end_with_parent(int(os.environ.pop(TRAIN_PID_ENV)))
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # its workers end with it (trainer/resilience/launcher.py)
     try:
         run(args)

@@ -77,7 +77,7 @@ def test_stopped_rank_fails_within_timeout_naming_it_and_rerun_resumes(tmp_path,
     assert "distributed.timeout_s=20s" in out and "stuck: rank 1" in out, out[-4000:]
     assert f"pid {victim.pid}" in out
 
-    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
+    again = run(cmd, keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert "resumed from checkpoint step" in again.stdout
     os.sync()
@@ -88,17 +88,24 @@ def loss_steps(run_dir) -> int:
     return len(losses(run_dir)) if path.is_file() else 0
 
 
+def start_job(tmp_path, tiny_model, keel_env, max_steps: int) -> tuple[subprocess.Popen, Path, list[str]]:
+    """(process, run dir, command) of `keel train` on small data with no scheduled checkpoint,
+    started in a session of its own so that a test can signal its whole process group."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_model, run_dir, small_data(tmp_path / "data.jsonl"), f"training.max_steps={max_steps}",
+                    "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
+                    f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=keel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    return proc, run_dir, cmd
+
+
 def test_sigterm_of_the_job_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, tiny_model, keel_env):
     """What Kubernetes does on preemption: SIGTERM to the job, SIGKILL after a grace period. The
     whole process group gets it (keel train, torchrun), and keel train passes it on as well, so
     torchrun sees it twice and the workers are told by torchrun."""
-    data = small_data(tmp_path / "data.jsonl")
-    run_dir = tmp_path / "run"
     # no scheduled checkpoint: the only one is the one SIGTERM saves
-    args = (f"training.max_steps={STEPS}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
-            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = subprocess.Popen(train_cmd(tiny_model, run_dir, data, *args), cwd=REPO, env=keel_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, run_dir, cmd = start_job(tmp_path, tiny_model, keel_env, STEPS)
     try:
         wait_for(lambda: loss_steps(run_dir) >= 3, 600, "three trained steps", proc)
         sent = time.time()
@@ -116,7 +123,7 @@ def test_sigterm_of_the_job_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_p
     assert (run_dir / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
     assert not (run_dir / "model").exists()  # stopped, not finished: nothing exported
 
-    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
+    again = run(cmd, keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert f"resumed from checkpoint step {step} " in again.stdout
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))  # no step lost or doubled
@@ -134,31 +141,29 @@ def running(procs) -> list[psutil.Process]:
     return left
 
 
-def test_sigkill_of_the_job_leaves_no_worker_running(tmp_path, tiny_model, keel_env):
-    """What `kill -9 -PGID`, the OOM killer or a container runtime killing the parent does:
-    SIGKILL to keel train's process group while it trains. torchrun starts each worker in a
-    session of its own, out of that group's reach: the workers must end with their launcher
-    instead of training on as orphans that hold memory (on GPUs, GPU memory) and ports."""
-    data = small_data(tmp_path / "data.jsonl")
-    run_dir = tmp_path / "run"
-    args = (f"training.max_steps={STEPS * 5}", "checkpoint.every_steps=1000", "tracking.mlflow.system_metrics_every_s=0",
-            f"tracking.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = subprocess.Popen(train_cmd(tiny_model, run_dir, data, *args), cwd=REPO, env=keel_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ranks: list[psutil.Process] = []
+def test_sigkill_of_keel_train_leaves_nothing_running(tmp_path, tiny_model, keel_env):
+    """`kill -9` of `keel train` while it trains: nothing can be saved, and nothing may train on.
+    torchrun is its child and starts each worker in a session of its own, so no signal to keel
+    train's process group reaches the workers, and once torchrun is gone nothing would stop them:
+    orphans holding memory (on GPUs, GPU memory) and ports. torchrun must end with keel train,
+    and the workers with torchrun. (`kill -9 -PGID`, which also kills torchrun, is the second
+    half of the same chain.)"""
+    proc, run_dir, _ = start_job(tmp_path, tiny_model, keel_env, STEPS * 5)
+    left: list[psutil.Process] = []
     try:
         wait_for(lambda: loss_steps(run_dir) >= 2, 600, "two trained steps", proc)
         ranks = list(workers(proc).values())
-        assert len(ranks) == 2
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
+        launched = psutil.Process(proc.pid).children() + ranks  # torchrun, and the workers it started
+        assert len(ranks) == 2 and len(launched) == 3, launched
+        proc.kill()  # keel train alone
+        proc.wait(timeout=60)  # not communicate(): a torchrun left running would hold the output pipe open
         deadline = time.time() + 5
-        while (left := running(ranks)) and time.time() < deadline:
+        while (left := running(launched)) and time.time() < deadline:
             time.sleep(0.05)
-        assert not left, (f"workers still running 5 s after the job was killed: "
-                          f"{[(p.pid, p.ppid(), p.status()) for p in left]}\n{out[-3000:]}")
+        assert not left, (f"still running 5 s after keel train was killed: "
+                          f"{[(p.pid, p.ppid(), p.status(), p.cmdline()[:4]) for p in left]}")
     finally:
-        for p in running(ranks):
+        for p in running(left):
             p.kill()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -242,7 +247,7 @@ def test_a_rank_killed_after_the_export_ends_the_job_finished_and_a_rerun_trains
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
     assert "status: finished" in (run_dir / "keel-run.yaml").read_text()
 
-    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
+    again = run(cmd, keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert f"nothing to train. The model is in {(run_dir / 'model').resolve()}" in again.stdout
     assert "keel.torchrun" not in again.stdout  # no worker started

@@ -7,7 +7,8 @@ runtime killing the parent) is not there to stop them: they would train on as or
 holding memory, GPU memory and ports. So each worker asks the kernel for SIGKILL when its
 parent dies (prctl PR_SET_PDEATHSIG, Linux), and ends at once if the parent died before it
 asked. The parent is the thread that started the worker: torchrun starts and restarts workers
-from its main thread.
+from its main thread. torchrun itself ends the same way with `keel train`, which started it
+(keel/torchrun.py), so killing `keel train` alone ends the job too.
 """
 
 from __future__ import annotations
@@ -18,19 +19,26 @@ import signal
 import sys
 
 LAUNCHER_PID_ENV = "KEEL_LAUNCHER_PID"  # set by keel.torchrun for its workers: their parent's pid
+TRAIN_PID_ENV = "KEEL_TRAIN_PID"  # set by keel train for keel.torchrun: its parent's pid
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def end_with_launcher() -> None:
-    """Under torchrun on Linux: SIGKILL this process when its parent, the launcher, dies."""
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return  # not a torchrun worker (a single `python -m trainer`): nothing to end with
-    # keel.torchrun passes its pid; under a plain torchrun the parent now stands in for it (exact
-    # unless the launcher died in the instant since it started this process)
-    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
+def end_with_parent(parent: int) -> None:
+    """On Linux: SIGKILL this process when its parent (pid `parent`) dies, and now if it has."""
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
-    if os.getppid() != launcher:  # it died before the request: no signal will come
+    if os.getppid() != parent:  # it died before the request: no signal will come
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def end_with_launcher() -> None:
+    """Under torchrun: end this worker when its parent, the launcher, dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # not a torchrun worker (a single `python -m trainer`): nothing to end with
+    # keel.torchrun passes its pid; under a plain torchrun the parent now stands in for it (exact
+    # unless the launcher died in the instant since it started this process)
+    end_with_parent(int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid()))
