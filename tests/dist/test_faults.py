@@ -77,7 +77,7 @@ def test_stopped_rank_fails_within_timeout_naming_it_and_rerun_resumes(tmp_path,
     assert "distributed.timeout_s=20s" in out and "stuck: rank 1" in out, out[-4000:]
     assert f"pid {victim.pid}" in out
 
-    again = run(cmd, keel_env)
+    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert "resumed from checkpoint step" in again.stdout
     os.sync()
@@ -202,7 +202,7 @@ def test_disk_full_mid_checkpoint_fails_loudly_and_a_damaged_checkpoint_is_skipp
     with open(second, "r+b") as f:
         f.truncate(weights // 2)
 
-    again = run(cmd, keel_env)
+    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     lines = again.stdout.splitlines()
     assert any("without completion marker set aside" in line and f"incomplete-checkpoint-{3 * EVERY}-" in line
