@@ -2,8 +2,8 @@
 size limit, a file truncated on disk): a killed rank resumes and matches an uninterrupted run;
 a stopped rank fails the job within distributed.timeout_s with a message naming it, and a
 re-run resumes; SIGTERM saves a checkpoint a re-run resumes from; a checkpoint write that fails
-ends the run naming it, and a re-run skips it and a damaged one; SIGKILL of the job leaves no
-worker running; a rank killed after the export ends the job finished; a non-finite loss stops
+ends the run naming it, and a re-run skips it and a damaged one; SIGKILL of keel train leaves
+nothing running; a rank killed after the export ends the job finished; a non-finite loss stops
 training, is not retried, and is summarised."""
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_disk_full_mid_checkpoint_fails_loudly_and_a_damaged_checkpoint_is_skipp
     with open(second, "r+b") as f:
         f.truncate(weights // 2)
 
-    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
+    again = run(cmd, keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     lines = again.stdout.splitlines()
     assert any("without completion marker set aside" in line and f"incomplete-checkpoint-{3 * EVERY}-" in line
@@ -247,7 +247,7 @@ def test_a_rank_killed_after_the_export_ends_the_job_finished_and_a_rerun_trains
     assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
     assert "status: finished" in (run_dir / "keel-run.yaml").read_text()
 
-    again = run(cmd, keel_env)
+    again = run(train_cmd(tiny_model, run_dir, data, *args), keel_env)
     assert again.returncode == 0, again.stdout[-4000:]
     assert f"nothing to train. The model is in {(run_dir / 'model').resolve()}" in again.stdout
     assert "keel.torchrun" not in again.stdout  # no worker started
