@@ -103,6 +103,8 @@ def sbatch_script(*, recipe_path: str | Path, overrides: list[str], name: str | 
     if image:
         container = (f" --container-image={shlex.quote(image)} --container-mounts={workdir}:{workdir}"
                      f" --container-workdir={workdir}")
+    # both steps: one task a node, with every CPU the job holds there ($cpus_per_node, computed in the script)
+    step = f'--nodes={topo.nodes} --ntasks-per-node=1 --cpus-per-task="$cpus_per_node" --kill-on-bad-exit=1{container}'
     recipe_file = f"{run_dir}/recipe.yaml"
     keel_args = " ".join(shlex.quote(a) for a in launch.args)
     # data/shards.py reads a node's share from PET_NODE_RANK / PET_NNODES (as the Kubeflow operators
@@ -139,13 +141,11 @@ def sbatch_script(*, recipe_path: str | Path, overrides: list[str], name: str | 
         "",
         "# data preparation before the training step, on every node: each tokenizes its share of the rows into the",
         "# shared cache; once every share is there, one of them assembles the cache and publishes it, once",
-        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --cpus-per-task=\"$cpus_per_node\" --kill-on-bad-exit=1"
-        f"{container} \\",
+        f"srun {step} \\",
         f"    bash -c {shlex.quote(prepare)} keel \"${{keel_args[@]}}\" || exit $?",
         "",
         "# training: one task per node, each keel train running torchrun against the first node's rendezvous",
-        f"srun --nodes={topo.nodes} --ntasks-per-node=1 --cpus-per-task=\"$cpus_per_node\" --kill-on-bad-exit=1"
-        f"{container} \\",
+        f"srun {step} \\",
         f"    bash -c {shlex.quote(train)} keel \"${{keel_args[@]}}\" &",
         "train_pid=$!",
         "# preemption or scancel: the steps get SIGTERM and checkpoint; the shell waits for them",
