@@ -24,8 +24,10 @@ from pathlib import Path
 from trainer.resilience.launcher import LAUNCHER_PID_ENV, TRAIN_PID_ENV, end_with_parent
 
 FAILURE_FILE = "failure.json"
-# the last line of a rank's stderr that reads as an error: Keel's own, or a Python exception's
-ERROR_LINE = re.compile(r"^(keel: error\b|keel: stopped\b|[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b)")
+# the last line of a rank's stderr that reads as an error: Keel's own, a Python exception's, or
+# the first line of the stacks a rank killed by a fatal signal writes (report_fatal_signals)
+ERROR_LINE = re.compile(r"^(keel: error\b|keel: stopped\b|Fatal Python error: |"
+                        r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b)")
 
 
 def rank_logs(log_dir: Path, local_rank: int) -> Path | None:

@@ -9,11 +9,15 @@ parent dies (prctl PR_SET_PDEATHSIG, Linux), and ends at once if the parent died
 asked. The parent is the thread that started the worker: torchrun starts and restarts workers
 from its main thread. torchrun itself ends the same way with `keel train`, which started it
 (keel/torchrun.py), so killing `keel train` alone ends the job too.
+
+A worker also ends without the interpreter's teardown once its outcome is settled (`leave`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
+import logging
 import os
 import signal
 import sys
@@ -42,3 +46,30 @@ def end_with_launcher() -> None:
     # keel.torchrun passes its pid; under a plain torchrun the parent now stands in for it (exact
     # unless the launcher died in the instant since it started this process)
     end_with_parent(int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid()))
+
+
+def report_fatal_signals() -> None:
+    """A rank killed by SIGSEGV, SIGABRT, SIGBUS, SIGFPE or SIGILL writes every thread's Python
+    stack to its stderr first ("Fatal Python error: Aborted", then the stacks): without it such
+    a rank ends printing nothing, and nobody can tell where it was."""
+    faulthandler.enable(all_threads=True)
+
+
+def leave(code: int) -> None:
+    """End this worker with exit status `code` now that its outcome is settled: output flushed,
+    then os._exit, as multiprocessing ends its children, not through the interpreter's teardown.
+
+    By then the run is exported or has failed with its error printed, its files are closed, its
+    MLflow run ended and its process group destroyed (trainer.train.main). What teardown would
+    still do is destroy the C++ objects of torch.distributed, gloo/NCCL and DeepSpeed, and stop
+    daemon threads that may be inside their calls; on CPU with gloo that has aborted a finished
+    rank ("terminate called without an active exception", SIGABRT): torchrun then reported a
+    failed job for a complete model, or restarted its workers to find the run finished.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
