@@ -59,8 +59,8 @@ def leave(code: int) -> None:
     """End this worker with exit status `code` now that its outcome is settled: output flushed,
     then os._exit, as multiprocessing ends its children, not through the interpreter's teardown.
 
-    By then the run is exported or has failed with its error printed, its files are closed, its
-    MLflow run ended and its process group destroyed (trainer.train.main). What teardown would
+    By then (trainer.train.main) a finished run is exported, its files closed, its MLflow run
+    ended and its process group destroyed; a failed one has printed its error. What teardown would
     still do is destroy the C++ objects of torch.distributed, gloo/NCCL and DeepSpeed, and stop
     daemon threads that may be inside their calls; on CPU with gloo that has aborted a finished
     rank ("terminate called without an active exception", SIGABRT): torchrun then reported a
