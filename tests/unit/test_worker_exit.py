@@ -38,7 +38,7 @@ WORKER_WITH_A_THREAD_IN_TORCH = textwrap.dedent("""
 
         def __del__(self):
             self.store.set("released", "1")
-            time.sleep(2)
+            time.sleep(30)  # ends at once when the released thread aborts the process
 
     sys.modules["released_at_teardown"] = type(sys)("released_at_teardown")
     sys.modules["released_at_teardown"].obj = ReleasedAtTeardown(store)
