@@ -168,6 +168,14 @@ def log_load_policy(recipe: Recipe) -> None:
             "unpickling runs whatever code the file holds")
 
 
+def log_checkpoint_policy(recipe: Recipe) -> None:
+    """Say so when the recipe saves no checkpoint before the end of the run."""
+    if recipe.checkpoint.every_steps is None and recipe.checkpoint.every_minutes is None:
+        log("warning: neither checkpoint.every_steps nor checkpoint.every_minutes is set: no checkpoint is saved "
+            "before the end of the run (only on SIGTERM), so a crash, a dead rank or a lost node starts it over; "
+            "set checkpoint.every_minutes (the catalogue's recipes save every 30)")
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this job's workers (0: the first start)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -378,6 +386,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, recipe_file: str | None = 
     t0 = time.time()
     if is_main:
         log_load_policy(recipe)
+        log_checkpoint_policy(recipe)
     start_run_dir(recipe, decision=decision, is_main=is_main)
     init_process_group(recipe.distributed, rank=rank, local_rank=local_rank, world=world)
 

@@ -110,6 +110,19 @@ def test_run_log_says_when_loading_may_run_code(capsys):
     assert "warning: model.trust_remote_code is on" in out and "warning: model.allow_pickle is on" in out
 
 
+def test_run_log_warns_when_nothing_is_saved_before_the_end(capsys):
+    from trainer.recipe import load_recipe
+    from trainer.train import log_checkpoint_policy
+
+    log_checkpoint_policy(load_recipe(QUICKSTART))  # it saves every 300 steps
+    log_checkpoint_policy(load_recipe(QUICKSTART, ["checkpoint.every_steps=null", "checkpoint.every_minutes=30"]))
+    assert capsys.readouterr().out == ""
+    log_checkpoint_policy(load_recipe(QUICKSTART, ["checkpoint.every_steps=null"]))
+    out = capsys.readouterr().out
+    assert "warning: neither checkpoint.every_steps nor checkpoint.every_minutes is set" in out
+    assert "set checkpoint.every_minutes" in out
+
+
 def test_serving_passes_trust_remote_code_only_for_a_model_trained_with_it(tmp_path):
     from serving.server import vllm_command
     from tests.unit.test_serve_args import export
