@@ -172,8 +172,8 @@ def log_checkpoint_policy(recipe: Recipe) -> None:
     """Say so when the recipe saves no checkpoint before the end of the run."""
     if recipe.checkpoint.every_steps is None and recipe.checkpoint.every_minutes is None:
         log("warning: neither checkpoint.every_steps nor checkpoint.every_minutes is set: no checkpoint is saved "
-            "before the end of the run (only on SIGTERM), so a crash, a dead rank or a lost node starts it over; "
-            "set checkpoint.every_minutes (the catalogue's recipes save every 30)")
+            "during the run (only on SIGTERM), so a crash, a dead rank or a lost node starts it over; "
+            "set checkpoint.every_minutes (the catalogue's recipes use 30)")
 
 
 def restart_count() -> int:
