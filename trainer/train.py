@@ -169,7 +169,7 @@ def log_load_policy(recipe: Recipe) -> None:
 
 
 def log_checkpoint_policy(recipe: Recipe) -> None:
-    """Say so when the recipe saves no checkpoint before the end of the run."""
+    """Say so when the recipe saves no checkpoint during the run (neither interval is set)."""
     if recipe.checkpoint.every_steps is None and recipe.checkpoint.every_minutes is None:
         log("warning: neither checkpoint.every_steps nor checkpoint.every_minutes is set: no checkpoint is saved "
             "during the run (only on SIGTERM), so a crash, a dead rank or a lost node starts it over; "

@@ -110,7 +110,7 @@ def test_run_log_says_when_loading_may_run_code(capsys):
     assert "warning: model.trust_remote_code is on" in out and "warning: model.allow_pickle is on" in out
 
 
-def test_run_log_warns_when_nothing_is_saved_before_the_end(capsys):
+def test_run_log_warns_when_no_checkpoint_is_saved_during_the_run(capsys):
     from trainer.recipe import load_recipe
     from trainer.train import log_checkpoint_policy
 
